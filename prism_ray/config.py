@@ -1,0 +1,163 @@
+"""Typed job configs: YAML files plus `--set key=value` overrides, validated, hashable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range; the message names the field."""
+
+
+class BaseConfig(BaseModel):
+    """Frozen, strict-about-unknown-keys base for every config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of the whole config (goes into every output row)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# --- shared sections -------------------------------------------------------------------------
+
+
+class ModelConfig(BaseConfig):
+    """Where the SD components and the filter CLIP come from (local path, fsspec URI or hub id)."""
+
+    path: str = Field("tiny", description="diffusers folder; 'tiny' = the project's tiny family")
+    clip_path: str | None = Field(None, description="CLIP folder; default: <path>/clip if present")
+    cache_dir: str | None = Field(None, description="local cache for fsspec/hub downloads")
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_tf32: bool = Field(False, description="TF32 matmuls change NTI numerics; off by default")
+
+
+class InversionConfig(BaseConfig):
+    """DDIM + null-text inversion knobs; defaults reproduce ALGORITHM.md section 2-4."""
+
+    method: Literal["null_text", "ddim", "negative_prompt", "direct"] = "null_text"
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    num_inner_steps: int = Field(10, ge=0)
+    learning_rate: float = Field(1e-2, gt=0.0)
+    lr_decay_steps: float = Field(100.0, gt=0.0, description="lr = learning_rate * (1 - i / lr_decay_steps)")
+    early_stop_epsilon: float = Field(1e-5, ge=0.0)
+    early_stop_slope: float = Field(2e-5, ge=0.0, description="threshold = epsilon + i * slope")
+    batch_size: int = Field(4, ge=1, description="images inverted together")
+
+
+class EditConfig(BaseConfig):
+    """Prompt-to-prompt settings; PRISM defaults: Refine + Reweight x2, cross 0.8, self 0.5."""
+
+    controller: Literal["refine", "replace", "none"] = "refine"
+    reweight: float | None = Field(2.0, gt=0.0, description="edit-word equalizer; None = off")
+    cross_replace_steps: float = Field(0.8, ge=0.0, le=1.0)
+    self_replace_steps: float = Field(0.5, ge=0.0, le=1.0)
+    local_blend: bool = False
+    blend_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    blend_start: float = Field(0.2, ge=0.0, le=1.0, description="blend applies after step int(start*T)")
+    self_attention_max_queries: int = Field(32 * 32, ge=1)
+    edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
+
+
+class FilterConfig(BaseConfig):
+    """CLIP filter thresholds (PRISM keeps S_CLIP >= 0.1; LANCE also uses 0.7/0.2)."""
+
+    s_clip_min: float = Field(0.1, ge=-1.0, le=1.0)
+    image_image_min: float | None = Field(None, ge=-1.0, le=1.0)
+    image_text_min: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class DataConfig(BaseConfig):
+    """Input manifest and how its labels become captions."""
+
+    manifest: str = Field(..., min_length=1, description="Parquet or CSV manifest, any fsspec URI")
+    image_column: str = "image_uri"
+    image_root: str | None = Field(None, description="prefix for relative image URIs")
+    adapter: str = "chexpert"
+    adapter_options: dict[str, Any] = Field(default_factory=dict)
+    split: str | None = Field(None, description="keep rows whose 'split' column equals this")
+    limit: int | None = Field(None, ge=1)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    extra = f"; and {err.error_count() - 1} more" if err.error_count() > 1 else ""
+    return f"config field '{field}': {first['msg']}{shown}{extra}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config field '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`["a.b=3", "c=[1, 2]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override '{item}': empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str] = ()) -> C:
+    """Validate `data` + overrides into `cls`; any problem is one ConfigError line naming the field."""
+    merged = _merge(data or {}, parse_overrides(overrides))
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Load a YAML file (optional) and apply `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"config file '{path}': {err.strerror}") from None
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': top level must be a mapping")
+    return build_config(cls, data, overrides)
+

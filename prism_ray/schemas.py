@@ -1,0 +1,70 @@
+"""The pyarrow schemas of every table prism_ray writes (DESIGN.md "Data contracts"), in one place."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# One row per counterfactual attempt (accepted or rejected by the CLIP filter).
+COUNTERFACTUAL_SCHEMA = pa.schema(
+    [
+        pa.field("cf_id", pa.string(), nullable=False),  # sha of source bytes + edit + model + config hash
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),  # sha256 of the source image bytes
+        pa.field("subgroup", pa.string()),
+        pa.field("source_prompt", pa.string(), nullable=False),
+        pa.field("edit_prompt", pa.string(), nullable=False),
+        pa.field("intervention", pa.string()),  # e.g. "Support Devices=0"
+        pa.field("image_uri", pa.string()),  # the counterfactual PNG
+        pa.field("reconstruction_uri", pa.string()),
+        pa.field("s_clip", pa.float32()),
+        pa.field("clip_image_image", pa.float32()),
+        pa.field("clip_image_text", pa.float32()),
+        pa.field("l1", pa.float32()),  # on [0, 1]
+        pa.field("l1_255", pa.float32()),
+        pa.field("accepted", pa.bool_(), nullable=False),
+        pa.field("inversion_seconds", pa.float32()),
+        pa.field("edit_seconds", pa.float32()),
+        pa.field("model_id", pa.string()),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+# One row per item that failed somewhere (never kills the job).
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # read | caption | invert | edit | score | write
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("subgroup", pa.string()),
+        pa.field("config_hash", pa.string()),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+# One row per optimisation step of fine-tuning (rank 0).
+TRAIN_METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("epoch", pa.int64()),
+        pa.field("loss", pa.float32()),
+        pa.field("lr", pa.float32()),
+        pa.field("grad_norm", pa.float32()),
+        pa.field("images_per_second", pa.float32()),
+        pa.field("config_hash", pa.string()),
+    ]
+)
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table from dict rows; missing nullable fields become null, unknown keys are an error."""
+    names = set(schema.names)
+    for row in rows:
+        unknown = set(row) - names
+        if unknown:
+            raise ValueError(f"row has field(s) not in the schema: {sorted(unknown)}")
+    return pa.Table.from_pylist(rows, schema=schema)

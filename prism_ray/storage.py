@@ -1,0 +1,155 @@
+"""Manifests, images and tables on any fsspec URI (local paths, memory://, s3://, gs://...)."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageReadError(ValueError):
+    """One image could not be read; carries the URI and a one-line reason for the errors table."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"image '{uri}': {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI without mangling the protocol."""
+    if "://" in root:
+        protocol, rest = root.split("://", 1)
+        return f"{protocol}://" + posixpath.join(rest, *parts)
+    return str(Path(root).joinpath(*parts))
+
+
+def resolve_uri(uri: str, root: str | None) -> str:
+    """Prefix relative URIs with `root`; absolute paths and URIs with a protocol stay as they are."""
+    if root is None or "://" in uri or uri.startswith("/"):
+        return uri
+    return join_uri(root, uri)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+# --- manifests and tables --------------------------------------------------------------------
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet or CSV table (chosen by extension) from any fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"manifest '{uri}': no such file")
+    lower = path.lower()
+    with fs.open(path, "rb") as f:
+        if lower.endswith((".csv", ".csv.gz")):
+            compression = "gzip" if lower.endswith(".gz") else None
+            stream = pa.CompressedInputStream(f, compression) if compression else f
+            # Label columns are often blank in CheXpert: keep them nullable, not inferred as str.
+            table = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        elif lower.endswith((".parquet", ".pq")):
+            table = pq.read_table(f)
+        else:
+            raise ValueError(f"manifest '{uri}': unknown format (expected .parquet or .csv)")
+    if columns is not None:
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"manifest '{uri}': missing column(s) {missing}")
+        table = table.select(columns)
+    return table
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write a Parquet (or .csv) table to any fsspec URI, creating parent folders."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        if path.lower().endswith(".csv"):
+            pacsv.write_csv(table, f)
+        else:
+            pq.write_table(table, f)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, uri: str = "<bytes>") -> np.ndarray:
+    """PNG/JPEG (8- or 16-bit, gray or colour) bytes -> uint8 (H, W, 3); gray is replicated."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            arr = np.asarray(img)
+            mode = img.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(uri, f"corrupt or unsupported image ({type(err).__name__}: {err})") from None
+    if arr.dtype == np.uint16 or mode.startswith("I;16") or mode == "I":
+        # 16-bit PNGs (common in radiology exports): scale the full range down to 8 bits.
+        arr = (arr.astype(np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        raise ImageReadError(uri, f"unsupported pixel type {arr.dtype} (mode {mode})")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    elif arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageReadError(uri, f"unsupported image shape {arr.shape}")
+    if arr.shape[0] < 8 or arr.shape[1] < 8:
+        raise ImageReadError(uri, f"image too small {arr.shape[1]}x{arr.shape[0]}")
+    return np.ascontiguousarray(arr)
+
+
+def read_image(uri: str) -> np.ndarray:
+    """Read one image from any fsspec URI as uint8 (H, W, 3); raises ImageReadError."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageReadError(uri, "file not found") from None
+    except OSError as err:
+        raise ImageReadError(uri, f"cannot open ({err})") from None
+    if not data:
+        raise ImageReadError(uri, "empty file")
+    return decode_image(data, uri)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> lossless PNG bytes."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"encode_png: expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(image: np.ndarray, uri: str) -> None:
+    """Write a lossless PNG to any fsspec URI (parent folders are created)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(encode_png(image))

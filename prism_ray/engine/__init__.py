@@ -1,0 +1,1 @@
+"""The counterfactual editing method: DDIM/null-text inversion, prompt-to-prompt control, the editor."""

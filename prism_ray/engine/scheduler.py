@@ -1,0 +1,51 @@
+"""The reference DDIM scheduler and its deterministic prev/next steps (ALGORITHM.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+REFERENCE_DDIM = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,  # the "final" alpha is alpha_bar at t=0
+    steps_offset=1,
+)
+
+
+def make_ddim_scheduler(num_inference_steps: int = 50, **overrides) -> DDIMScheduler:
+    """DDIM with the reference betas; 50 steps give timesteps 981, 961, ..., 1."""
+    scheduler = DDIMScheduler(**{**REFERENCE_DDIM, **overrides})
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+class DDIMSteps:
+    """Deterministic (eta = 0) DDIM steps on a fixed timestep grid, written out as in the paper."""
+
+    def __init__(self, scheduler: DDIMScheduler):
+        if scheduler.num_inference_steps is None:
+            raise ValueError("scheduler: call set_timesteps() first")
+        self.timesteps = scheduler.timesteps.clone()  # (T,) descending, e.g. 981..1
+        self.stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        self.final_alpha = float(scheduler.final_alpha_cumprod)
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+
+    @staticmethod
+    def _move(eps: torch.Tensor, sample: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
+        x0 = (sample - (1 - a_from) ** 0.5 * eps) / a_from**0.5
+        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
+
+    def prev_step(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """Denoise x_t -> x_{t - stride}."""
+        return self._move(eps, sample, self.alpha(int(t)), self.alpha(int(t) - self.stride))
+
+    def next_step(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """Invert x_{t - stride} -> x_t, with eps predicted at the target timestep t."""
+        return self._move(eps, sample, self.alpha(int(t) - self.stride), self.alpha(int(t)))

@@ -1,0 +1,51 @@
+"""Image pre/post-processing of the method (ALGORITHM.md section 1) and VAE encode/decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def center_square(image: np.ndarray, offsets: tuple[int, int, int, int] = (0, 0, 0, 0)) -> np.ndarray:
+    """Crop (left, right, top, bottom) offsets, then the centred square of the remainder."""
+    left, right, top, bottom = offsets
+    h, w = image.shape[:2]
+    image = image[top : h - bottom, left : w - right]
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return image[y0 : y0 + side, x0 : x0 + side]
+
+
+def preprocess(images: list[np.ndarray] | np.ndarray, resolution: int, offsets=(0, 0, 0, 0)) -> torch.Tensor:
+    """uint8 (H, W[, C]) images -> float (N, 3, R, R) in [-1, 1]: square, resize, gray -> 3 channels."""
+    out = []
+    for image in images:
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        square = center_square(image[:, :, :3], offsets)
+        x = torch.from_numpy(np.ascontiguousarray(square)).permute(2, 0, 1)[None].float()  # (1, 3, S, S)
+        if x.shape[-1] != resolution:
+            # Antialiased bicubic, as PIL's LANCZOS-like resize of the reference, without PIL round-trips.
+            x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False)
+            x = x.round().clamp(0, 255)
+        out.append(x / 127.5 - 1.0)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1] -> latents: the posterior *mean* times the VAE scaling factor."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 (N, R, R, 3): decode, (x / 2 + 0.5).clamp(0, 1), round to 8 bits."""
+    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()

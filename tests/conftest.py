@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny model family and (lazily) one local Ray per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Deterministic, quiet, CPU-only defaults for every test process (and Ray workers it starts).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """Path of a freshly built tiny SD family (random weights, seed 0)."""
+    from prism_ray.tiny import build_tiny_family
+
+    return build_tiny_family(tmp_path_factory.mktemp("tiny") / "family")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_family):
+    """The tiny family loaded on CPU in fp32 through the production loader."""
+    from prism_ray.models import load_sd_components
+
+    return load_sd_components(str(tiny_family), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) shared by every test that needs it; shut down at session end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,785 @@
+"""Dataset adapters: tabular labels -> canonical attributes -> captions, and interventions -> edit prompts."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import string
+import sys
+from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "CHEXPERT_LABELS",
+    "AdapterConfig",
+    "CaptionAdapter",
+    "CheXpertAdapter",
+    "CheXpertSettings",
+    "Intervention",
+    "IsicAdapter",
+    "IsicSettings",
+    "MimicAdapter",
+    "MimicSettings",
+    "RowRejected",
+    "TemplateAdapter",
+    "TemplateSettings",
+    "do",
+    "edit_words",
+    "get_adapter",
+    "parse_intervention",
+    "parse_interventions",
+]
+
+# The 14 CheXpert observations in the order of the CheXpert CSV (and of the PRISM code listing);
+# captions list findings in this order, so it is part of the contract.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+NO_FINDING = "No Finding"
+
+AttributeValue = Union[bool, int, str]
+Attributes = dict[str, AttributeValue]
+
+
+class RowRejected(ValueError):
+    """A manifest row that cannot be captioned under the configured policy (goes to the errors table)."""
+
+    def __init__(self, column: str, reason: str):
+        self.column = column
+        self.reason = reason
+        super().__init__(f"column {column!r}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cell parsing. Rows come from pyarrow (None), pandas (NaN, pd.NA, numpy scalars) or CSV text
+# (""), so every reader goes through these helpers instead of trusting Python types.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip() == ""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return math.isnan(float(value))
+    # pd.NA is neither None nor NaN; compare by identity only if pandas is already loaded,
+    # so this module never imports pandas itself.
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and value is getattr(pandas, "NA", None)
+
+
+def _cell(row: Mapping[str, Any], column: str) -> Any:
+    # A missing column is a manifest schema error, not a per-row problem: plain ValueError.
+    if column not in row:
+        raise ValueError(f"row has no column {column!r}")
+    return row[column]
+
+
+def _finding_code(value: Any) -> int | None:
+    """CheXpert-style cell -> 1, 0, -1, or None for blank; anything else is a bad value."""
+    if _is_blank(value):
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    number: float | None = None
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number in (1.0, 0.0, -1.0):
+        return int(number)
+    raise ValueError(f"expected 1, 0, -1 or blank, got {value!r}")
+
+
+_TRUE_TEXT = {"1", "1.0", "true"}
+_FALSE_TEXT = {"0", "0.0", "false"}
+
+
+def _flag(value: Any) -> bool:
+    """Boolean-column cell (ISIC artifacts; already known not blank) -> bool."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) and float(value) in (0.0, 1.0):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE_TEXT:
+            return True
+        if text in _FALSE_TEXT:
+            return False
+    raise ValueError(f"expected a boolean (true/false or 1/0), got {value!r}")
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    # pandas turns an int column with blanks into float; 63.0 is fine, 63.5 is not an age.
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _as_text(value: Any) -> str:
+    # Integers are accepted because the compact form "race=1" parses "1" as an int.
+    if isinstance(value, bool):
+        raise ValueError(f"expected text, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError(f"expected non-empty text, got {value!r}")
+
+
+def _as_scalar(value: Any) -> int | str:
+    """Template placeholder value: integers stay ints (so 63.0 renders "63"), other values become text."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number or text, got {value!r}")
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return str(float(value))
+    return _as_text(value)
+
+
+def _as_finding(value: Any) -> bool:
+    """Intervention/attribute value for a finding: bool, or the 1/0 that "Support Devices=0" parses to."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(value)
+    raise ValueError(f"expected true/false or 1/0, got {value!r}")
+
+
+_COERCE = {"bool": _as_finding, "int": _as_int, "str": _as_text, "scalar": _as_scalar}
+AttributeKind = Literal["bool", "int", "str", "scalar"]
+
+
+# --------------------------------------------------------------------------------------------
+# Interventions: do(attribute = value). Edits are data; the adapter renders them.
+# --------------------------------------------------------------------------------------------
+
+
+class Intervention(BaseModel):
+    """do(attribute = value) on a canonical attribute, e.g. do("Support Devices", False)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attribute: StrictStr
+    # Strict types: pydantic would otherwise coerce 0 -> False or "80" -> 80 before the adapter,
+    # which knows the attribute's type, gets to decide.
+    value: Union[StrictBool, StrictInt, StrictStr]
+
+    @field_validator("attribute")
+    @classmethod
+    def _check_attribute(cls, attribute: str) -> str:
+        attribute = attribute.strip()
+        if not attribute or "=" in attribute or ";" in attribute:
+            raise ValueError(f"attribute must be a non-empty name without '=' or ';', got {attribute!r}")
+        return attribute
+
+    @field_validator("value")
+    @classmethod
+    def _check_value(cls, value: AttributeValue) -> AttributeValue:
+        # Keeps str(intervention) parseable back into the same intervention.
+        if isinstance(value, str) and (not value.strip() or "=" in value or ";" in value):
+            raise ValueError(f"value must be non-empty text without '=' or ';', got {value!r}")
+        return value.strip() if isinstance(value, str) else value
+
+    def __str__(self) -> str:
+        """Compact form, e.g. "Support Devices=false", "age=80"; round-trips through parse_intervention."""
+        value = str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
+        return f"{self.attribute}={value}"
+
+
+def do(attribute: str, value: AttributeValue) -> Intervention:
+    """do(attribute = value), in the notation of the causal-inference literature."""
+    return Intervention(attribute=attribute, value=value)
+
+
+def parse_intervention(text: str) -> Intervention:
+    """Parse the compact form used in YAML/CLI: "Support Devices=0", "age=80", "sex=male".
+
+    Values: true/false (any case) -> bool, integers -> int, anything else -> text. The adapter
+    then checks the value against the attribute (a finding accepts 0/1/true/false).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"intervention must be a string like 'age=80', got {text!r}")
+    attribute, sep, raw = text.partition("=")
+    attribute, raw = attribute.strip(), raw.strip()
+    if not sep:
+        raise ValueError(f"intervention {text!r} has no '=': expected 'attribute=value'")
+    if not attribute:
+        raise ValueError(f"intervention {text!r} has no attribute name before '='")
+    if not raw:
+        raise ValueError(f"intervention {text!r} has no value after '='")
+    if "=" in raw:
+        raise ValueError(f"intervention {text!r} has more than one '='")
+    value: AttributeValue
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    elif re.fullmatch(r"[+-]?\d+", raw):
+        value = int(raw)
+    else:
+        value = raw
+    return Intervention(attribute=attribute, value=value)
+
+
+def parse_interventions(spec: str | Intervention | Iterable[str | Intervention]) -> list[Intervention]:
+    """A list of interventions from "a=1; b=x", one compact string, an Intervention, or a list of either."""
+    if isinstance(spec, Intervention):
+        return [spec]
+    if isinstance(spec, str):
+        # ';' rather than ',' separates because ', ' is how captions join findings.
+        return [parse_intervention(part) for part in spec.split(";") if part.strip()]
+    if not isinstance(spec, Iterable):
+        raise ValueError(f"interventions must be a string or a list, got {spec!r}")
+    return [item if isinstance(item, Intervention) else parse_intervention(item) for item in spec]
+
+
+def edit_words(source_caption: str, edited_caption: str) -> list[str]:
+    """Words of `edited_caption` that do not occur in `source_caption`, in order, without repeats.
+
+    Words are the exact strings from splitting on single spaces, punctuation included
+    ("Cardiomegaly," and "Cardiomegaly" differ), because prompt-to-prompt locates blend/reweight
+    words in a prompt by that same split. For a pure removal the list can be empty; call
+    edit_words(edited, source) for the words that went away.
+    """
+    source_words = set(source_caption.split(" "))
+    words: list[str] = []
+    for word in edited_caption.split(" "):
+        # '' comes from double spaces; it is not a word.
+        if word and word not in source_words and word not in words:
+            words.append(word)
+    return words
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (pydantic, extra="forbid", so job configs can embed them and typos fail on load)
+# --------------------------------------------------------------------------------------------
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _FindingSettings(_Settings):
+    labels: tuple[str, ...] = CHEXPERT_LABELS
+    # PRISM treats uncertain (-1) and blank as absent; "drop" rejects the row instead.
+    uncertain: Literal["absent", "present", "drop"] = "absent"
+    blank: Literal["absent", "drop"] = "absent"
+    # "normal_caption": No Finding is never listed; no other positive -> the normal text.
+    # "as_label": paper-literal, No Finding=1 is listed like any finding.
+    no_finding: Literal["normal_caption", "as_label"] = "normal_caption"
+    separator: str = ", "
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if not labels:
+            raise ValueError("labels must name at least one finding column")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels has duplicates: {list(labels)}")
+        return labels
+
+
+class CheXpertSettings(_FindingSettings):
+    prefix: str = "Chest X-ray showing "
+    normal_text: str = "Normal chest X-ray with no significant findings"
+
+
+class MimicSettings(_FindingSettings):
+    age_column: str = "age"
+    race_column: str = "race"
+    sex_column: str = "sex"
+    # Codes -> words; values not in a map are kept as given ("white", "Black", ...).
+    sex_map: dict[str, str] = Field(default_factory=lambda: {"M": "male", "F": "female"})
+    race_map: dict[str, str] = Field(default_factory=dict)
+    # Bin edges, e.g. [20, 40, 60, 80]: age is replaced by the lower edge of its bin
+    # ([20, 40) -> 20, ..., >= 80 -> 80); ages below the first edge reject the row.
+    # None keeps the integer age.
+    age_bins: tuple[int, ...] | None = None
+    no_findings_text: str = "no findings"
+
+    @field_validator("age_bins")
+    @classmethod
+    def _check_bins(cls, bins: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if bins is None:
+            return None
+        if not bins or any(b < 0 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:])):
+            raise ValueError(f"age_bins must be non-negative and strictly increasing, got {list(bins)}")
+        return bins
+
+    @model_validator(mode="after")
+    def _check_names(self) -> MimicSettings:
+        clash = {"age", "race", "sex"} & set(self.labels)
+        if clash:
+            raise ValueError(f"labels clash with demographic attributes: {sorted(clash)}")
+        return self
+
+
+class IsicSettings(_Settings):
+    disease_column: str = "diagnosis"
+    # Diagnosis code -> caption text; codes outside the map reject the row.
+    disease_map: dict[str, str] = Field(default_factory=lambda: {"MEL": "melanoma", "NV": "nevus"})
+    # Artifact text (attribute name, as written in the caption) -> boolean column; caption order.
+    artifacts: dict[str, str] = Field(
+        default_factory=lambda: {"hair": "hair", "gel bubbles": "gel_bubble", "ruler": "ruler", "ink": "ink"}
+    )
+    blank: Literal["absent", "drop"] = "absent"
+    separator: str = ", "
+
+    @model_validator(mode="after")
+    def _check_maps(self) -> IsicSettings:
+        if not self.disease_map:
+            raise ValueError("disease_map must map at least one diagnosis code")
+        if "disease" in self.artifacts:
+            raise ValueError("artifacts cannot be named 'disease' (that is the diagnosis attribute)")
+        return self
+
+
+class TemplateSettings(_Settings):
+    # e.g. "Chest X-ray of a {sex} patient showing {findings}"; other placeholders are scalar
+    # attributes read from the column of the same name unless `columns` says otherwise.
+    template: str
+    findings: tuple[str, ...] = ()
+    columns: dict[str, str] = Field(default_factory=dict)
+    value_maps: dict[str, dict[str, str]] = Field(default_factory=dict)
+    no_findings: str = "no findings"
+    separator: str = ", "
+    uncertain: Literal["absent", "present", "drop"] = "absent"
+    blank: Literal["absent", "drop"] = "absent"
+
+    @model_validator(mode="after")
+    def _check_template(self) -> TemplateSettings:
+        fields = _template_fields(self.template)
+        has_findings = "findings" in fields
+        if has_findings and not self.findings:
+            raise ValueError("findings: the template uses {findings} but no finding columns are listed")
+        if self.findings and not has_findings:
+            raise ValueError("template: finding columns are listed but the template has no {findings}")
+        scalars = [f for f in fields if f != "findings"]
+        for name in list(self.columns) + list(self.value_maps):
+            if name not in scalars:
+                raise ValueError(f"columns/value_maps: {name!r} is not a placeholder of the template")
+        clash = set(scalars) & set(self.findings)
+        if clash:
+            raise ValueError(f"findings: {sorted(clash)} are also scalar placeholders")
+        return self
+
+
+def _template_fields(template: str) -> list[str]:
+    """Placeholder names in order, without repeats; only plain {name} fields are allowed."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"template is not a valid format string: {err}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        # Positional or computed fields would make the template depend on call order or
+        # Python objects; attributes are a flat name -> value mapping.
+        if not name.strip() or name.isdigit() or "." in name or "[" in name or spec or conversion:
+            raise ValueError(f"template: placeholder {{{name}}} must be a plain {{name}}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------
+
+
+class CaptionAdapter(ABC):
+    """Row (column -> value) -> canonical attributes -> caption; interventions act on attributes.
+
+    Subclasses define `Settings`, `label_columns`, `attribute_kinds`, `attributes(row)` and
+    `_render(attrs)`; everything else (validation, interventions) is shared so that a caption
+    and its edit always go through the same template.
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[_Settings]]
+
+    def __init__(self, settings: _Settings | Mapping[str, Any] | None = None, **options: Any):
+        if settings is not None and options:
+            raise ValueError("pass either a settings object or keyword options, not both")
+        if settings is None:
+            settings = self.Settings(**options)
+        elif not isinstance(settings, self.Settings):
+            settings = self.Settings.model_validate(settings)
+        self.settings = settings
+
+    @property
+    @abstractmethod
+    def label_columns(self) -> tuple[str, ...]:
+        """Manifest columns this adapter reads (check them against a manifest's schema up front)."""
+
+    @property
+    @abstractmethod
+    def attribute_kinds(self) -> dict[str, AttributeKind]:
+        """Canonical attribute name -> kind ("bool", "int", "str" or "scalar" = int or text), in order."""
+
+    @abstractmethod
+    def attributes(self, row: Mapping[str, Any]) -> Attributes:
+        """Canonical attributes of a manifest row; raises RowRejected for rows the policy drops."""
+
+    @abstractmethod
+    def _render(self, attrs: Attributes) -> str:
+        """Caption from already-validated canonical attributes."""
+
+    def _canonical(self, attribute: str, value: Any) -> AttributeValue:
+        """Type-check one attribute value; subclasses add value maps and binning."""
+        return _COERCE[self.attribute_kinds[attribute]](value)
+
+    def caption(self, row: Mapping[str, Any]) -> str:
+        """Caption of a manifest row."""
+        return self._render(self.attributes(row))
+
+    def render(self, attrs: Mapping[str, Any]) -> str:
+        """Caption of canonical attributes (e.g. as stored in an output manifest)."""
+        kinds = self.attribute_kinds
+        for name in attrs:
+            if name not in kinds:
+                raise ValueError(f"unknown attribute {name!r}; {self.name} attributes: {list(kinds)}")
+        canonical: Attributes = {}
+        for name in kinds:
+            if name not in attrs:
+                raise ValueError(f"attributes are missing {name!r}")
+            try:
+                canonical[name] = self._canonical(name, attrs[name])
+            except ValueError as err:
+                raise ValueError(f"attribute {name!r}: {err}") from None
+        return self._render(canonical)
+
+    def intervene(self, attrs: Mapping[str, Any], interventions: Any) -> Attributes:
+        """Attributes after do(...) interventions (Intervention objects or compact strings)."""
+        kinds = self.attribute_kinds
+        edited = dict(attrs)
+        seen: set[str] = set()
+        for intervention in parse_interventions(interventions):
+            name = intervention.attribute
+            if name not in kinds:
+                raise ValueError(f"unknown attribute {name!r}; {self.name} attributes: {list(kinds)}")
+            # Two values for one attribute in one edit would silently depend on list order.
+            if name in seen:
+                raise ValueError(f"attribute {name!r} is intervened on more than once")
+            seen.add(name)
+            try:
+                edited[name] = self._canonical(name, intervention.value)
+            except ValueError as err:
+                raise ValueError(f"intervention on {name!r}: {err}") from None
+        return edited
+
+    def edit_caption(self, row: Mapping[str, Any], interventions: Any) -> str:
+        """Edit prompt: the row's attributes with the interventions applied, through the same template."""
+        return self.render(self.intervene(self.attributes(row), interventions))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
+
+def _read_findings(row: Mapping[str, Any], labels: Iterable[str], uncertain: str, blank: str) -> dict[str, bool]:
+    """1/0/-1/blank finding columns -> present/absent under the uncertain and blank policies."""
+    findings: dict[str, bool] = {}
+    for column in labels:
+        value = _cell(row, column)
+        try:
+            code = _finding_code(value)
+        except ValueError as err:
+            raise RowRejected(column, str(err)) from None
+        if code is None:
+            if blank == "drop":
+                raise RowRejected(column, "blank label and blank='drop'")
+            findings[column] = False
+        elif code == -1:
+            if uncertain == "drop":
+                raise RowRejected(column, "uncertain (-1) label and uncertain='drop'")
+            findings[column] = uncertain == "present"
+        else:
+            findings[column] = code == 1
+    return findings
+
+
+def _listed_findings(attrs: Mapping[str, Any], labels: Iterable[str], no_finding: str) -> list[str]:
+    # In the paper's listing No Finding is just another label; "normal_caption" keeps it out of
+    # the list so an otherwise empty row falls through to the normal caption.
+    return [label for label in labels if attrs[label] and not (label == NO_FINDING and no_finding == "normal_caption")]
+
+
+class CheXpertAdapter(CaptionAdapter):
+    """CheXpert: "Chest X-ray showing A, B" or the normal caption (PRISM, MIDL 2025, code listing)."""
+
+    name = "chexpert"
+    Settings = CheXpertSettings
+    settings: CheXpertSettings
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        return self.settings.labels
+
+    @property
+    def attribute_kinds(self) -> dict[str, AttributeKind]:
+        return {label: "bool" for label in self.settings.labels}
+
+    def attributes(self, row: Mapping[str, Any]) -> Attributes:
+        s = self.settings
+        return dict(_read_findings(row, s.labels, s.uncertain, s.blank))
+
+    def _render(self, attrs: Attributes) -> str:
+        s = self.settings
+        findings = _listed_findings(attrs, s.labels, s.no_finding)
+        return s.prefix + s.separator.join(findings) if findings else s.normal_text
+
+
+class MimicAdapter(CaptionAdapter):
+    """MIMIC-CXR: "Chest X-ray of [age]-years old [race] [sex] subject with [findings]"."""
+
+    name = "mimic"
+    Settings = MimicSettings
+    settings: MimicSettings
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        s = self.settings
+        return (s.age_column, s.race_column, s.sex_column, *s.labels)
+
+    @property
+    def attribute_kinds(self) -> dict[str, AttributeKind]:
+        kinds: dict[str, AttributeKind] = {"age": "int", "race": "str", "sex": "str"}
+        kinds.update({label: "bool" for label in self.settings.labels})
+        return kinds
+
+    def _canonical(self, attribute: str, value: Any) -> AttributeValue:
+        s = self.settings
+        if attribute == "age":
+            return self._bin_age(_as_int(value))
+        if attribute == "sex":
+            text = _as_text(value)
+            return s.sex_map.get(text, text)
+        if attribute == "race":
+            text = _as_text(value)
+            return s.race_map.get(text, text)
+        return super()._canonical(attribute, value)
+
+    def _bin_age(self, age: int) -> int:
+        if age < 0:
+            raise ValueError(f"age must be non-negative, got {age}")
+        bins = self.settings.age_bins
+        if bins is None:
+            return age
+        index = bisect_right(bins, age) - 1
+        if index < 0:
+            raise ValueError(f"age {age} is below the first age bin edge {bins[0]}")
+        # The lower edge keeps age an int, so do(age=80) and binned rows compare directly.
+        return bins[index]
+
+    def attributes(self, row: Mapping[str, Any]) -> Attributes:
+        s = self.settings
+        attrs: Attributes = {}
+        # Demographics have no "absent" meaning: a blank age/race/sex always rejects the row.
+        for attribute, column in (("age", s.age_column), ("race", s.race_column), ("sex", s.sex_column)):
+            value = _cell(row, column)
+            if _is_blank(value):
+                raise RowRejected(column, f"blank {attribute}")
+            try:
+                attrs[attribute] = self._canonical(attribute, value)
+            except ValueError as err:
+                raise RowRejected(column, str(err)) from None
+        attrs.update(_read_findings(row, s.labels, s.uncertain, s.blank))
+        return attrs
+
+    def _render(self, attrs: Attributes) -> str:
+        s = self.settings
+        findings = _listed_findings(attrs, s.labels, s.no_finding)
+        text = s.separator.join(findings) if findings else s.no_findings_text
+        return f"Chest X-ray of {attrs['age']}-years old {attrs['race']} {attrs['sex']} subject with {text}"
+
+
+class IsicAdapter(CaptionAdapter):
+    """ISIC: "a dermoscopic image with [disease] showing [artifacts]" (no artifacts: no "showing ...")."""
+
+    name = "isic"
+    Settings = IsicSettings
+    settings: IsicSettings
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        s = self.settings
+        return (s.disease_column, *s.artifacts.values())
+
+    @property
+    def attribute_kinds(self) -> dict[str, AttributeKind]:
+        kinds: dict[str, AttributeKind] = {"disease": "str"}
+        kinds.update({artifact: "bool" for artifact in self.settings.artifacts})
+        return kinds
+
+    def _canonical(self, attribute: str, value: Any) -> AttributeValue:
+        if attribute != "disease":
+            return super()._canonical(attribute, value)
+        disease_map = self.settings.disease_map
+        text = _as_text(value)
+        # Accept the code ("MEL") or its caption text ("melanoma"), so do(disease=...) reads either way.
+        if text in disease_map:
+            return disease_map[text]
+        if text in disease_map.values():
+            return text
+        raise ValueError(f"unknown diagnosis {text!r}; known: {list(disease_map)}")
+
+    def attributes(self, row: Mapping[str, Any]) -> Attributes:
+        s = self.settings
+        value = _cell(row, s.disease_column)
+        if _is_blank(value):
+            raise RowRejected(s.disease_column, "blank diagnosis")
+        try:
+            attrs: Attributes = {"disease": self._canonical("disease", value)}
+        except ValueError as err:
+            raise RowRejected(s.disease_column, str(err)) from None
+        for artifact, column in s.artifacts.items():
+            value = _cell(row, column)
+            if _is_blank(value):
+                if s.blank == "drop":
+                    raise RowRejected(column, "blank artifact flag and blank='drop'")
+                attrs[artifact] = False
+                continue
+            try:
+                attrs[artifact] = _flag(value)
+            except ValueError as err:
+                raise RowRejected(column, str(err)) from None
+        return attrs
+
+    def _render(self, attrs: Attributes) -> str:
+        s = self.settings
+        artifacts = [artifact for artifact in s.artifacts if attrs[artifact]]
+        caption = f"a dermoscopic image with {attrs['disease']}"
+        return f"{caption} showing {s.separator.join(artifacts)}" if artifacts else caption
+
+
+class TemplateAdapter(CaptionAdapter):
+    """User format string: {findings} from boolean finding columns, other {name}s from scalar columns."""
+
+    name = "template"
+    Settings = TemplateSettings
+    settings: TemplateSettings
+
+    def __init__(self, settings: _Settings | Mapping[str, Any] | None = None, **options: Any):
+        super().__init__(settings, **options)
+        self._scalars = [f for f in _template_fields(self.settings.template) if f != "findings"]
+
+    def _column(self, placeholder: str) -> str:
+        return self.settings.columns.get(placeholder, placeholder)
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        return (*(self._column(p) for p in self._scalars), *self.settings.findings)
+
+    @property
+    def attribute_kinds(self) -> dict[str, AttributeKind]:
+        kinds: dict[str, AttributeKind] = {p: "scalar" for p in self._scalars}
+        kinds.update({column: "bool" for column in self.settings.findings})
+        return kinds
+
+    def _canonical(self, attribute: str, value: Any) -> AttributeValue:
+        canonical = super()._canonical(attribute, value)
+        value_map = self.settings.value_maps.get(attribute)
+        if value_map is not None and str(canonical) in value_map:
+            return value_map[str(canonical)]
+        return canonical
+
+    def attributes(self, row: Mapping[str, Any]) -> Attributes:
+        s = self.settings
+        attrs: Attributes = {}
+        for placeholder in self._scalars:
+            column = self._column(placeholder)
+            value = _cell(row, column)
+            if _is_blank(value):
+                raise RowRejected(column, f"blank value for {{{placeholder}}}")
+            try:
+                attrs[placeholder] = self._canonical(placeholder, value)
+            except ValueError as err:
+                raise RowRejected(column, str(err)) from None
+        attrs.update(_read_findings(row, s.findings, s.uncertain, s.blank))
+        return attrs
+
+    def _render(self, attrs: Attributes) -> str:
+        s = self.settings
+        values: dict[str, Any] = {p: attrs[p] for p in self._scalars}
+        if s.findings:
+            present = [column for column in s.findings if attrs[column]]
+            values["findings"] = s.separator.join(present) if present else s.no_findings
+        return s.template.format_map(values)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+ADAPTERS: dict[str, type[CaptionAdapter]] = {
+    cls.name: cls for cls in (CheXpertAdapter, MimicAdapter, IsicAdapter, TemplateAdapter)
+}
+
+
+def get_adapter(name: str, **options: Any) -> CaptionAdapter:
+    """Adapter by registry name ("chexpert", "mimic", "isic", "template") with its settings as keywords."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter name {name!r}; known: {sorted(ADAPTERS)}")
+    return ADAPTERS[name](**options)
+
+
+class AdapterConfig(BaseModel):
+    """Embeddable adapter choice for job configs: `name` + `options` (validated against that adapter's settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["chexpert", "mimic", "isic", "template"] = "chexpert"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> AdapterConfig:
+        # Validate now so a bad option fails when the job config loads, not on a worker later.
+        try:
+            ADAPTERS[self.name].Settings.model_validate(self.options)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"options for adapter {self.name!r}: {problems}") from None
+        return self
+
+    def build(self) -> CaptionAdapter:
+        return get_adapter(self.name, **self.options)

@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import Field
+
+from prism_ray.config import BaseConfig
 
 # Words of every caption template and common edit prompts; each becomes a single token so that
 # prompt-to-prompt word -> token mapping behaves as with the real CLIP vocabulary.
@@ -211,3 +214,17 @@ def tiny_family_path(cache_dir: Path, seed: int = TINY_SEED) -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class TinyFamilyConfig(BaseConfig):
+    """`prism-ray tiny-family`: where to write a random-weight tiny family."""
+
+    out: str = Field(..., min_length=1, description="output folder")
+    seed: int = Field(TINY_SEED, ge=0)
+    resolution: int = Field(64, ge=16, le=1024, multiple_of=16)
+
+
+def run_tiny_family(config: TinyFamilyConfig) -> Path:
+    path = build_tiny_family(config.out, seed=config.seed, resolution=config.resolution)
+    print(f"tiny family written to {path}")
+    return path

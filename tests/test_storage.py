@@ -1,0 +1,96 @@
+"""Manifests and images through fsspec: local and memory:// round trips, per-row image errors."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from prism_ray.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.storage import ImageReadError, read_image, read_table, write_png, write_table
+
+
+def _manifest():
+    return pa.table(
+        {
+            "image_uri": ["a.png", "b.png", "c.png"],
+            "Cardiomegaly": [1.0, 0.0, None],
+            "Pleural Effusion": [-1.0, 1.0, 0.0],
+        }
+    )
+
+
+@pytest.mark.parametrize("root", ["local", "memory://prism-test"])
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_manifest_round_trip(tmp_path, root, ext):
+    base = str(tmp_path) if root == "local" else root
+    uri = f"{base}/sub/manifest.{ext}"
+    write_table(_manifest(), uri)
+    back = read_table(uri)
+    assert back.column("image_uri").to_pylist() == ["a.png", "b.png", "c.png"]
+    assert back.column("Cardiomegaly").to_pylist() == [1.0, 0.0, None]  # blank stays blank
+    assert back.column("Pleural Effusion").to_pylist() == [-1.0, 1.0, 0.0]
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        read_table(str(tmp_path / "missing.parquet"))
+    write_table(_manifest(), str(tmp_path / "m.parquet"))
+    with pytest.raises(ValueError, match="Edema"):
+        read_table(str(tmp_path / "m.parquet"), columns=["image_uri", "Edema"])
+
+
+def _png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("root", ["local", "memory://prism-img"])
+def test_png_round_trip_is_lossless(tmp_path, root):
+    base = str(tmp_path) if root == "local" else root
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    write_png(rgb, f"{base}/out/x.png")
+    assert np.array_equal(read_image(f"{base}/out/x.png"), rgb)
+
+
+def test_grayscale_and_16bit_become_three_channels(tmp_path):
+    gray = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 256
+    Image.fromarray(gray.astype(np.uint8)).save(tmp_path / "g.png")
+    img = read_image(str(tmp_path / "g.png"))
+    assert img.shape == (64, 64, 3) and np.array_equal(img[..., 0], img[..., 2])
+    assert np.array_equal(img[..., 1], gray.astype(np.uint8))
+
+    deep = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d16.png")
+    img16 = read_image(str(tmp_path / "d16.png"))
+    assert img16.shape == (64, 64, 3) and img16.dtype == np.uint8
+    assert img16[0, 0, 0] == 0 and img16[-1, -1, 0] == 255
+
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "j.jpg", quality=95)
+    assert abs(int(read_image(str(tmp_path / "j.jpg"))[8, 8, 0]) - 200) <= 2
+
+
+def test_missing_and_corrupt_images_raise_per_row_errors(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = np.zeros((16, 16, 3), np.uint8)
+    (tmp_path / "ok.png").write_bytes(_png_bytes(good))
+    rows = ["ok.png", "missing.png", "bad.png", "empty.png"]
+    images, errors = [], []
+    for name in rows:
+        try:
+            images.append(read_image(str(tmp_path / name)))
+        except ImageReadError as err:
+            errors.append({"source_uri": err.uri, "stage": "read", "reason": err.reason})
+    assert len(images) == 1
+    assert [e["source_uri"].rsplit("/", 1)[1] for e in errors] == ["missing.png", "bad.png", "empty.png"]
+    assert "not found" in errors[0]["reason"] and "corrupt" in errors[1]["reason"]
+    table = rows_to_table(errors, ERROR_SCHEMA)  # the errors table takes them as they are
+    assert table.num_rows == 3
+
+
+def test_schema_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="bogus"):
+        rows_to_table([{"bogus": 1}], COUNTERFACTUAL_SCHEMA)

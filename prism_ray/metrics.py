@@ -248,7 +248,9 @@ class LPIPS(nn.Module):
         x0, x1 = uint8_to_lpips_input(a), uint8_to_lpips_input(b)
         if x0.shape != x1.shape:
             raise ValueError(f"LPIPS images differ in shape: {tuple(x0.shape)} vs {tuple(x1.shape)}")
-        out = [self(x0[i : i + batch_size], x1[i : i + batch_size]).cpu() for i in range(0, len(x0), batch_size)]
+        out = [
+            self(x0[i : i + batch_size], x1[i : i + batch_size]).cpu() for i in range(0, len(x0), batch_size)
+        ]
         return torch.cat(out).double().numpy()
 
 

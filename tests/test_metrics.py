@@ -80,7 +80,8 @@ def test_lpips_symmetric_and_positive(lpips_model, images):
 
 def test_lpips_batching_does_not_change_values(lpips_model, images):
     a, b = images
-    np.testing.assert_allclose(lpips_model.distance(a, b, batch_size=1), lpips_model.distance(a, b), rtol=1e-5)
+    one_by_one = lpips_model.distance(a, b, batch_size=1)
+    np.testing.assert_allclose(one_by_one, lpips_model.distance(a, b), rtol=1e-5)
 
 
 def test_lpips_matches_straightforward_formula(lpips_model, images):
@@ -133,7 +134,7 @@ def test_lpips_loads_weights_by_key_from_safetensors(tmp_path, lpips_model, imag
 
 def test_lpips_rejects_bad_linear_weights(tmp_path, lpips_model):
     model = LPIPS.random(seed=0)
-    bad = {f"lin{k}.model.1.weight": w.clone() for k, w in enumerate(l.model[1].weight for l in lpips_model.lins)}
+    bad = {f"lin{k}.model.1.weight": lin.model[1].weight.clone() for k, lin in enumerate(lpips_model.lins)}
     bad["lin2.model.1.weight"][0, 0] = -1.0
     with pytest.raises(ValueError, match="negative"):
         model.load_linear_state_dict(bad)

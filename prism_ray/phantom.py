@@ -1,0 +1,812 @@
+"""Seeded chest-X-ray-like phantoms with known attributes, true counterfactuals and a dataset writer.
+
+A phantom is rendered like a radiograph: every structure contributes an additive attenuation
+("density") map, and the pixel value is a pointwise function of the summed density plus a noise
+field. All random variation (anatomy, device placement, textures, noise) is drawn from the seed
+in a fixed order that never depends on the attribute values, so rendering the same seed with one
+attribute changed (the *true counterfactual*) changes pixels only where that attribute's density
+layer is non-zero, which is exactly what `attribute_mask` returns.
+
+Coordinates: anatomical (x, y) in roughly [-1, 1]; x grows to the image right (the patient's left
+on a PA film), y grows downwards.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+DeviceKind = Literal["pacemaker", "tube", "ecg"]
+DEVICE_KINDS: tuple[str, ...] = ("pacemaker", "tube", "ecg")
+ATTRIBUTES: tuple[str, ...] = (
+    "cardiomegaly",
+    "pleural_effusion",
+    "pacemaker",
+    "tube",
+    "ecg",
+    "devices",
+    "sex",
+    "age",
+)
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+_SIMULATED_PATHOLOGIES = ("Cardiomegaly", "Pleural Effusion")
+
+
+class PhantomAttributes(BaseModel):
+    """What a phantom shows. `devices` is a set of kinds: "pacemaker", "tube", "ecg"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cardiomegaly: bool = False
+    pleural_effusion: bool = False
+    devices: frozenset[DeviceKind] = frozenset()
+    sex: Literal["female", "male"] = "male"
+    age: int = Field(50, ge=0, le=120)
+
+    def intervene(self, intervention: dict[str, Any]) -> "PhantomAttributes":
+        """These attributes with `intervention` applied.
+
+        Keys are attribute names (`cardiomegaly`, `pleural_effusion`, `devices`, `sex`, `age`)
+        or a device kind (`pacemaker`, `tube`, `ecg`) mapped to a bool that adds/removes it.
+        """
+        values = self.model_dump()
+        devices = set(values["devices"])
+        for key, value in intervention.items():
+            if key in DEVICE_KINDS:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"intervention[{key!r}] must be a bool, got {value!r}")
+                devices = devices | {key} if value else devices - {key}
+            elif key == "devices":
+                devices = set(value)
+            elif key in PhantomAttributes.model_fields:
+                values[key] = value
+            else:
+                raise ValueError(f"intervention: unknown attribute {key!r}; expected one of {ATTRIBUTES}")
+        values["devices"] = frozenset(devices)
+        return PhantomAttributes.model_validate(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-subject random draws (never depend on attributes)
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    scale: float
+    shift_x: float
+    shift_y: float
+    rotation: float  # radians
+    body_half_width: float
+    lung_half_width: float
+    lung_top: float
+    diaphragm_y: float
+    right_dome_lift: float  # the right hemidiaphragm (image left) sits higher
+    heart_z: float  # standardised heart-size jitter, shared by normal and enlarged hearts
+    heart_x: float
+    heart_y: float
+    rib_spacing: float
+    rib_top: float
+    rib_curve: float
+    effusion_side: int  # -1 image-left only, +1 image-right only, 0 both
+    effusion_height: float
+    breast_size: float
+    breast_y: float
+    pacemaker_side: int
+    pacemaker_x: float
+    pacemaker_y: float
+    pacemaker_angle: float
+    lead_bend: float
+    tube_ng: bool  # naso-gastric tube (down into the stomach) rather than an ET tube
+    tube_tip_y: float
+    tube_bend: float
+    ecg_xy: np.ndarray  # (5, 2) electrode centres
+    ecg_count: int
+    ecg_wire_angle: np.ndarray  # (5,)
+    gain: float
+    offset: float
+    gamma: float
+    heel: float
+    noise_sigma: float
+    lung_texture: np.ndarray  # (24, 24) standard normal
+    bone_texture: np.ndarray  # (32, 32) standard normal
+
+
+def _draw_anatomy(seed: int) -> _Anatomy:
+    """All per-subject random variation except the pixel noise, in a fixed draw order."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(40)
+
+    def lerp(i: int, lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * u[i])
+
+    ecg = rng.random((5, 2))
+    ecg_xy = np.stack([(ecg[:, 0] * 2 - 1) * 0.75, -0.75 + ecg[:, 1] * 1.3], axis=1)
+    ecg_angle = rng.random(5) * 2 * np.pi
+    lung_texture = rng.standard_normal((24, 24))
+    bone_texture = rng.standard_normal((32, 32))
+    return _Anatomy(
+        scale=lerp(0, 0.9, 1.04),
+        shift_x=lerp(1, -0.05, 0.05),
+        shift_y=lerp(2, -0.04, 0.05),
+        rotation=math.radians(lerp(3, -4.0, 4.0)),
+        body_half_width=lerp(4, 0.84, 0.96),
+        lung_half_width=lerp(5, 0.32, 0.37),
+        lung_top=lerp(6, -0.82, -0.72),
+        diaphragm_y=lerp(7, 0.5, 0.62),
+        right_dome_lift=lerp(8, 0.0, 0.06),
+        heart_z=lerp(9, -1.0, 1.0),
+        heart_x=lerp(10, 0.06, 0.12),
+        heart_y=lerp(11, 0.22, 0.3),
+        rib_spacing=lerp(12, 0.125, 0.145),
+        rib_top=lerp(13, -0.84, -0.78),
+        rib_curve=lerp(14, 0.8, 1.15),
+        effusion_side=int(np.floor(u[15] * 3)) - 1,
+        effusion_height=lerp(16, 0.2, 0.34),
+        breast_size=lerp(17, 0.85, 1.15),
+        breast_y=lerp(18, 0.38, 0.5),
+        pacemaker_side=1 if u[19] < 0.8 else -1,  # usually the patient's left
+        pacemaker_x=lerp(20, 0.38, 0.55),
+        pacemaker_y=lerp(21, -0.66, -0.52),
+        pacemaker_angle=lerp(22, -0.4, 0.4),
+        lead_bend=lerp(23, -0.08, 0.08),
+        tube_ng=bool(u[24] < 0.5),
+        tube_tip_y=lerp(25, -0.42, -0.28),
+        tube_bend=lerp(26, -0.04, 0.04),
+        ecg_xy=ecg_xy,
+        ecg_count=3 + int(np.floor(u[27] * 3)),
+        ecg_wire_angle=ecg_angle,
+        gain=lerp(28, 1.15, 1.45),
+        offset=lerp(29, -0.04, 0.04),
+        gamma=lerp(30, 0.85, 1.15),
+        heel=lerp(31, -0.08, 0.08),
+        noise_sigma=lerp(32, 0.012, 0.03),
+        lung_texture=lung_texture,
+        bone_texture=bone_texture,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry helpers (vectorised over the pixel grid)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    x: np.ndarray  # (H, W) anatomical x of each pixel centre
+    y: np.ndarray  # (H, W)
+    px: float  # one pixel in anatomical units
+
+
+def _grid(a: _Anatomy, resolution: int) -> _Grid:
+    c = (np.arange(resolution) + 0.5) / resolution * 2 - 1  # pixel centres in [-1, 1]
+    iy, ix = np.meshgrid(c, c, indexing="ij")
+    # Image = anatomy rotated, scaled and shifted; invert that map for each pixel.
+    cos, sin = math.cos(a.rotation), math.sin(a.rotation)
+    dx, dy = ix - a.shift_x, iy - a.shift_y
+    x = (cos * dx + sin * dy) / a.scale
+    y = (-sin * dx + cos * dy) / a.scale
+    return _Grid(x=x, y=y, px=2.0 / resolution / a.scale)
+
+
+def _sstep(e0: float, e1: float, v: np.ndarray) -> np.ndarray:
+    """Smoothstep from 0 at e0 to 1 at e1; exactly 0 beyond e0 so layers have a sharp support."""
+    t = np.minimum(np.maximum((v - e0) * (1.0 / (e1 - e0)), 0.0), 1.0)  # np.clip is slower on small arrays
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _inside(sdf: np.ndarray, soft: float) -> np.ndarray:
+    """Soft indicator of sdf < 0 with a transition of half-width `soft` (exactly 0 for sdf >= soft)."""
+    return _sstep(soft, -soft, sdf)
+
+
+def _ellipse_sdf(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
+    # Approximate signed distance: exact on the axes, good enough for soft edges.
+    return (np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2) - 1.0) * min(ax, ay)
+
+
+def _segments_distance(g: _Grid, p0: np.ndarray, p1: np.ndarray, reach: float) -> np.ndarray:
+    """Distance of every pixel to the nearest of the segments p0[i]-p1[i] ((S, 2) each).
+
+    Pixels farther than `reach` from the segments' bounding box are skipped and get +inf
+    (callers only look at short distances), which keeps thin devices cheap to draw.
+    """
+    lo = np.minimum(p0.min(axis=0), p1.min(axis=0)) - reach
+    hi = np.maximum(p0.max(axis=0), p1.max(axis=0)) + reach
+    near = (g.x > lo[0]) & (g.x < hi[0]) & (g.y > lo[1]) & (g.y < hi[1])
+    out = np.full(g.x.shape, np.inf)
+    x, y = g.x[near], g.y[near]  # (N,)
+    d = p1 - p0
+    inv_len2 = 1.0 / np.maximum((d**2).sum(axis=1), 1e-12)
+    px, py = x[None] - p0[:, 0, None], y[None] - p0[:, 1, None]  # (S, N)
+    dx, dy = d[:, 0, None], d[:, 1, None]
+    t = np.minimum(np.maximum((px * dx + py * dy) * inv_len2[:, None], 0.0), 1.0)
+    ex, ey = px - t * dx, py - t * dy
+    out[near] = np.sqrt((ex * ex + ey * ey).min(axis=0))
+    return out
+
+
+def _polyline_distance(g: _Grid, points: np.ndarray, reach: float) -> np.ndarray:
+    """Distance of every pixel to a polyline of (P, 2) vertices (see `_segments_distance`)."""
+    return _segments_distance(g, points[:-1], points[1:], reach)
+
+
+def _bezier(p0: Sequence[float], p1: Sequence[float], p2: Sequence[float], n: int = 12) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    p0, p1, p2 = (np.asarray(p, dtype=np.float64) for p in (p0, p1, p2))
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (n, 2)
+
+
+def _sample_field(field: np.ndarray, x: np.ndarray, y: np.ndarray, extent: float = 1.25) -> np.ndarray:
+    """Bilinear lookup of a small seed-drawn field spanning [-extent, extent]^2 (resolution-independent)."""
+    n = field.shape[0]
+    fx = np.clip((x + extent) / (2 * extent) * (n - 1), 0, n - 1.001)
+    fy = np.clip((y + extent) / (2 * extent) * (n - 1), 0, n - 1.001)
+    i, j = fy.astype(np.intp), fx.astype(np.intp)
+    ty, tx = fy - i, fx - j
+    top = field[i, j] * (1 - tx) + field[i, j + 1] * tx
+    bottom = field[i + 1, j] * (1 - tx) + field[i + 1, j + 1] * tx
+    return top * (1 - ty) + bottom * ty
+
+
+def _soft(g: _Grid, anatomical: float) -> float:
+    """Edge half-width: the anatomical blur, but never sharper than about a pixel (anti-aliasing)."""
+    return max(anatomical, 0.75 * g.px)
+
+
+# ----------------------------------------------------------------------------------------------
+# Density layers. Each returns an (H, W) float map that is exactly 0 outside its support.
+
+
+def _diaphragm(a: _Anatomy, x: np.ndarray) -> np.ndarray:
+    """y of the diaphragm dome under each x: highest mid-hemithorax, lowest at the costophrenic angles."""
+    side_lift = np.where(x < 0, a.right_dome_lift, 0.0)
+    u = np.abs(x) / a.body_half_width
+    return a.diaphragm_y - side_lift - 0.16 * np.exp(-(((u - 0.45) / 0.22) ** 2))
+
+
+def _lungs(g: _Grid, a: _Anatomy) -> np.ndarray:
+    """Soft lung-field indicator (both lungs)."""
+    soft = _soft(g, 0.02)
+    cy = 0.5 * (a.lung_top + a.diaphragm_y + 0.1)
+    ay = 0.5 * (a.diaphragm_y + 0.1 - a.lung_top)
+    u = np.abs(g.x)
+    # Superellipse, narrower towards the apex: broad lateral walls, rounded apex.
+    hw = a.lung_half_width * (0.72 + 0.28 * _sstep(cy - ay, cy + 0.2 * ay, g.y))
+    lx = u - (0.11 + hw)
+    r = (np.abs(lx / hw) ** 2.4 + np.abs((g.y - cy) / ay) ** 2.0) ** (1 / 2.2)
+    shape_sdf = (r - 1.0) * a.lung_half_width
+    dome_sdf = g.y - _diaphragm(a, g.x)
+    return _inside(np.maximum(shape_sdf, dome_sdf), soft)
+
+
+def _base_density(g: _Grid, a: _Anatomy, lungs: np.ndarray) -> np.ndarray:
+    """Body soft tissue, lung air, mediastinum, trachea, hila and vascular markings (seed only)."""
+    soft = _soft(g, 0.03)
+    # Body: an elliptic cylinder whose width tapers to the neck; density ∝ path length.
+    taper = 0.38 + 0.62 * _sstep(-1.05, -0.6, g.y)
+    half_w = a.body_half_width * taper
+    chord = np.sqrt(np.clip(1.0 - (g.x / half_w) ** 2, 0.0, 1.0))
+    body = _inside(np.abs(g.x) - half_w, soft) * (0.35 + 0.65 * chord)
+    # Shoulders at the top corners.
+    for side in (-1.0, 1.0):
+        sdf = _ellipse_sdf(g.x, g.y, side * (a.body_half_width - 0.05), -1.02, 0.34, 0.22)
+        body = np.maximum(body, 0.55 * _inside(sdf, 2 * soft))
+    abdomen = 0.2 * _sstep(-0.05, 0.15, g.y - _diaphragm(a, g.x))  # below the diaphragm: liver/spleen
+    trachea = 0.25 * _inside(np.maximum(np.abs(g.x + 0.01) - 0.035, g.y + 0.2), _soft(g, 0.015))
+    # Air in the lungs removes density; vessels fan out from the hila.
+    hilum_dist = np.minimum(np.hypot(g.x + 0.17, g.y + 0.05), np.hypot(g.x - 0.17, g.y + 0.02))
+    texture = _sample_field(a.lung_texture, g.x, g.y)
+    vessels = np.exp(-hilum_dist / 0.28) * (0.55 + 0.25 * texture) + 0.05 * texture
+    lung_air = lungs * (0.95 - 0.3 * vessels)
+    return 1.0 * body + abdomen - trachea - lung_air
+
+
+def _bone_geometry(g: _Grid, a: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+    """(ribs + clavicles, spine) band profiles, each in [0, ~1]; independent of age."""
+    soft = _soft(g, 0.012)
+    u = np.abs(g.x)
+    # Each pixel only meets the nearest rib of each family, so find that rib's index directly
+    # instead of drawing all ten (keeps this O(H*W)).
+    lateral = a.body_half_width * (0.55 + 0.35 * _sstep(-0.95, -0.3, g.y))  # the chest wall
+    s = np.clip(u / lateral, 0.0, 1.3)  # normalised position from the spine to the chest wall
+    arc = a.rib_curve * (0.34 * s**2 - 0.16 * s)  # posterior ribs: arcs, convex upwards
+    k = np.clip(np.round((g.y - a.rib_top - arc) / a.rib_spacing), 0, 9)
+    thick = 0.028 + 0.003 * k
+    dist = np.abs(g.y - (a.rib_top + k * a.rib_spacing + arc))
+    along = _sstep(0.04, 0.1, u) * _inside(s - 1.0, 0.06)  # from the spine to the chest wall
+    cortex = 0.6 + 0.4 * _sstep(0.3 * thick, thick, dist)  # brighter cortical edges
+    ribs = _inside(dist - thick, soft) * cortex * along
+    # Anterior ribs: fainter, running from the chest wall down towards the sternum.
+    arc_a = 0.22 + 0.28 * np.clip(1.0 - s, 0.0, None) ** 1.5
+    k_a = np.clip(np.round((g.y - a.rib_top - arc_a) / a.rib_spacing), 0, 6)
+    dist_a = np.abs(g.y - (a.rib_top + k_a * a.rib_spacing + arc_a))
+    along_a = _sstep(0.15, 0.4, u) * _inside(s - 1.0, 0.06)
+    ribs = np.maximum(ribs, 0.45 * _inside(dist_a - 0.8 * (0.028 + 0.003 * k_a), soft) * along_a)
+    # Clavicles: from the sternal notch out and up to the shoulders.
+    cl_centre = -0.74 - 0.18 * _sstep(0.05, 0.8, u) + 0.05 * (u - 0.4) ** 2
+    clav = _inside(np.abs(g.y - cl_centre) - 0.032, soft) * _sstep(0.05, 0.12, u) * _inside(u - 0.78, 0.05)
+    ribs = np.maximum(ribs, 1.1 * clav)
+    # Spine: a vertical column with vertebral end-plates.
+    vert = 0.8 + 0.2 * np.cos(g.y / a.rib_spacing * 2 * np.pi) ** 2
+    spine = _inside(np.abs(g.x) - 0.075, soft) * _sstep(-1.1, -0.9, g.y) * vert
+    return ribs, spine
+
+
+def _bone(g: _Grid, a: _Anatomy, age: int) -> np.ndarray:
+    """Ribs, clavicles and spine; bone density falls and the trabecular pattern coarsens with age."""
+    ribs, spine = _bone_geometry(g, a)
+    t = float(np.clip((age - 20) / 70.0, 0.0, 1.0))
+    density = 0.3 - 0.14 * t
+    coarse = 0.08 + 0.3 * t  # trabecular texture amplitude; < 1 keeps the support unchanged
+    texture = _sample_field(a.bone_texture, g.x * 1.6, g.y * 1.6)
+    tex = 1.0 + coarse * np.tanh(texture)
+    return density * tex * (ribs + 0.7 * spine)
+
+
+def _heart(g: _Grid, a: _Anatomy, enlarged: bool) -> np.ndarray:
+    """Heart silhouette (soft indicator); cardiomegaly widens it (cardiothoracic ratio ≈ 0.45 vs ≈ 0.62)."""
+    half_w = (0.46 if enlarged else 0.31) + 0.025 * a.heart_z
+    half_h = (0.3 if enlarged else 0.22) + 0.015 * a.heart_z
+    cx = a.heart_x + (0.07 if enlarged else 0.0)
+    cy = a.heart_y + (0.05 if enlarged else 0.0)
+    soft = _soft(g, 0.025)
+    sdf = _ellipse_sdf(g.x, g.y, cx, cy, half_w, half_h)
+    below = g.y - (_diaphragm(a, g.x) + 0.04)  # the heart sits on the diaphragm
+    return _inside(np.maximum(sdf, below), soft)
+
+
+def _effusion(g: _Grid, a: _Anatomy, lungs: np.ndarray, present: bool) -> np.ndarray:
+    """Basal pleural fluid (soft indicator inside the lungs) with a meniscus rising laterally,
+    which blunts the costophrenic angle."""
+    if not present:
+        return np.zeros_like(g.x)
+    base = _diaphragm(a, g.x)
+    u = np.abs(g.x) / a.body_half_width
+    level = base - a.effusion_height - 0.25 * _sstep(0.45, 1.0, u) ** 1.5
+    side = np.ones_like(g.x) if a.effusion_side == 0 else (np.sign(g.x) == a.effusion_side).astype(np.float64)
+    fluid = _sstep(0.0, 0.1, g.y - level)
+    return fluid * side * (lungs > 0)
+
+
+def _breast(g: _Grid, a: _Anatomy, female: bool) -> np.ndarray:
+    """Breast soft-tissue shadow over the lower lung fields (female phantoms only)."""
+    if not female:
+        return np.zeros_like(g.x)
+    out = np.zeros_like(g.x)
+    soft = _soft(g, 0.04)
+    for side in (-1.0, 1.0):
+        cx, cy = side * 0.5 * a.body_half_width, a.breast_y
+        ax, ay = 0.36 * a.breast_size, 0.3 * a.breast_size
+        sdf = _ellipse_sdf(g.x, g.y, cx, cy, ax, ay)
+        r = np.clip(1.0 + sdf / min(ax, ay), 0.0, 1.0)
+        thickness = np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0)) + 0.2
+        fade_up = _sstep(cy - ay, cy + 0.2 * ay, g.y)  # the shadow fades towards the upper chest
+        out = out + 0.3 * _inside(sdf, soft) * thickness * fade_up
+    return out * _inside(np.abs(g.x) - a.body_half_width, soft)
+
+
+_METAL = 3.0
+
+
+def _pacemaker(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
+    """Generator box in the infraclavicular chest with a lead through the SVC into the right ventricle."""
+    if not present:
+        return np.zeros_like(g.x)
+    cx, cy = a.pacemaker_side * a.pacemaker_x, a.pacemaker_y
+    cos, sin = math.cos(a.pacemaker_angle), math.sin(a.pacemaker_angle)
+    lx = cos * (g.x - cx) + sin * (g.y - cy)
+    ly = -sin * (g.x - cx) + cos * (g.y - cy)
+    soft = _soft(g, 0.01)
+    box_sdf = np.maximum(np.abs(lx) - 0.085, np.abs(ly) - 0.06)
+    box = _inside(box_sdf, soft) * (1.0 - 0.25 * _inside(box_sdf + 0.035, soft))  # battery outline
+    start = (cx - a.pacemaker_side * 0.05, cy + 0.02)
+    svc = (-0.06 + a.lead_bend, -0.25)
+    apex = (a.heart_x + 0.12, a.heart_y + 0.12)  # right-ventricular apex of the normal heart
+    path = np.concatenate([_bezier(start, (0.5 * (cx + svc[0]), cy - 0.1), svc, 8),
+                           _bezier(svc, (-0.12, a.heart_y - 0.05), apex, 10)[1:]])
+    lead = _inside(_polyline_distance(g, path, 0.1 + 2 * g.px) - max(0.008, 0.4 * g.px), _soft(g, 0.006))
+    return _METAL * np.maximum(box, 0.7 * lead)
+
+
+def _tube(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
+    """ET tube ending above the carina, or a naso-gastric tube down into the stomach."""
+    if not present:
+        return np.zeros_like(g.x)
+    if a.tube_ng:
+        path = np.concatenate([_bezier((-0.02, -1.3), (0.04 + a.tube_bend, -0.2), (0.03, 0.55), 10),
+                               _bezier((0.03, 0.55), (0.08, 0.8), (0.3, 0.72), 6)[1:]])
+    else:
+        path = _bezier((-0.01, -1.3), (a.tube_bend, -0.8), (-0.01, a.tube_tip_y), 8)
+    dist = _polyline_distance(g, path, 0.1 + 2 * g.px)
+    half = max(0.011, 0.5 * g.px)
+    wall = _inside(np.abs(dist - half) - 0.25 * half, _soft(g, 0.004))  # radiopaque walls, lucent lumen
+    return 0.8 * _METAL * np.maximum(wall, 0.6 * _inside(dist - half, _soft(g, 0.004)))
+
+
+def _ecg(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
+    """A few round ECG electrodes (bright snap in a ring) with short wire stubs."""
+    if not present:
+        return np.zeros_like(g.x)
+    soft = _soft(g, 0.006)
+    centres = a.ecg_xy[: a.ecg_count]  # (N, 2)
+    angles = a.ecg_wire_angle[: a.ecg_count]
+    r = np.hypot(g.x[None] - centres[:, 0, None, None], g.y[None] - centres[:, 1, None, None]).min(axis=0)
+    ring = _inside(np.abs(r - 0.045) - 0.008, soft)
+    snap = _inside(r - 0.018, soft)
+    direction = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # a short wire stub leaves each ring
+    wire = _segments_distance(g, centres + 0.05 * direction, centres + 0.2 * direction, 0.05 + 2 * g.px)
+    wire = _inside(wire - max(0.005, 0.3 * g.px), soft)
+    return _METAL * np.maximum(np.maximum(0.6 * ring, snap), 0.5 * wire)
+
+
+def _layers(attrs: PhantomAttributes, g: _Grid, a: _Anatomy) -> dict[str, np.ndarray]:
+    lungs = _lungs(g, a)
+    return {
+        "base": _base_density(g, a, lungs),
+        "bone": _bone(g, a, attrs.age),
+        "lungs": lungs,
+        "heart": _heart(g, a, attrs.cardiomegaly),
+        "effusion": _effusion(g, a, lungs, attrs.pleural_effusion),
+        "breast": _breast(g, a, attrs.sex == "female"),
+        "pacemaker": _pacemaker(g, a, "pacemaker" in attrs.devices),
+        "tube": _tube(g, a, "tube" in attrs.devices),
+        "ecg": _ecg(g, a, "ecg" in attrs.devices),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check(attrs: PhantomAttributes, seed: int, resolution: int) -> None:
+    if not isinstance(attrs, PhantomAttributes):
+        raise ValueError(f"attrs must be PhantomAttributes, got {type(attrs).__name__}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    if not 16 <= resolution <= 2048:
+        raise ValueError(f"resolution must be in [16, 2048], got {resolution}")
+
+
+def render_phantom(attrs: PhantomAttributes, seed: int, resolution: int = 64) -> np.ndarray:
+    """Render one phantom as a (resolution, resolution) uint8 grayscale image."""
+    _check(attrs, seed, resolution)
+    a = _draw_anatomy(int(seed))
+    g = _grid(a, resolution)
+    # The pixel noise is drawn after the anatomy from its own stream, so it is identical for
+    # every attribute setting (and the anatomy is identical across resolutions).
+    noise = np.random.default_rng([int(seed), resolution]).standard_normal((resolution, resolution))
+    L = _layers(attrs, g, a)
+    # Density adds along the ray; every term is exactly 0 outside its layer's support and the
+    # terms are combined pointwise, so a changed layer changes pixels only inside its support.
+    # The heart and pleural fluid both displace lung air (max: they do not add up where they overlap).
+    displaced = L["lungs"] * np.maximum(L["heart"], L["effusion"])
+    mu = L["base"] + L["bone"] + 0.85 * displaced + 0.15 * L["heart"] + L["breast"]
+    mu = mu + L["pacemaker"] + L["tube"] + L["ecg"]
+    # Radiograph display: bright = attenuating. Pointwise, so edits stay local.
+    signal = 1.0 - np.exp(-a.gain * np.maximum(mu, 0.0))
+    heel = 1.0 + a.heel * g.y  # anode heel effect: a gentle exposure gradient
+    value = np.clip(signal * heel + a.offset, 0.0, 1.0) ** a.gamma + a.noise_sigma * noise
+    return np.round(np.clip(value, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def true_counterfactual(
+    attrs: PhantomAttributes, seed: int, intervention: dict[str, Any], resolution: int = 64
+) -> np.ndarray:
+    """The same subject (seed) rendered with `intervention` applied (see `PhantomAttributes.intervene`)."""
+    return render_phantom(attrs.intervene(intervention), seed, resolution)
+
+
+_ATTRIBUTE_LAYERS = {
+    "cardiomegaly": ("heart",),
+    "pleural_effusion": ("effusion",),
+    "sex": ("breast",),
+    "age": ("bone",),
+    "pacemaker": ("pacemaker",),
+    "tube": ("tube",),
+    "ecg": ("ecg",),
+    "devices": ("pacemaker", "tube", "ecg"),
+}
+
+
+def attribute_mask(attrs: PhantomAttributes, seed: int, attribute: str, resolution: int = 64) -> np.ndarray:
+    """Boolean (H, W) region where changing `attribute` (to any value) can change pixels of this subject."""
+    _check(attrs, seed, resolution)
+    if attribute not in _ATTRIBUTE_LAYERS:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    a = _draw_anatomy(int(seed))
+    g = _grid(a, resolution)
+    lungs = _lungs(g, a)
+    mask = np.zeros(g.x.shape, dtype=bool)
+    for name in _ATTRIBUTE_LAYERS[attribute]:
+        if name == "heart":  # both heart sizes
+            maps = [_heart(g, a, False), _heart(g, a, True)]
+        elif name == "effusion":
+            maps = [_effusion(g, a, lungs, True)]
+        elif name == "breast":
+            maps = [_breast(g, a, True)]
+        elif name == "bone":  # the age factor is positive, so the support does not depend on age
+            maps = [_bone(g, a, attrs.age)]
+        else:
+            maps = [{"pacemaker": _pacemaker, "tube": _tube, "ecg": _ecg}[name](g, a, True)]
+        for m in maps:
+            mask |= m != 0
+    return mask
+
+
+def save_contact_sheet(
+    images: Sequence[np.ndarray],
+    path: str,
+    ncols: int | None = None,
+    labels: Sequence[str] | None = None,
+    upscale: int = 1,
+) -> None:
+    """Tile uint8 grayscale images (same size) into one PNG at `path` (local path or fsspec URI).
+
+    `labels` are printed under the tiles; `upscale` enlarges each tile (nearest neighbour) so
+    small phantoms stay readable.
+    """
+    import fsspec
+    from PIL import Image, ImageDraw
+
+    if len(images) == 0:
+        raise ValueError("images must not be empty")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+    if upscale < 1:
+        raise ValueError(f"upscale must be >= 1, got {upscale}")
+    shape = np.shape(images[0])
+    if len(shape) != 2 or any(np.shape(im) != shape for im in images):
+        raise ValueError("images must all be 2-D (H, W) arrays of the same shape")
+    h, w = shape[0] * upscale, shape[1] * upscale
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    gap, label_h = 2, (12 if labels is not None else 0)
+    sheet = Image.new("L", (ncols * (w + gap) + gap, nrows * (h + label_h + gap) + gap), 40)
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        x0, y0 = gap + c * (w + gap), gap + r * (h + label_h + gap)
+        tile = np.asarray(im, dtype=np.uint8).repeat(upscale, axis=0).repeat(upscale, axis=1)
+        sheet.paste(Image.fromarray(tile, mode="L"), (x0, y0))
+        if labels is not None:
+            draw.text((x0 + 1, y0 + h), str(labels[i])[: max(1, w // 6)], fill=230)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset writer
+
+
+class SplitFractions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: float = Field(0.7, ge=0.0, le=1.0)
+    valid: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitFractions":
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must sum to 1, got {total:.6g}")
+        return self
+
+
+class OtherDeviceMix(BaseModel):
+    """Which non-pacemaker device(s) a subject with one has: a tube only, ECG leads only, or both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tube: float = Field(0.45, ge=0.0, le=1.0)
+    ecg: float = Field(0.35, ge=0.0, le=1.0)
+    both: float = Field(0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "OtherDeviceMix":
+        total = self.tube + self.ecg + self.both
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"other_device_mix must sum to 1, got {total:.6g}")
+        return self
+
+
+def _prob(default: float, description: str) -> Any:
+    return Field(default, ge=0.0, le=1.0, description=description)
+
+
+class PhantomDatasetConfig(BaseModel):
+    """How many phantoms, their prevalences and the two planted biases.
+
+    Bias (a), hidden relationship: pacemakers follow cardiomegaly (the labels only say
+    `Support Devices`). Bias (b), shortcut: in the train split only, an *other* device (tube
+    and/or ECG leads) follows pleural effusion; in valid/test it is independent of everything.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_subjects: int = Field(1000, ge=1, le=10_000_000)
+    resolution: int = Field(64, ge=16, le=2048)
+    seed: int = Field(0, ge=0, lt=2**63)
+    split_fractions: SplitFractions = SplitFractions()
+    p_cardiomegaly: float = _prob(0.25, "P(cardiomegaly)")
+    p_effusion: float = _prob(0.25, "P(pleural effusion)")
+    p_female: float = _prob(0.5, "P(sex = female)")
+    age_min: int = Field(18, ge=0, le=120)
+    age_max: int = Field(90, ge=0, le=120)
+    p_pacemaker_given_cardiomegaly: float = _prob(0.5, "P(pacemaker | cardiomegaly)")
+    p_pacemaker_given_no_cardiomegaly: float = _prob(0.03, "P(pacemaker | no cardiomegaly)")
+    p_other_device: float = _prob(0.25, "P(tube and/or ECG) in valid/test")
+    p_other_device_given_effusion_train: float = _prob(0.8, "P(tube and/or ECG | effusion, train)")
+    p_other_device_given_no_effusion_train: float = _prob(0.1, "P(tube and/or ECG | no effusion, train)")
+    other_device_mix: OtherDeviceMix = OtherDeviceMix()
+    write_images: bool = Field(True, description="False writes only the tables (image_uri then points nowhere)")
+
+    @field_validator("age_max")
+    @classmethod
+    def _age_range(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("age_min")
+        if lo is not None and v < lo:
+            raise ValueError(f"age_max ({v}) must be >= age_min ({lo})")
+        return v
+
+
+@dataclass(frozen=True)
+class PhantomDatasetSummary:
+    root: str
+    manifest_uri: str
+    ground_truth_uri: str
+    n_subjects: int
+    split_counts: dict[str, int]
+    images_written: bool
+
+
+def _join(root: str, *parts: str) -> str:
+    if "://" in root:
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(os.path.abspath(root), *parts)
+
+
+def sample_subjects(config: PhantomDatasetConfig) -> dict[str, np.ndarray]:
+    """Draw every subject's split, seed and attributes (columns of equal length)."""
+    n = config.n_subjects
+    rng = np.random.default_rng(config.seed)
+    f = config.split_fractions
+    n_train = int(round(n * f.train))
+    n_valid = min(int(round(n * f.valid)), n - n_train)
+    split = np.array(["train"] * n_train + ["valid"] * n_valid + ["test"] * (n - n_train - n_valid))
+    split = split[rng.permutation(n)]
+    seeds = rng.choice(2**31 - 1, size=n, replace=False).astype(np.int64)
+    cardiomegaly = rng.random(n) < config.p_cardiomegaly
+    effusion = rng.random(n) < config.p_effusion
+    female = rng.random(n) < config.p_female
+    age = rng.integers(config.age_min, config.age_max + 1, size=n).astype(np.int64)
+    p_pm = np.where(cardiomegaly, config.p_pacemaker_given_cardiomegaly, config.p_pacemaker_given_no_cardiomegaly)
+    pacemaker = rng.random(n) < p_pm
+    p_other = np.where(
+        split == "train",
+        np.where(effusion, config.p_other_device_given_effusion_train, config.p_other_device_given_no_effusion_train),
+        config.p_other_device,
+    )
+    other = rng.random(n) < p_other
+    mix = config.other_device_mix
+    kind = rng.random(n)  # [0, tube) tube only, [tube, tube+ecg) ECG only, rest both
+    tube = other & ((kind < mix.tube) | (kind >= mix.tube + mix.ecg))
+    ecg = other & (kind >= mix.tube)
+    return {
+        "subject_id": np.array([f"phantom{i:07d}" for i in range(n)]),
+        "seed": seeds,
+        "split": split,
+        "cardiomegaly": cardiomegaly,
+        "pleural_effusion": effusion,
+        "pacemaker": pacemaker,
+        "tube": tube,
+        "ecg": ecg,
+        "sex": np.where(female, "female", "male"),
+        "age": age,
+    }
+
+
+def subject_attributes(row: dict[str, Any]) -> PhantomAttributes:
+    """PhantomAttributes from one ground-truth row (dict with the ground-truth columns)."""
+    return PhantomAttributes(
+        cardiomegaly=bool(row["cardiomegaly"]),
+        pleural_effusion=bool(row["pleural_effusion"]),
+        devices=frozenset(k for k in DEVICE_KINDS if bool(row[k])),
+        sex=str(row["sex"]),
+        age=int(row["age"]),
+    )
+
+
+def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomDatasetSummary:
+    """Write PNGs, a CheXpert-style manifest and a ground-truth table under `out` (path or fsspec URI).
+
+    Layout: `images/<split>/<subject_id>.png`, `manifest.parquet`, `ground_truth.parquet`.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    s = sample_subjects(config)
+    n = config.n_subjects
+    image_uri = np.array([_join(out, "images", sp, sid + ".png") for sp, sid in zip(s["split"], s["subject_id"])])
+
+    if config.write_images:
+        fs, root = fsspec.core.url_to_fs(out)
+        for sp in ("train", "valid", "test"):
+            fs.makedirs(f"{root.rstrip('/')}/images/{sp}", exist_ok=True)
+        for i in range(n):
+            attrs = subject_attributes({k: v[i] for k, v in s.items()})
+            img = render_phantom(attrs, int(s["seed"][i]), config.resolution)
+            buf = io.BytesIO()
+            Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=1)
+            fs.pipe_file(f"{root.rstrip('/')}/images/{s['split'][i]}/{s['subject_id'][i]}.png", buf.getvalue())
+
+    any_device = s["pacemaker"] | s["tube"] | s["ecg"]
+    labels = {name: np.zeros(n, dtype=np.float64) for name in CHEXPERT_LABELS}
+    labels["Cardiomegaly"] = s["cardiomegaly"].astype(np.float64)
+    labels["Pleural Effusion"] = s["pleural_effusion"].astype(np.float64)
+    labels["Support Devices"] = any_device.astype(np.float64)
+    pathology = np.zeros(n, dtype=bool)
+    for name in _SIMULATED_PATHOLOGIES:
+        pathology |= labels[name] == 1.0
+    labels["No Finding"] = (~pathology).astype(np.float64)  # CheXpert: devices are not a finding
+
+    manifest = pa.table(
+        {
+            "image_uri": pa.array(image_uri, pa.string()),
+            "subject_id": pa.array(s["subject_id"], pa.string()),
+            "seed": pa.array(s["seed"], pa.int64()),
+            "split": pa.array(s["split"], pa.string()),
+            **{name: pa.array(labels[name], pa.float64()) for name in CHEXPERT_LABELS},
+            "Sex": pa.array(np.where(s["sex"] == "female", "Female", "Male"), pa.string()),
+            "Age": pa.array(s["age"], pa.int64()),
+        }
+    )
+    truth = pa.table(
+        {
+            "subject_id": pa.array(s["subject_id"], pa.string()),
+            "seed": pa.array(s["seed"], pa.int64()),
+            "split": pa.array(s["split"], pa.string()),
+            "image_uri": pa.array(image_uri, pa.string()),
+            "cardiomegaly": pa.array(s["cardiomegaly"], pa.bool_()),
+            "pleural_effusion": pa.array(s["pleural_effusion"], pa.bool_()),
+            "pacemaker": pa.array(s["pacemaker"], pa.bool_()),
+            "tube": pa.array(s["tube"], pa.bool_()),
+            "ecg": pa.array(s["ecg"], pa.bool_()),
+            "sex": pa.array(s["sex"], pa.string()),
+            "age": pa.array(s["age"], pa.int64()),
+            "resolution": pa.array(np.full(n, config.resolution), pa.int64()),
+        }
+    )
+    manifest_uri, truth_uri = _join(out, "manifest.parquet"), _join(out, "ground_truth.parquet")
+    for table, uri in ((manifest, manifest_uri), (truth, truth_uri)):
+        with fsspec.open(uri, "wb") as f:
+            pq.write_table(table, f)
+    counts = {sp: int((s["split"] == sp).sum()) for sp in ("train", "valid", "test")}
+    return PhantomDatasetSummary(
+        root=_join(out), manifest_uri=manifest_uri, ground_truth_uri=truth_uri,
+        n_subjects=n, split_counts=counts, images_written=config.write_images,
+    )

@@ -1,0 +1,249 @@
+"""Quota planning across rounds: a deterministic attempt order, acceptance estimates, exact trimming.
+
+Pure Python (no Ray, no torch), so every rule here is unit-tested on its own.
+
+Each subgroup owns a *slot pool*: the ordered list of attempts it may make. In counterfactual
+mode a slot is (source, intervention); sources are ordered by a seeded hash, and the pool runs
+through them in passes: pass p gives the source at position j the intervention (j + p) mod K.
+So every distinct source is used once before any source is reused, interventions are spread
+evenly within a pass, and a reused source always gets an intervention it has not had. In
+samples mode a slot is a sample index (an unbounded pool).
+
+The contract with the job: the kept rows of a subgroup are the *prefix* of its pool, in rank
+order, up to and including the quota-th accepted attempt. That is what one sequential worker
+would have produced, whatever the rounds, over-provisioning, batching or crashes were; every
+done attempt after that prefix is surplus and is dropped (rows and PNGs) by the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Status = Literal["met", "running", "shortfall", "incomplete"]
+
+
+def _digest(*parts: object, size: int = 24) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:size]
+
+
+def slot_id(results_hash: str, subgroup: str, source: str | None, edit: str, sample_index: int | None = None) -> str:
+    """Deterministic id of one planned attempt, known before any image is read (for resume)."""
+    return _digest("slot", results_hash, subgroup, source or "", edit, "" if sample_index is None else sample_index)
+
+
+def source_order(sources: Sequence[str], seed: int, salt: str) -> list[str]:
+    """Sources sorted by a seeded hash: deterministic, and stable when rows are added or reordered."""
+    unique = list(dict.fromkeys(sources))
+    return sorted(unique, key=lambda s: (_digest("order", seed, salt, s), s))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One attempt a subgroup may make; `rank` is its place in the subgroup's order."""
+
+    subgroup: str
+    rank: int
+    slot_id: str
+    source: str | None  # source URI (counterfactual mode); None for samples
+    edit: str  # compact intervention string, or the sampling prompt
+    sample_index: int | None = None
+
+
+class SlotPool:
+    """A subgroup's attempts in order, computed lazily from (sources, edits, seed)."""
+
+    def __init__(
+        self,
+        subgroup: str,
+        *,
+        results_hash: str,
+        seed: int,
+        sources: Sequence[str] = (),
+        edits: Sequence[str] = (),
+        prompt: str | None = None,
+        filtered: bool = True,
+    ):
+        if prompt is None and not edits:
+            raise ValueError(f"subgroup {subgroup!r}: a counterfactual pool needs at least one edit")
+        self.subgroup = subgroup
+        self.results_hash = results_hash
+        self.prompt = prompt
+        self.edits = list(edits)
+        self.filtered = filtered  # False: every attempt counts as accepted (samples)
+        self.sources = source_order(sources, seed, f"{results_hash}:{subgroup}") if prompt is None else []
+
+    @property
+    def samples(self) -> bool:
+        return self.prompt is not None
+
+    def __len__(self) -> int:
+        # Samples are unbounded; a very large length keeps len() and slicing honest.
+        return 2**62 if self.samples else len(self.sources) * len(self.edits)
+
+    def __getitem__(self, rank: int) -> Slot:
+        if not 0 <= rank < len(self):
+            raise IndexError(rank)
+        if self.samples:
+            sid = slot_id(self.results_hash, self.subgroup, None, self.prompt, rank)
+            return Slot(self.subgroup, rank, sid, None, self.prompt, rank)
+        passes, j = divmod(rank, len(self.sources))
+        edit = self.edits[(j + passes) % len(self.edits)]
+        source = self.sources[j]
+        return Slot(self.subgroup, rank, slot_id(self.results_hash, self.subgroup, source, edit), source, edit)
+
+    def __iter__(self) -> Iterator[Slot]:
+        rank = 0
+        while rank < len(self):
+            yield self[rank]
+            rank += 1
+
+
+# --- acceptance estimate and round size ------------------------------------------------------
+
+
+def estimate_acceptance(
+    accepted: int, attempted: int, *, prior: float = 0.5, prior_weight: float = 2.0, floor: float = 0.05
+) -> float:
+    """Posterior mean of a Beta prior (mean `prior`, `prior_weight` pseudo-attempts), floored."""
+    if accepted < 0 or attempted < accepted:
+        raise ValueError(f"need 0 <= accepted <= attempted, got {accepted}/{attempted}")
+    p = (accepted + prior * prior_weight) / (attempted + prior_weight) if attempted + prior_weight > 0 else prior
+    return min(1.0, max(p, floor))
+
+
+def attempts_needed(remaining: int, acceptance: float, over_provision: float = 1.0) -> int:
+    """Attempts expected to yield `remaining` accepts, times the safety factor; never fewer than `remaining`."""
+    if remaining <= 0:
+        return 0
+    if not 0.0 < acceptance <= 1.0:
+        raise ValueError(f"acceptance must be in (0, 1], got {acceptance}")
+    return max(remaining, math.ceil(remaining * over_provision / acceptance - 1e-9))
+
+
+# --- state, rounds and trimming --------------------------------------------------------------
+
+
+@dataclass
+class SubgroupProgress:
+    """Where one subgroup stands after the attempts done so far (before trimming)."""
+
+    name: str
+    quota: int
+    accepted: int = 0  # in the kept prefix
+    attempted: int = 0  # done attempts in the kept prefix (accepted + rejected)
+    skipped: int = 0  # slots passed over while planning because their source or edit failed
+    acceptance: float = 0.0  # estimate used to size the next round
+    status: Status = "running"
+    planned: list[Slot] = field(default_factory=list)  # this round's attempts
+
+    @property
+    def shortfall(self) -> int:
+        return max(0, self.quota - self.accepted)
+
+
+@dataclass(frozen=True)
+class PlannerPolicy:
+    over_provision: float = 1.2
+    initial_acceptance: float = 0.5
+    prior_weight: float = 2.0
+    min_acceptance: float = 0.05
+    max_attempts_per_round: int | None = None
+
+    @classmethod
+    def from_config(cls, planner) -> PlannerPolicy:
+        return cls(
+            planner.over_provision,
+            planner.initial_acceptance,
+            planner.prior_weight,
+            planner.min_acceptance,
+            planner.max_attempts_per_round,
+        )
+
+
+def _usable(slot: Slot, failed_slots: set[str], failed_sources: set[str]) -> bool:
+    return slot.slot_id not in failed_slots and (slot.source is None or slot.source not in failed_sources)
+
+
+def kept_prefix(pool: SlotPool, quota: int, done: Mapping[str, bool]) -> tuple[list[Slot], int]:
+    """Done slots of the pool's prefix up to the quota-th accepted one, in rank order.
+
+    `done`: slot_id -> accepted, for this subgroup's finished attempts. Returns (kept slots,
+    accepted among them). Walks the pool only as far as needed.
+    """
+    kept: list[Slot] = []
+    accepted = seen = 0
+    total = len(done)
+    if quota == 0 or total == 0:
+        return kept, 0
+    for slot in pool:
+        # A finished attempt counts even if its source failed later (e.g. a transient read error).
+        if slot.slot_id in done:
+            seen += 1
+            kept.append(slot)
+            accepted += bool(done[slot.slot_id]) or not pool.filtered
+            if accepted >= quota or seen >= total:
+                break
+    return kept, accepted
+
+
+def plan_round(
+    pools: Sequence[SlotPool],
+    quotas: Mapping[str, int],
+    done: Mapping[str, Mapping[str, bool]],
+    failed_slots: set[str],
+    failed_sources: set[str],
+    policy: PlannerPolicy = PlannerPolicy(),
+) -> dict[str, SubgroupProgress]:
+    """Next round: for each unfinished subgroup, the next pending slots in rank order.
+
+    `done[subgroup]`: slot_id -> accepted. A subgroup's attempts are sized from its own
+    acceptance so far (over-provisioned); a subgroup whose pool has no pending slot left is a
+    shortfall. With `max_attempts_per_round`, the budget is shared in proportion to need.
+    """
+    progress: dict[str, SubgroupProgress] = {}
+    for pool in pools:
+        name, quota = pool.subgroup, quotas[pool.subgroup]
+        finished = done.get(name, {})
+        kept, accepted = kept_prefix(pool, quota, finished)
+        state = SubgroupProgress(name, quota, accepted=accepted, attempted=len(kept))
+        if accepted >= quota:
+            state.status = "met"
+            state.acceptance = accepted / max(len(kept), 1)
+            progress[name] = state
+            continue
+        if pool.filtered:
+            state.acceptance = estimate_acceptance(
+                accepted,
+                len(kept),
+                prior=policy.initial_acceptance,
+                prior_weight=policy.prior_weight,
+                floor=policy.min_acceptance,
+            )
+            want = attempts_needed(quota - accepted, state.acceptance, policy.over_provision)
+        else:
+            state.acceptance, want = 1.0, quota - accepted
+        for slot in pool:
+            if len(state.planned) >= want:
+                break
+            if not _usable(slot, failed_slots, failed_sources):
+                state.skipped += 1
+            elif slot.slot_id not in finished:
+                state.planned.append(slot)
+        if not state.planned:
+            state.status = "shortfall"
+        progress[name] = state
+    budget = policy.max_attempts_per_round
+    wanted = sum(len(s.planned) for s in progress.values())
+    if budget is not None and wanted > budget:
+        # Share the cap in proportion to need (largest remainders), keeping each list's order.
+        shares = {n: len(s.planned) * budget / wanted for n, s in progress.items()}
+        take = {n: int(v) for n, v in shares.items()}
+        for n in sorted(shares, key=lambda n: (take[n] - shares[n], n))[: budget - sum(take.values())]:
+            take[n] += 1
+        for n, s in progress.items():
+            s.planned = s.planned[: max(take[n], 1 if s.planned else 0)]
+    return progress

@@ -1,0 +1,134 @@
+"""The quota planner: deterministic order, distinct sources before reuse, estimates, exact trimming."""
+
+import random
+
+import pytest
+
+from prism_ray.quota import (
+    PlannerPolicy,
+    SlotPool,
+    attempts_needed,
+    estimate_acceptance,
+    kept_prefix,
+    plan_round,
+    source_order,
+)
+
+SOURCES = [f"s3://b/img{i}.png" for i in range(10)]
+EDITS = ["Support Devices=false", "Pleural Effusion=false", "Cardiomegaly=true"]
+
+
+def _pool(name="g", sources=SOURCES, edits=EDITS, seed=0):
+    return SlotPool(name, results_hash="h", seed=seed, sources=sources, edits=edits)
+
+
+def test_order_is_seeded_and_independent_of_row_order():
+    shuffled = SOURCES[::-1]
+    assert source_order(SOURCES, 0, "x") == source_order(shuffled, 0, "x")
+    assert source_order(SOURCES, 0, "x") != source_order(SOURCES, 1, "x")
+    assert sorted(source_order(SOURCES + SOURCES[:3], 0, "x")) == sorted(SOURCES)  # duplicates once
+
+
+def test_distinct_sources_before_reuse_and_every_edit_once_per_source():
+    pool = _pool()
+    slots = list(pool)
+    assert len(slots) == len(SOURCES) * len(EDITS)
+    first_pass = slots[: len(SOURCES)]
+    assert len({s.source for s in first_pass}) == len(SOURCES)
+    # Edits are spread evenly within a pass (10 sources, 3 edits -> 4/3/3).
+    counts = sorted(sum(s.edit == e for s in first_pass) for e in EDITS)
+    assert counts == [3, 3, 4]
+    pairs = {(s.source, s.edit) for s in slots}
+    assert len(pairs) == len(slots)  # a reused source always gets a new edit
+    assert len({s.slot_id for s in slots}) == len(slots)
+    assert [s.rank for s in slots] == list(range(len(slots)))
+
+
+def test_slot_ids_are_stable_and_depend_on_results_hash():
+    a, b = list(_pool()), list(_pool())
+    assert [s.slot_id for s in a] == [s.slot_id for s in b]
+    other = SlotPool("g", results_hash="other", seed=0, sources=SOURCES, edits=EDITS)
+    assert not {s.slot_id for s in a} & {s.slot_id for s in other}
+
+
+def test_acceptance_estimate_and_round_size():
+    assert estimate_acceptance(0, 0, prior=0.5, prior_weight=2) == 0.5
+    assert estimate_acceptance(8, 10, prior=0.5, prior_weight=2) == pytest.approx(9 / 12)
+    assert estimate_acceptance(0, 100, floor=0.05) == 0.05
+    assert attempts_needed(10, 0.5, 1.2) == 24
+    assert attempts_needed(3, 1.0, 1.0) == 3
+    assert attempts_needed(0, 0.1) == 0
+    assert attempts_needed(5, 0.9, 1.0) == 6
+    with pytest.raises(ValueError):
+        estimate_acceptance(3, 2)
+
+
+def _simulate(pool, quota, accept_rate, policy, seed=0, max_rounds=20):
+    """Run the planner against a fake filter; returns (done, rounds, last progress)."""
+    rng = random.Random(seed)
+    verdict = {s.slot_id: rng.random() < accept_rate for s in pool}
+    done: dict[str, bool] = {}
+    for rounds in range(1, max_rounds + 1):
+        name = pool.subgroup
+        progress = plan_round([pool], {name: quota}, {name: done}, set(), set(), policy)[name]
+        if progress.status != "running":
+            return done, rounds, progress
+        for slot in progress.planned:
+            done[slot.slot_id] = verdict[slot.slot_id]
+    raise AssertionError("did not finish")
+
+
+def test_rounds_meet_the_quota_exactly_after_trimming():
+    pool = _pool(sources=[f"img{i}" for i in range(200)])
+    done, rounds, progress = _simulate(pool, 25, 0.3, PlannerPolicy(over_provision=1.2))
+    assert progress.status == "met" and progress.accepted == 25
+    kept, accepted = kept_prefix(pool, 25, done)
+    assert accepted == 25 and len(kept) <= len(done)
+    assert done[kept[-1].slot_id]  # the prefix ends on the quota-th accept
+    assert [s.rank for s in kept] == list(range(len(kept)))  # contiguous: a sequential run's rows
+    assert rounds <= 5
+
+
+def test_over_provisioning_reduces_rounds():
+    pool = _pool(sources=[f"img{i}" for i in range(500)])
+    lean = PlannerPolicy(over_provision=1.0, initial_acceptance=0.25)
+    over = PlannerPolicy(over_provision=1.5, initial_acceptance=0.25)
+    rounds_lean = sum(_simulate(pool, 50, 0.25, lean, seed)[1] for seed in range(8))
+    rounds_over = sum(_simulate(pool, 50, 0.25, over, seed)[1] for seed in range(8))
+    assert rounds_over < rounds_lean
+
+
+def test_shortfall_when_pool_runs_out_and_failed_sources_are_skipped():
+    sources = ["a", "b", "c"]
+    pool = _pool(sources=sources, edits=["x=1"])
+    progress = plan_round([pool], {"g": 5}, {"g": {}}, set(), {"b"})["g"]
+    assert {s.source for s in progress.planned} == {"a", "c"}  # b failed to read: never planned
+    done = {s.slot_id: False for s in progress.planned}
+    progress = plan_round([pool], {"g": 5}, {"g": done}, set(), {"b"})["g"]
+    assert progress.status == "shortfall" and progress.shortfall == 5 and progress.accepted == 0
+
+
+def test_done_rows_beat_a_later_failure_and_quota_zero():
+    pool = _pool(sources=["a", "b"], edits=["x=1"])
+    first = pool[0]
+    done = {first.slot_id: True}
+    progress = plan_round([pool], {"g": 1}, {"g": done}, set(), {first.source})["g"]
+    assert progress.status == "met" and progress.accepted == 1
+    assert plan_round([pool], {"g": 0}, {"g": {}}, set(), set())["g"].status == "met"
+
+
+def test_samples_pool_is_unbounded_and_needs_no_over_provisioning():
+    pool = SlotPool("s", results_hash="h", seed=0, prompt="Chest X-ray showing Cardiomegaly", filtered=False)
+    progress = plan_round([pool], {"s": 7}, {"s": {}}, set(), set(), PlannerPolicy(over_provision=2.0))["s"]
+    assert [s.sample_index for s in progress.planned] == list(range(7))
+    done = {s.slot_id: True for s in progress.planned}
+    assert plan_round([pool], {"s": 7}, {"s": done}, set(), set())["s"].status == "met"
+    assert kept_prefix(pool, 5, done)[1] == 5  # lowering the quota trims to the first 5
+
+
+def test_round_budget_is_shared_between_subgroups():
+    pools = [_pool("a"), _pool("b")]
+    policy = PlannerPolicy(initial_acceptance=1.0, over_provision=1.0, max_attempts_per_round=5)
+    progress = plan_round(pools, {"a": 6, "b": 2}, {}, set(), set(), policy)
+    assert sum(len(p.planned) for p in progress.values()) == 5
+    assert len(progress["a"].planned) > len(progress["b"].planned) >= 1

@@ -195,6 +195,19 @@ class _Grid:
     x: np.ndarray  # (H, W) anatomical x of each pixel centre
     y: np.ndarray  # (H, W)
     px: float  # one pixel in anatomical units
+    anatomy: _Anatomy
+
+    def window(self, x0: float, y0: float, x1: float, y1: float) -> tuple[slice, slice] | None:
+        """Pixel (row, col) slices covering the anatomical box [x0, x1] x [y0, y1]; None if off-image."""
+        # Plain floats: this runs once per device segment, where numpy's per-call cost dominates.
+        a, res = self.anatomy, self.x.shape[0]
+        cos, sin, half = math.cos(a.rotation), math.sin(a.rotation), res / 2
+        # The forward map of `_grid`: anatomy -> image coordinates in [-1, 1] -> pixel index.
+        cols = [(a.scale * (cos * x - sin * y) + a.shift_x + 1) * half - 0.5 for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))]
+        rows = [(a.scale * (sin * x + cos * y) + a.shift_y + 1) * half - 0.5 for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))]
+        c0, c1 = max(math.floor(min(cols)), 0), min(math.ceil(max(cols)) + 1, res)
+        r0, r1 = max(math.floor(min(rows)), 0), min(math.ceil(max(rows)) + 1, res)
+        return None if c0 >= c1 or r0 >= r1 else (slice(r0, r1), slice(c0, c1))
 
 
 def _grid(a: _Anatomy, resolution: int) -> _Grid:
@@ -205,7 +218,7 @@ def _grid(a: _Anatomy, resolution: int) -> _Grid:
     dx, dy = ix - a.shift_x, iy - a.shift_y
     x = (cos * dx + sin * dy) / a.scale
     y = (-sin * dx + cos * dy) / a.scale
-    return _Grid(x=x, y=y, px=2.0 / resolution / a.scale)
+    return _Grid(x=x, y=y, px=2.0 / resolution / a.scale, anatomy=a)
 
 
 def _sstep(e0: float, e1: float, v: np.ndarray) -> np.ndarray:
@@ -224,24 +237,30 @@ def _ellipse_sdf(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, 
     return (np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2) - 1.0) * min(ax, ay)
 
 
-def _segments_distance(g: _Grid, p0: np.ndarray, p1: np.ndarray, reach: float) -> np.ndarray:
-    """Distance of every pixel to the nearest of the segments p0[i]-p1[i] ((S, 2) each).
+def _segments_distance(g: _Grid, p0: np.ndarray, p1: np.ndarray, reach: float, chunk: int = 4) -> np.ndarray:
+    """Distance of every pixel to the nearest of the segments p0[i]-p1[i] ((S, 2) each; a
+    segment with p0 == p1 is a point).
 
-    Pixels farther than `reach` from the segments' bounding box are skipped and get +inf
-    (callers only look at short distances), which keeps thin devices cheap to draw.
+    Segments are taken `chunk` at a time and only pixels in the chunk's window (its bounding
+    box grown by `reach`) are computed; the rest get +inf. Every pixel closer than `reach` is
+    exact, which is all thin devices need. Consecutive polyline segments share a compact
+    window, so chunking trades a little wasted area for fewer numpy calls.
     """
-    lo = np.minimum(p0.min(axis=0), p1.min(axis=0)) - reach
-    hi = np.maximum(p0.max(axis=0), p1.max(axis=0)) + reach
-    near = (g.x > lo[0]) & (g.x < hi[0]) & (g.y > lo[1]) & (g.y < hi[1])
     out = np.full(g.x.shape, np.inf)
-    x, y = g.x[near], g.y[near]  # (N,)
-    d = p1 - p0
-    inv_len2 = 1.0 / np.maximum((d**2).sum(axis=1), 1e-12)
-    px, py = x[None] - p0[:, 0, None], y[None] - p0[:, 1, None]  # (S, N)
-    dx, dy = d[:, 0, None], d[:, 1, None]
-    t = np.minimum(np.maximum((px * dx + py * dy) * inv_len2[:, None], 0.0), 1.0)
-    ex, ey = px - t * dx, py - t * dy
-    out[near] = np.sqrt((ex * ex + ey * ey).min(axis=0))
+    for i in range(0, len(p0), chunk):
+        a, b = p0[i : i + chunk], p1[i : i + chunk]  # (C, 2)
+        (x0, y0), (x1, y1) = np.minimum(a, b).min(axis=0).tolist(), np.maximum(a, b).max(axis=0).tolist()
+        win = g.window(x0 - reach, y0 - reach, x1 + reach, y1 + reach)
+        if win is None:
+            continue
+        px = g.x[win][None] - a[:, 0, None, None]  # (C, h, w)
+        py = g.y[win][None] - a[:, 1, None, None]
+        d = b - a
+        dx, dy = d[:, 0, None, None], d[:, 1, None, None]
+        inv_len2 = 1.0 / np.maximum(dx * dx + dy * dy, 1e-12)
+        t = np.minimum(np.maximum((px * dx + py * dy) * inv_len2, 0.0), 1.0)
+        view = out[win]  # basic slicing: a view, updated in place
+        np.minimum(view, np.hypot(px - t * dx, py - t * dy).min(axis=0), out=view)
     return out
 
 
@@ -259,12 +278,14 @@ def _bezier(p0: Sequence[float], p1: Sequence[float], p2: Sequence[float], n: in
 def _sample_field(field: np.ndarray, x: np.ndarray, y: np.ndarray, extent: float = 1.25) -> np.ndarray:
     """Bilinear lookup of a small seed-drawn field spanning [-extent, extent]^2 (resolution-independent)."""
     n = field.shape[0]
-    fx = np.clip((x + extent) / (2 * extent) * (n - 1), 0, n - 1.001)
-    fy = np.clip((y + extent) / (2 * extent) * (n - 1), 0, n - 1.001)
-    i, j = fy.astype(np.intp), fx.astype(np.intp)
-    ty, tx = fy - i, fx - j
-    top = field[i, j] * (1 - tx) + field[i, j + 1] * tx
-    bottom = field[i + 1, j] * (1 - tx) + field[i + 1, j + 1] * tx
+    k = (n - 1) / (2 * extent)
+    fx = np.minimum(np.maximum((x + extent) * k, 0.0), n - 1.001)
+    fy = np.minimum(np.maximum((y + extent) * k, 0.0), n - 1.001)
+    j, i = fx.astype(np.intp), fy.astype(np.intp)
+    tx, ty = fx - j, fy - i
+    flat, idx = field.ravel(), i * n + j  # 1-D take is much cheaper than 2-D fancy indexing
+    top = flat.take(idx) * (1 - tx) + flat.take(idx + 1) * tx
+    bottom = flat.take(idx + n) * (1 - tx) + flat.take(idx + n + 1) * tx
     return top * (1 - ty) + bottom * ty
 
 
@@ -413,18 +434,22 @@ def _pacemaker(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
     if not present:
         return np.zeros_like(g.x)
     cx, cy = a.pacemaker_side * a.pacemaker_x, a.pacemaker_y
-    cos, sin = math.cos(a.pacemaker_angle), math.sin(a.pacemaker_angle)
-    lx = cos * (g.x - cx) + sin * (g.y - cy)
-    ly = -sin * (g.x - cx) + cos * (g.y - cy)
     soft = _soft(g, 0.01)
-    box_sdf = np.maximum(np.abs(lx) - 0.085, np.abs(ly) - 0.06)
-    box = _inside(box_sdf, soft) * (1.0 - 0.25 * _inside(box_sdf + 0.035, soft))  # battery outline
+    box = np.zeros_like(g.x)
+    reach = 0.11 + soft  # covers the rotated box
+    win = g.window(cx - reach, cy - reach, cx + reach, cy + reach)
+    if win is not None:
+        cos, sin = math.cos(a.pacemaker_angle), math.sin(a.pacemaker_angle)
+        x, y = g.x[win] - cx, g.y[win] - cy
+        box_sdf = np.maximum(np.abs(cos * x + sin * y) - 0.085, np.abs(cos * y - sin * x) - 0.06)
+        box[win] = _inside(box_sdf, soft) * (1.0 - 0.25 * _inside(box_sdf + 0.035, soft))  # battery outline
     start = (cx - a.pacemaker_side * 0.05, cy + 0.02)
     svc = (-0.06 + a.lead_bend, -0.25)
     apex = (a.heart_x + 0.12, a.heart_y + 0.12)  # right-ventricular apex of the normal heart
     path = np.concatenate([_bezier(start, (0.5 * (cx + svc[0]), cy - 0.1), svc, 8),
                            _bezier(svc, (-0.12, a.heart_y - 0.05), apex, 10)[1:]])
-    lead = _inside(_polyline_distance(g, path, 0.1 + 2 * g.px) - max(0.008, 0.4 * g.px), _soft(g, 0.006))
+    half, lead_soft = max(0.008, 0.4 * g.px), _soft(g, 0.006)
+    lead = _inside(_polyline_distance(g, path, half + lead_soft) - half, lead_soft)
     return _METAL * np.maximum(box, 0.7 * lead)
 
 
@@ -437,10 +462,10 @@ def _tube(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
                                _bezier((0.03, 0.55), (0.08, 0.8), (0.3, 0.72), 6)[1:]])
     else:
         path = _bezier((-0.01, -1.3), (a.tube_bend, -0.8), (-0.01, a.tube_tip_y), 8)
-    dist = _polyline_distance(g, path, 0.1 + 2 * g.px)
-    half = max(0.011, 0.5 * g.px)
-    wall = _inside(np.abs(dist - half) - 0.25 * half, _soft(g, 0.004))  # radiopaque walls, lucent lumen
-    return 0.8 * _METAL * np.maximum(wall, 0.6 * _inside(dist - half, _soft(g, 0.004)))
+    half, soft = max(0.011, 0.5 * g.px), _soft(g, 0.004)
+    dist = _polyline_distance(g, path, 1.25 * half + soft)
+    wall = _inside(np.abs(dist - half) - 0.25 * half, soft)  # radiopaque walls, lucent lumen
+    return 0.8 * _METAL * np.maximum(wall, 0.6 * _inside(dist - half, soft))
 
 
 def _ecg(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
@@ -450,12 +475,13 @@ def _ecg(g: _Grid, a: _Anatomy, present: bool) -> np.ndarray:
     soft = _soft(g, 0.006)
     centres = a.ecg_xy[: a.ecg_count]  # (N, 2)
     angles = a.ecg_wire_angle[: a.ecg_count]
-    r = np.hypot(g.x[None] - centres[:, 0, None, None], g.y[None] - centres[:, 1, None, None]).min(axis=0)
+    r = _segments_distance(g, centres, centres, 0.053 + soft, chunk=1)  # distance to the nearest electrode centre
     ring = _inside(np.abs(r - 0.045) - 0.008, soft)
     snap = _inside(r - 0.018, soft)
     direction = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # a short wire stub leaves each ring
-    wire = _segments_distance(g, centres + 0.05 * direction, centres + 0.2 * direction, 0.05 + 2 * g.px)
-    wire = _inside(wire - max(0.005, 0.3 * g.px), soft)
+    half = max(0.005, 0.3 * g.px)
+    wire = _segments_distance(g, centres + 0.05 * direction, centres + 0.2 * direction, half + soft, chunk=1)
+    wire = _inside(wire - half, soft)
     return _METAL * np.maximum(np.maximum(0.6 * ring, snap), 0.5 * wire)
 
 

@@ -1,0 +1,94 @@
+"""The shipped trained tiny family loads through the production loaders and works on fresh phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prism_ray.classifier import CLASSIFIER_LABELS, classifier_labels, load_classifier, predict_proba
+from prism_ray.phantom import PhantomAttributes, render_phantom
+from prism_ray.phantom_train import attribute_vector, chexpert_row
+
+SHIPPED = Path(__file__).resolve().parents[1] / "prism_ray" / "assets" / "tiny_phantom"
+pytestmark = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped tiny_phantom family")
+
+# Fresh subjects: render seeds far from the training (< 2^30) and held-out (2^30..2^31) ranges.
+SUBJECTS = [
+    (PhantomAttributes(cardiomegaly=c, pleural_effusion=e, devices=frozenset(d), sex=s, age=a), 2**31 + 7919 * i)
+    for i, (c, e, d, s, a) in enumerate([
+        (False, False, (), "male", 30),
+        (True, False, ("pacemaker",), "female", 70),
+        (False, True, ("tube",), "male", 55),
+        (True, True, ("ecg",), "female", 45),
+        (False, False, ("pacemaker", "tube"), "female", 82),
+        (True, False, (), "male", 64),
+        (False, True, (), "female", 25),
+        (True, True, ("pacemaker", "ecg"), "male", 77),
+    ])
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    images = np.stack([render_phantom(attrs, seed) for attrs, seed in SUBJECTS])  # (N, 64, 64) uint8
+    labels = np.array([attribute_vector(attrs) for attrs, _ in SUBJECTS])  # (N, A)
+    return images, labels
+
+
+def test_loads_through_production_loaders():
+    from prism_ray.models import load_clip, load_sd_components
+
+    sd = load_sd_components("tiny", device="cpu")  # "tiny" resolves to the shipped folder
+    assert sd.root.resolve() == SHIPPED.resolve()
+    assert sd.resolution == 64 and sd.vae_scale_factor == 4
+    assert sd.text_encoder.dtype == torch.float32 and sd.unet.dtype == torch.float32
+    assert sd.text_encoder.config.hidden_size == 32 and sd.tokenizer.model_max_length == 77
+    for word in ("cardiomegaly", "pleural", "effusion", "support", "devices", "pacemaker"):
+        assert len(sd.tokenizer.tokenize(word)) == 1, word  # caption words stay single tokens
+    scaling = json.loads((SHIPPED / "vae" / "config.json").read_text())["scaling_factor"]
+    assert sd.scaling_factor == pytest.approx(scaling) and sd.scaling_factor != pytest.approx(0.18215)
+    clip = load_clip("tiny", device="cpu")
+    assert clip.image_size == 64
+    assert torch.equal(clip.model.text_model.embeddings.token_embedding.weight, sd.text_encoder.embeddings.token_embedding.weight)
+    assert not list(SHIPPED.rglob("*.bin")) and not list(SHIPPED.rglob("*.pt"))
+
+
+def test_classifier_reads_fresh_phantoms(phantoms):
+    images, labels = phantoms
+    model = load_classifier(SHIPPED, device="cpu")
+    assert classifier_labels(model) == list(CLASSIFIER_LABELS)
+    proba = predict_proba(model, images)
+    assert proba.shape == labels.shape
+    assert ((proba > 0.5) == (labels > 0.5)).mean() >= 0.9
+
+
+def test_vae_round_trip_psnr(phantoms):
+    from prism_ray.images import decode, encode, preprocess
+    from prism_ray.models import load_sd_components
+
+    images, _ = phantoms
+    sd = load_sd_components(str(SHIPPED), device="cpu")
+    recon = decode(sd.vae, encode(sd.vae, preprocess(list(images), 64)))[..., 0].astype(np.float64) / 255
+    mse = ((recon - images.astype(np.float64) / 255) ** 2).mean(axis=(1, 2))
+    assert (10 * np.log10(1 / mse)).mean() >= 28.0
+
+
+def test_clip_ranks_the_right_caption_first(phantoms):
+    from prism_ray.captions import get_adapter
+    from prism_ray.clip_score import ClipScorer
+    from prism_ray.models import load_clip
+
+    images, _ = phantoms
+    adapter = get_adapter("chexpert")
+    captions = [adapter.caption(chexpert_row(attrs)) for attrs, _ in SUBJECTS]
+    vocab = sorted({adapter.caption(chexpert_row(PhantomAttributes(cardiomegaly=c, pleural_effusion=e, devices=frozenset(d))))
+                    for c in (False, True) for e in (False, True) for d in ((), ("tube",))})
+    assert len(vocab) == 8
+    scorer = ClipScorer.from_components(load_clip(str(SHIPPED), device="cpu"))
+    best = (scorer.image_embeds(images) @ scorer.text_embeds(vocab).T).argmax(dim=1).tolist()
+    right = sum(vocab[b] == c for b, c in zip(best, captions))
+    assert right >= 6  # "most" of 8

@@ -43,7 +43,7 @@ JOBS: dict[str, Job] = {
     ),
     "phantom": Job(
         "write a synthetic phantom chest X-ray dataset with ground-truth attributes",
-        "prism_ray.phantom:PhantomDatasetConfig",
+        "prism_ray.phantom:PhantomJobConfig",
         "prism_ray.phantom:run_phantom_job",
         needs_ray=False,
     ),
@@ -109,7 +109,9 @@ def run_job(name: str, config_path: str | None, overrides: list[str], print_conf
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 2
     if print_config:
-        print(config.to_yaml(), end="")
+        import yaml
+
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     if job.needs_ray:
         init_ray_from_env()

@@ -836,3 +836,18 @@ def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomData
         root=_join(out), manifest_uri=manifest_uri, ground_truth_uri=truth_uri,
         n_subjects=n, split_counts=counts, images_written=config.write_images,
     )
+
+
+class PhantomJobConfig(BaseModel):
+    """`prism-ray phantom`: write a phantom dataset to `out` (any fsspec URI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str = Field(..., min_length=1, description="output folder or URI")
+    dataset: PhantomDatasetConfig = PhantomDatasetConfig()
+
+
+def run_phantom_job(config: PhantomJobConfig) -> PhantomDatasetSummary:
+    summary = write_phantom_dataset(config.out, config.dataset)
+    print(f"phantom dataset: {summary.n_subjects} subjects {summary.split_counts} -> {summary.manifest_uri}")
+    return summary

@@ -1,0 +1,75 @@
+"""Score counterfactuals of phantoms against their true counterfactuals (same seed, one attribute changed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prism_ray.captions import parse_interventions
+from prism_ray.phantom import PhantomAttributes, subject_attributes, true_counterfactual
+
+# CheXpert label intervention -> phantom attribute change. Removing "Support Devices" removes
+# every device kind, as a radiologist's "without support devices" would.
+LABEL_TO_PHANTOM = {
+    "Support Devices": lambda v: {"devices": frozenset({"pacemaker", "tube", "ecg"}) if v else frozenset()},
+    "Cardiomegaly": lambda v: {"cardiomegaly": bool(v)},
+    "Pleural Effusion": lambda v: {"pleural_effusion": bool(v)},
+    "sex": lambda v: {"sex": str(v)},
+    "age": lambda v: {"age": int(v)},
+}
+# Classifier head that should change for each intervened label (its "target").
+TARGET_HEAD = {
+    "Support Devices": "support_devices",
+    "Cardiomegaly": "cardiomegaly",
+    "Pleural Effusion": "pleural_effusion",
+    "sex": "sex_female",
+}
+
+
+def phantom_intervention(spec: str) -> dict:
+    """'Support Devices=false' -> {'devices': frozenset()}; several interventions merge."""
+    change: dict = {}
+    for item in parse_interventions(spec):
+        if item.attribute not in LABEL_TO_PHANTOM:
+            raise ValueError(f"intervention '{item}': no phantom counterpart for '{item.attribute}'")
+        change.update(LABEL_TO_PHANTOM[item.attribute](item.value))
+    return change
+
+
+def true_cf_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:
+    """The true counterfactual (uint8 (R, R)) of a ground-truth row under an intervention."""
+    attrs: PhantomAttributes = subject_attributes(gt_row)
+    return true_counterfactual(attrs, int(gt_row["seed"]), phantom_intervention(spec), resolution=resolution)
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else image[..., 0]
+
+
+@dataclass
+class TruthScores:
+    """Per-edit distances (on [0, 1]) to the true counterfactual and to the source."""
+
+    error_to_true: np.ndarray  # mean |cf - true_cf|
+    source_to_true: np.ndarray  # the "no edit" baseline: mean |source - true_cf|
+    l1_to_source: np.ndarray
+
+
+def score_against_truth(sources: list[np.ndarray], cfs: list[np.ndarray], trues: list[np.ndarray]) -> TruthScores:
+    s = np.stack([gray(x) for x in sources]).astype(np.float64) / 255
+    c = np.stack([gray(x) for x in cfs]).astype(np.float64) / 255
+    t = np.stack([gray(x) for x in trues]).astype(np.float64) / 255
+    axes = (1, 2)
+    return TruthScores(
+        error_to_true=np.abs(c - t).mean(axes),
+        source_to_true=np.abs(s - t).mean(axes),
+        l1_to_source=np.abs(c - s).mean(axes),
+    )
+
+
+def classifier_path(model_root: str | Path) -> Path | None:
+    """The attribute classifier shipped beside a (phantom-trained) model family, if any."""
+    path = Path(model_root) / "classifier"
+    return path if (path / "config.json").exists() else None

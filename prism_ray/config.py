@@ -57,6 +57,7 @@ class InversionConfig(BaseConfig):
     early_stop_epsilon: float = Field(1e-5, ge=0.0)
     early_stop_slope: float = Field(2e-5, ge=0.0, description="threshold = epsilon + i * slope")
     batch_size: int = Field(4, ge=1, description="images inverted together")
+    allow_tf32: bool = Field(False, description="TF32 matmuls/convolutions during inversion; change NTI numerics")
 
 
 class EditConfig(BaseConfig):

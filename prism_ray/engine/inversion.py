@@ -1,0 +1,463 @@
+"""DDIM inversion and the source-reconstruction methods (ALGORITHM.md sections 3-4), batched across images.
+
+Methods (`InversionConfig.method`), each returning an `InversionResult` for the editing pass:
+- `null_text`: null-text inversion, Mokady et al. 2023 ("Null-text Inversion for Editing Real Images").
+- `ddim`: plain DDIM inversion; the editor uses the empty-prompt embedding at every step.
+- `negative_prompt`: the source prompt as the unconditional context, Miyake et al. 2023.
+- `direct`: direct inversion, Ju et al. 2023 ("PnP Inversion"), per-step residuals added to the source branch.
+
+Direct-inversion convention (what the editor must do): at editing step i (t = timesteps[i]), with the
+source branch's latent x_src and the guided DDIM prev_step computed for every branch exactly as without
+direct inversion (unconditional context = `uncond_embeddings[i]`, i.e. the plain "" embedding), and after
+the step's latent callback (local blend) as in the PnP-Inversion code, do
+
+    x_src <- x_src + residuals[i]          # residuals: (T, N, C, h, w); source branch only
+
+Then x_src equals `latents[T - 1 - i]` up to float rounding at every step, so the source branch ends at
+z_0. The edit branches never get the residual.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from prism_ray.config import InversionConfig
+from prism_ray.engine.errors import ItemError
+from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.text import encode_prompts, null_embedding
+from prism_ray.engine.types import InversionResult
+from prism_ray.images import encode, preprocess
+
+STAGE = "invert"  # the errors table's stage for everything that fails in here
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _eps(unet, z: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """U-Net noise prediction: z (N, C, h, w), context (N, 77, D) -> (N, C, h, w)."""
+    return unet(z, t, encoder_hidden_states=context).sample
+
+
+def _guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def guided_eps(unet, z: torch.Tensor, t: int, uncond: torch.Tensor, cond: torch.Tensor, scale: float):
+    """Classifier-free guidance with one U-Net call on [uncond; cond], as the editing pass batches it."""
+    n = z.shape[0]
+    eps = _eps(unet, torch.cat([z, z]), t, torch.cat([uncond, cond]))  # (2N, C, h, w)
+    return _guide(eps[:n], eps[n:], scale)
+
+
+def _expand(embedding: torch.Tensor, n: int) -> torch.Tensor:
+    """(1 or N, 77, D) -> (N, 77, D), float32."""
+    if embedding.ndim != 3 or embedding.shape[0] not in (1, n):
+        raise ValueError(f"uncond_init: expected (1 or {n}, 77, D), got {tuple(embedding.shape)}")
+    return embedding.float().expand(n, -1, -1).clone()
+
+
+@contextmanager
+def tf32_mode(allow: bool):
+    """TF32 matmuls/convolutions on or off for the duration (they change NTI's numbers); restores after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    """Parameters without grad for the duration (only the null-text embedding is optimised); restores after."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _require_fp32(unet) -> None:
+    dtype = next(unet.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"model.dtype: inversion runs in float32 (fp16 gives NaNs), the U-Net is {dtype}")
+
+
+def make_steps(config: InversionConfig) -> DDIMSteps:
+    """The reference DDIM grid for `config.num_inference_steps` (981 ... 1 for 50)."""
+    return DDIMSteps(make_ddim_scheduler(config.num_inference_steps))
+
+
+# --- the methods -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ddim_invert(unet, steps: DDIMSteps, z0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """DDIM inversion, conditional only (w = 1): z0 (N, C, h, w) -> latents (T + 1, N, C, h, w), z_0 ... z_T."""
+    T = len(steps.timesteps)
+    latents = [z0.float()]
+    z = latents[0]
+    for i in range(T):
+        t = int(steps.timesteps[T - 1 - i])  # ascending: 1, 21, ..., 981
+        z = steps.next_step(_eps(unet, z, t, cond), t, z)
+        latents.append(z)
+    return torch.stack(latents)
+
+
+def null_text_invert(
+    unet,
+    steps: DDIMSteps,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    config: InversionConfig,
+) -> InversionResult:
+    """Null-text optimisation (ALGORITHM.md section 4), N images at once.
+
+    latents (T + 1, N, C, h, w) from `ddim_invert`; cond (N, 77, D); uncond_init (1 or N, 77, D), the ""
+    embedding. The loss is the sum over images of each image's mean MSE, so every image gets exactly its
+    own gradient; Adam is element-wise and new each step, so this is N independent optimisations. An
+    image that met its early-stop rule is frozen (its row restored after each later Adam step) and no
+    longer computed.
+    """
+    _require_fp32(unet)
+    T, n = len(steps.timesteps), latents.shape[1]
+    if latents.shape[0] != T + 1:
+        raise ValueError(f"latents: expected {T + 1} steps, got {latents.shape[0]}")
+    scale = config.guidance_scale
+    cond = cond.float()
+    uncond = _expand(uncond_init, n)
+    inner_steps = torch.zeros(T, n, dtype=torch.long)
+    final_loss = torch.full((T, n), float("nan"))
+    stored = []
+    z_cur = latents[-1]
+    with _frozen(unet):
+        for i in range(T):
+            t = int(steps.timesteps[i])
+            target = latents[T - 1 - i]  # (N, C, h, w)
+            uncond = uncond.detach().clone().requires_grad_(True)  # warm start from the previous step
+            optimizer = torch.optim.Adam([uncond], lr=config.learning_rate * (1.0 - i / config.lr_decay_steps))
+            threshold = config.early_stop_epsilon + i * config.early_stop_slope
+            with torch.no_grad():
+                eps_cond = _eps(unet, z_cur, t, cond)
+            active = torch.ones(n, dtype=torch.bool)
+            for _ in range(config.num_inner_steps):
+                rows = active.nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    break  # every image met its early-stop rule
+                all_rows = rows.numel() == n
+                z_a = z_cur if all_rows else z_cur[rows]
+                eps_u = _eps(unet, z_a, t, uncond if all_rows else uncond[rows])
+                eps = _guide(eps_u, eps_cond if all_rows else eps_cond[rows], scale)
+                z_rec = steps.prev_step(eps, t, z_a)
+                loss = (z_rec - (target if all_rows else target[rows])).pow(2).flatten(1).mean(1)  # (n_active,)
+                (grad,) = torch.autograd.grad(loss.sum(), uncond)  # only the embedding, never the U-Net
+                frozen = uncond.detach()[~active].clone()
+                optimizer.zero_grad(set_to_none=True)
+                uncond.grad = grad
+                optimizer.step()
+                with torch.no_grad():
+                    uncond[~active] = frozen  # Adam's momentum would still move finished images
+                loss = loss.detach().cpu()
+                inner_steps[i, rows] += 1
+                final_loss[i, rows] = loss
+                active[rows[loss < threshold]] = False  # checked after the step, as the reference does
+            uncond = uncond.detach()
+            stored.append(uncond.clone())
+            with torch.no_grad():  # advance with the stored embedding (eps_cond is the same call's)
+                z_cur = steps.prev_step(_guide(_eps(unet, z_cur, t, uncond), eps_cond, scale), t, z_cur)
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond,
+        uncond_embeddings=torch.stack(stored),
+        timesteps=steps.timesteps.clone(),
+        method="null_text",
+        inner_steps=inner_steps,
+        final_loss=final_loss,
+    )
+
+
+def ddim_result(steps: DDIMSteps, latents: torch.Tensor, cond: torch.Tensor, uncond_init: torch.Tensor):
+    """Plain DDIM inversion: the editor uses the "" embedding at every step."""
+    T, n = len(steps.timesteps), latents.shape[1]
+    uncond = _expand(uncond_init, n)
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond.float(),
+        uncond_embeddings=uncond[None].repeat(T, 1, 1, 1),
+        timesteps=steps.timesteps.clone(),
+        method="ddim",
+    )
+
+
+def negative_prompt_invert(steps: DDIMSteps, latents: torch.Tensor, cond: torch.Tensor) -> InversionResult:
+    """Negative-prompt inversion (Miyake et al. 2023): uncond_i = the source prompt's embedding, no optimisation."""
+    T = len(steps.timesteps)
+    cond = cond.float()
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond,
+        uncond_embeddings=cond[None].repeat(T, 1, 1, 1),
+        timesteps=steps.timesteps.clone(),
+        method="negative_prompt",
+    )
+
+
+@torch.no_grad()
+def direct_invert(
+    unet,
+    steps: DDIMSteps,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    config: InversionConfig,
+) -> InversionResult:
+    """Direct inversion (Ju et al. 2023): residuals[i] = latents[T-1-i] - guided prev_step from latents[T-i].
+
+    The source branch that adds residuals[i] after its guided step i stays on the DDIM trajectory, so it
+    reconstructs z_0 to float precision with the plain "" unconditional embedding (module docstring).
+    """
+    _require_fp32(unet)
+    T, n = len(steps.timesteps), latents.shape[1]
+    cond = cond.float()
+    uncond = _expand(uncond_init, n)
+    residuals = []
+    for i in range(T):
+        t = int(steps.timesteps[i])
+        z_t = latents[T - i]
+        z_prev = steps.prev_step(guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale), t, z_t)
+        residuals.append(latents[T - 1 - i] - z_prev)
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond,
+        uncond_embeddings=uncond[None].repeat(T, 1, 1, 1),
+        timesteps=steps.timesteps.clone(),
+        method="direct",
+        residuals=torch.stack(residuals),
+    )
+
+
+@torch.no_grad()
+def reconstruct(unet, steps: DDIMSteps, result: InversionResult, guidance_scale: float = 7.5) -> torch.Tensor:
+    """The unedited source branch: guided denoising from z_T with the stored contexts -> z_0 (N, C, h, w)."""
+    z = result.z_T
+    for i in range(len(steps.timesteps)):
+        t = int(steps.timesteps[i])
+        eps = guided_eps(unet, z, t, result.uncond_embeddings[i], result.cond_embeddings, guidance_scale)
+        z = steps.prev_step(eps, t, z)
+        if result.residuals is not None:
+            z = z + result.residuals[i]  # direct inversion: source branch only
+    return z
+
+
+def run_method(
+    unet,
+    steps: DDIMSteps,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    config: InversionConfig,
+) -> InversionResult:
+    """Dispatch on `config.method` once the DDIM trajectory is known."""
+    if config.method == "null_text":
+        return null_text_invert(unet, steps, latents, cond, uncond_init, config)
+    if config.method == "ddim":
+        return ddim_result(steps, latents, cond, uncond_init)
+    if config.method == "negative_prompt":
+        return negative_prompt_invert(steps, latents, cond)
+    if config.method == "direct":
+        return direct_invert(unet, steps, latents, cond, uncond_init, config)
+    raise ValueError(f"inversion.method '{config.method}': expected null_text, ddim, negative_prompt or direct")
+
+
+# --- from images: validation, encoding, batching ---------------------------------------------
+
+
+def _image_item(image, index: int, resolution: int, offsets) -> torch.Tensor:
+    """One input -> (3, R, R) float in [-1, 1], or ItemError. uint8 arrays are preprocessed here;
+    tensors are taken as already preprocessed."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ItemError(index, STAGE, f"preprocess: expected a uint8 (H, W[, C]) image, got {image.dtype} "
+                            f"{image.shape}")
+        try:
+            x = preprocess([image], resolution, offsets)[0]
+        except Exception as err:  # any failure of one image's crop/resize drops that image only
+            raise ItemError(index, STAGE, f"preprocess: {type(err).__name__}: {err}") from err
+    elif isinstance(image, torch.Tensor):
+        x = image.float()
+    else:
+        raise ItemError(index, STAGE, f"preprocess: expected a uint8 array or a tensor, got {type(image).__name__}")
+    if tuple(x.shape) != (3, resolution, resolution):
+        raise ItemError(index, STAGE, f"preprocess: expected shape (3, {resolution}, {resolution}), got "
+                        f"{tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ItemError(index, STAGE, "preprocess: NaN/inf in the image")
+    return x
+
+
+def _check_latent(z: torch.Tensor, index: int, shape: tuple[int, ...], what: str) -> None:
+    if tuple(z.shape) != shape:
+        raise ItemError(index, STAGE, f"{what}: expected latent shape {shape}, got {tuple(z.shape)}")
+    if not torch.isfinite(z).all():
+        raise ItemError(index, STAGE, f"{what}: NaN/inf in the latent")
+
+
+def _latent_shape(sd) -> tuple[int, int, int]:
+    side = int(sd.unet.config.sample_size)
+    return (int(sd.unet.config.in_channels), side, side)
+
+
+def _check_result(result: InversionResult, index: Sequence[int]) -> list[ItemError]:
+    """Per-image check that nothing became NaN/inf during the method (e.g. a diverging optimisation)."""
+    errors = []
+    for k, item in enumerate(index):
+        parts = [result.latents[:, k], result.uncond_embeddings[:, k]]
+        if result.residuals is not None:
+            parts.append(result.residuals[:, k])
+        if not all(torch.isfinite(p).all() for p in parts):
+            errors.append(ItemError(item, STAGE, f"{result.method}: NaN/inf in the inversion result"))
+    return errors
+
+
+def concat_results(results: list[InversionResult]) -> InversionResult:
+    """Join results of image batches inverted with the same settings along the image axis."""
+    if len(results) == 1:
+        return results[0]
+    cat = lambda name, dim: (  # noqa: E731
+        None if getattr(results[0], name) is None else torch.cat([getattr(r, name) for r in results], dim)
+    )
+    return InversionResult(
+        latents=cat("latents", 1),
+        cond_embeddings=cat("cond_embeddings", 0),
+        uncond_embeddings=cat("uncond_embeddings", 1),
+        timesteps=results[0].timesteps,
+        method=results[0].method,
+        residuals=cat("residuals", 1),
+        inner_steps=cat("inner_steps", 1),
+        final_loss=cat("final_loss", 1),
+        seconds=[s for r in results for s in r.seconds],
+    )
+
+
+def invert_latents(sd, z0: torch.Tensor, prompts: list[str], config: InversionConfig) -> InversionResult:
+    """Encoded images z0 (N, C, h, w) + source prompts -> InversionResult (one batch, no per-item dropping)."""
+    if len(prompts) != z0.shape[0]:
+        raise ValueError(f"prompts: {len(prompts)} prompts for {z0.shape[0]} images")
+    _require_fp32(sd.unet)
+    start = time.perf_counter()
+    with tf32_mode(config.allow_tf32):
+        cache: dict[str, torch.Tensor] = {}
+        cond = encode_prompts(sd.tokenizer, sd.text_encoder, prompts, cache).float()
+        uncond_init = null_embedding(sd.tokenizer, sd.text_encoder, cache).float()
+        steps = make_steps(config)
+        latents = ddim_invert(sd.unet, steps, z0.to(sd.unet.device, torch.float32), cond)
+        result = run_method(sd.unet, steps, latents, cond, uncond_init, config)
+    result.seconds = [(time.perf_counter() - start) / z0.shape[0]] * z0.shape[0]
+    return result
+
+
+@torch.no_grad()
+def _encode_items(sd, images, offsets) -> tuple[list[int], torch.Tensor | None, list[ItemError], float]:
+    """Validate and VAE-encode every input; returns (good indices, their latents, errors, seconds)."""
+    start = time.perf_counter()
+    good, tensors, errors = [], [], []
+    for index, image in enumerate(images):
+        try:
+            tensors.append(_image_item(image, index, sd.resolution, offsets))
+            good.append(index)
+        except ItemError as err:
+            errors.append(err)
+    if not good:
+        return [], None, errors, time.perf_counter() - start
+    z0 = encode(sd.vae, torch.stack(tensors)).float()  # (N_good, C, h, w): posterior mean x scaling factor
+    keep = []
+    for k, index in enumerate(good):
+        try:
+            _check_latent(z0[k], index, _latent_shape(sd), "encode")
+            keep.append(k)
+        except ItemError as err:
+            errors.append(err)
+    return [good[k] for k in keep], z0[keep], errors, time.perf_counter() - start
+
+
+def invert(
+    sd,
+    images,
+    prompts: list[str],
+    config: InversionConfig | None = None,
+    *,
+    offsets: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> InversionResult:
+    """Images (uint8 (H, W[, C]) arrays, or preprocessed (3, R, R) tensors / one (N, 3, R, R) tensor) and their
+    source prompts -> InversionResult. Raises `ItemError` for the first bad item; see `invert_many`."""
+    config = config or InversionConfig()
+    if len(prompts) != len(images):
+        raise ValueError(f"prompts: {len(prompts)} prompts for {len(images)} images")
+    good, z0, errors, seconds = _encode_items(sd, images, offsets)
+    if errors:
+        raise min(errors, key=lambda e: e.index)
+    result = invert_latents(sd, z0, prompts, config)
+    bad = _check_result(result, good)
+    if bad:
+        raise bad[0]
+    result.seconds = [s + seconds / len(good) for s in result.seconds]
+    return result
+
+
+def invert_many(
+    sd,
+    images,
+    prompts: list[str],
+    config: InversionConfig | None = None,
+    *,
+    latents: torch.Tensor | None = None,
+    offsets: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> tuple[InversionResult | None, list[tuple[int, str, str]]]:
+    """Invert what can be inverted, `config.batch_size` images at a time; drop and report the rest.
+
+    Give `images` (as for `invert`) or, with `images=None`, already encoded `latents` (N, C, h, w).
+    Returns (result for the good items in input order or None if there are none, errors as
+    (index, stage, reason) sorted by index). `result.select`-style: the k-th image of the result is the
+    k-th input index not in the errors.
+    """
+    config = config or InversionConfig()
+    if (images is None) == (latents is None):
+        raise ValueError("invert_many: give exactly one of images or latents")
+    n = len(images) if images is not None else latents.shape[0]
+    if len(prompts) != n:
+        raise ValueError(f"prompts: {len(prompts)} prompts for {n} images")
+    if images is not None:
+        good, z0, errors, seconds = _encode_items(sd, images, offsets)
+        share = seconds / max(len(good), 1)
+    else:
+        good, keep, errors, share = [], [], [], 0.0
+        for index in range(n):
+            try:
+                _check_latent(latents[index], index, _latent_shape(sd), "latents")
+                good.append(index)
+            except ItemError as err:
+                errors.append(err)
+        z0 = latents[good].float() if good else None
+    results = []
+    for begin in range(0, len(good), config.batch_size):
+        chunk = good[begin : begin + config.batch_size]
+        result = invert_latents(sd, z0[begin : begin + len(chunk)], [prompts[i] for i in chunk], config)
+        bad = _check_result(result, chunk)
+        if bad:
+            errors.extend(bad)
+            ok = [k for k, i in enumerate(chunk) if i not in {e.index for e in bad}]
+            result = result.select(ok) if ok else None
+        if result is not None:
+            result.seconds = [s + share for s in result.seconds]
+            results.append(result)
+    errors.sort(key=lambda e: e.index)
+    return (concat_results(results) if results else None), [e.as_tuple() for e in errors]

@@ -106,7 +106,7 @@ class AugmentConfig(BaseConfig):
     """`prism-ray augment`: filtered counterfactual augmentation sets (or SD samples) per subgroup."""
 
     model: ModelConfig = ModelConfig()
-    data: DataConfig
+    data: DataConfig | None = Field(None, description="source manifest; required in counterfactual mode")
     subgroups: list[SubgroupConfig] = Field(..., min_length=1)
     mode: Literal["counterfactual", "samples"] = "counterfactual"
     inversion: InversionConfig = InversionConfig()
@@ -120,6 +120,8 @@ class AugmentConfig(BaseConfig):
 
     @model_validator(mode="after")
     def _check_subgroups(self) -> AugmentConfig:
+        if self.mode == "counterfactual" and self.data is None:
+            raise ValueError("data: counterfactual mode needs a source manifest (data.manifest)")
         names = [g.name for g in self.subgroups]
         if len(set(names)) != len(names):
             raise ValueError(f"subgroups: duplicate names {names}")
@@ -139,7 +141,7 @@ class AugmentConfig(BaseConfig):
         """
         dump = self.model_dump(mode="json")
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
-        data = {k: dump["data"][k] for k in ("image_column", "image_root", "adapter", "adapter_options")}
+        data = dump["data"] and {k: dump["data"][k] for k in ("image_column", "image_root", "adapter", "adapter_options")}
         keep = {"model": model, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
             keep.update(inversion=dump["inversion"], edit=dump["edit"], filter=dump["filter"])

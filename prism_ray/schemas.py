@@ -27,6 +27,11 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         pa.field("model_id", pa.string()),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        # augment job: the planned attempt (known before the source is read), its place in the
+        # subgroup's deterministic order, and the generator seed of a text-to-image sample.
+        pa.field("slot_id", pa.string()),
+        pa.field("attempt_rank", pa.int64()),
+        pa.field("sample_seed", pa.int64()),
     ]
 )
 
@@ -39,6 +44,7 @@ ERROR_SCHEMA = pa.schema(
         pa.field("subgroup", pa.string()),
         pa.field("config_hash", pa.string()),
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("slot_id", pa.string()),  # augment job: the failed attempt; null = the whole source
     ]
 )
 

@@ -396,14 +396,16 @@ class AugmentWorker:
         after = self.config.compute.kill_actor_once_after_batches
         if after is None or self.batches_done != after:
             return
-        from prism_ray.storage import exists
-
-        if exists(self.layout.fault_marker):
-            return
         import fsspec
 
-        with fsspec.open(self.layout.fault_marker, "w") as f:
-            f.write(f"killed pid {os.getpid()} after {after} batches at {_now().isoformat()}\n")
+        from prism_ray.storage import makedirs
+
+        makedirs(self.layout.uri("_ledger"))
+        try:  # exclusive create: of all actors that get here, exactly one dies, once per output
+            with fsspec.open(self.layout.fault_marker, "xb") as f:
+                f.write(f"killed pid {os.getpid()} after {after} batches at {_now().isoformat()}\n".encode())
+        except FileExistsError:
+            return
         log.warning("fault injection: actor pid %d exits now", os.getpid())
         os._exit(1)  # no cleanup, no exception: like an OOM kill or a lost node
 

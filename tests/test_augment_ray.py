@@ -1,0 +1,209 @@
+"""The augment job on a local Ray with the tiny family: exact quotas, resume, a killed actor, bad files, s3://."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from prism_ray.augment_config import AugmentConfig
+from prism_ray.distributed.augment import Layout, augment, run_round_inprocess
+from prism_ray.phantom import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.storage import read_table, write_table
+
+pytestmark = pytest.mark.slow
+QUOTAS = {"effusion": 2, "devices": 2, "broken": 1}
+
+
+def _with_bad_rows(manifest_uri: str, data_root: str) -> None:
+    """Append a row whose PNG is missing and one whose PNG is corrupt (no labels, so only `broken` picks them)."""
+    table = read_table(manifest_uri)
+    bad = table.slice(0, 2).to_pylist()
+    corrupt = f"{data_root}/images/corrupt.png"
+    with fsspec.open(corrupt, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not a PNG")
+    for row, (sid, uri) in zip(bad, [("missing", f"{data_root}/images/missing.png"), ("corrupt", corrupt)]):
+        row.update(subject_id=sid, image_uri=uri, split="train")
+        for label in ("Pleural Effusion", "Support Devices", "Cardiomegaly"):
+            row[label] = 0.0
+    write_table(pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)]), manifest_uri)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("augment-data"))
+    summary = write_phantom_dataset(root, PhantomDatasetConfig(n_subjects=24, resolution=64, seed=1))
+    _with_bad_rows(summary.manifest_uri, root)
+    return summary.manifest_uri
+
+
+SUBGROUPS = [
+    {"name": "effusion", "selector": {"Pleural Effusion": 1}, "interventions": ["Pleural Effusion=0"]},
+    {"name": "devices", "selector": {"Support Devices": [1]}, "interventions": ["Support Devices=0"]},
+    {"name": "broken", "selector": {"subject_id": ["missing", "corrupt"]}, "interventions": ["Cardiomegaly=1"]},
+]
+
+
+def _config(tiny_family, manifest: str, output: str, **compute) -> AugmentConfig:
+    return AugmentConfig.model_validate(
+        {
+            "model": {"path": str(tiny_family), "device": "cpu"},
+            "data": {"manifest": manifest},
+            "subgroups": [{**g, "quota": QUOTAS[g["name"]]} for g in SUBGROUPS],
+            "inversion": {"num_inference_steps": 4, "num_inner_steps": 2},
+            # Random tiny weights give arbitrary S_CLIP: 0.0 rejects some edits and keeps others.
+            "filter": {"s_clip_min": 0.0},
+            "output": output,
+            "compute": {"batch_size": 2, **compute},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_family, manifest, tmp_path_factory):
+    """The same job with the worker in this process (no Ray): the numbers the Ray runs must reproduce."""
+    out = str(tmp_path_factory.mktemp("augment-ref") / "out")
+    return augment(_config(tiny_family, manifest, out), runner=run_round_inprocess), out
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_local, tiny_family, manifest, tmp_path_factory):
+    """Two CPU actors; one of them is killed after its first batch (PNGs written, ledger not)."""
+    out = str(tmp_path_factory.mktemp("augment-ray") / "out")
+    config = _config(tiny_family, manifest, out, num_actors=2, kill_actor_once_after_batches=1)
+    return config, augment(config), out
+
+
+def _manifest(out: str) -> pa.Table:
+    return read_table(Layout.of(out).manifest)
+
+
+def _check_outputs(out: str, summary: dict) -> pa.Table:
+    table = _manifest(out)
+    rows = table.to_pylist()
+    ids = [r["cf_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and len({r["slot_id"] for r in rows}) == len(rows)
+    for name in ("effusion", "devices"):
+        mine = [r for r in rows if r["subgroup"] == name]
+        accepted = sum(r["accepted"] for r in mine)
+        assert accepted == QUOTAS[name] == summary["subgroups"][name]["accepted"]
+        # Rows = the attempt order's prefix up to the quota-th accept: accepted + the rejects before it.
+        assert len(mine) == accepted + summary["subgroups"][name]["rejected"]
+        ranks = sorted(r["attempt_rank"] for r in mine)
+        assert max(mine, key=lambda r: r["attempt_rank"])["accepted"]  # the prefix ends on an accept
+        assert ranks == sorted(set(ranks))
+        assert all((r["s_clip"] >= 0.0) == r["accepted"] for r in mine)
+    broken = summary["subgroups"]["broken"]
+    assert broken["status"] == "shortfall" and broken["shortfall"] == 1 and broken["accepted"] == 0
+    # Every row's PNG exists and decodes at the model resolution; no PNG without a row.
+    fs, root = fsspec.core.url_to_fs(out)
+    on_disk = {p for p in fs.find(f"{root}/images")}
+    assert on_disk == {fsspec.core.url_to_fs(r["image_uri"])[1] for r in rows}
+    for r in rows:
+        with fsspec.open(r["image_uri"], "rb") as f:
+            image = np.asarray(Image.open(io.BytesIO(f.read())))
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert not fs.exists(f"{root}/_ledger/rows") or not fs.find(f"{root}/_ledger/rows")
+    return table
+
+
+def test_in_process_worker_meets_quotas(reference):
+    summary, out = reference
+    _check_outputs(out, summary)
+    assert summary["attempts_this_run"] >= sum(QUOTAS.values()) - QUOTAS["broken"]
+
+
+def test_ray_meets_quotas_exactly_despite_a_killed_actor(ray_run, reference):
+    config, summary, out = ray_run
+    table = _check_outputs(out, summary)
+    assert Path(Layout.of(out).fault_marker).exists()  # an actor really died mid-round
+    ref = _manifest(reference[1])
+    for name in ("effusion", "devices"):
+        assert summary["subgroups"][name]["accepted"] == reference[0]["subgroups"][name]["accepted"]
+    # Same slots got the same scores (deterministic ids; tolerance for thread-count-dependent kernels).
+    ref_scores = dict(zip(ref.column("slot_id").to_pylist(), ref.column("s_clip").to_pylist()))
+    common = [(s, v) for s, v in zip(table.column("slot_id").to_pylist(), table.column("s_clip").to_pylist()) if s in ref_scores]
+    assert common and all(abs(v - ref_scores[s]) < 1e-3 for s, v in common)
+    assert summary["throughput"]["attempts_per_second"] > 0
+    assert set(summary["actor_stage_seconds"]) >= {"read", "invert", "edit", "score", "write"}
+
+
+def test_missing_and_corrupt_files_are_two_error_rows(ray_run):
+    _, summary, out = ray_run
+    errors = read_table(Layout.of(out).errors).to_pylist()
+    assert len(errors) == 2 == summary["error_rows"]
+    by_file = {Path(e["source_uri"]).name: e for e in errors}
+    assert set(by_file) == {"missing.png", "corrupt.png"}
+    assert all(e["stage"] == "read" and e["subgroup"] == "broken" for e in errors)
+    assert "not found" in by_file["missing.png"]["reason"] and "corrupt" in by_file["corrupt.png"]["reason"]
+
+
+def test_second_run_does_no_new_work(ray_run):
+    config, first, out = ray_run
+    before = _manifest(out)
+    again = augment(config)
+    assert again["rounds"] == [] and again["attempts_this_run"] == 0
+    after = _manifest(out)
+    assert after.column("cf_id").to_pylist() == before.column("cf_id").to_pylist()
+    assert again["error_rows"] == first["error_rows"] == 2
+    assert again["config_hash"] == first["config_hash"]
+
+
+def test_s3_on_a_loopback_server(ray_local, tiny_family, tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",  # moto's fake credentials
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("prism-test")
+        data = write_phantom_dataset("s3://prism-test/data", PhantomDatasetConfig(n_subjects=8, resolution=64, seed=2))
+        config = AugmentConfig.model_validate(
+            {
+                "model": {"path": str(tiny_family), "device": "cpu"},
+                "data": {"manifest": data.manifest_uri},
+                "subgroups": [{"name": "all", "interventions": ["Cardiomegaly=1", "Cardiomegaly=0"], "quota": 1}],
+                "inversion": {"num_inference_steps": 4, "num_inner_steps": 2},
+                "filter": {"s_clip_min": -1.0},  # accept everything: one round, one source
+                "planner": {"over_provision": 1.0, "initial_acceptance": 1.0},
+                "output": "s3://prism-test/augment",
+                "compute": {"num_actors": 1, "env_vars": env},
+            }
+        )
+        summary = augment(config)
+        assert summary["subgroups"]["all"]["accepted"] == 1
+        rows = read_table("s3://prism-test/augment/manifest.parquet").to_pylist()
+        assert len(rows) == 1 and rows[0]["image_uri"].startswith("s3://prism-test/augment/images/all/")
+        with fsspec.open(rows[0]["image_uri"], "rb") as f:
+            assert np.asarray(Image.open(io.BytesIO(f.read()))).shape == (64, 64, 3)
+        assert fs.exists("prism-test/augment/run_summary.json")
+    finally:
+        server.stop()
+
+
+def test_cli_resolves_the_job_and_its_config():
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "prism_ray.cli", "augment", "--config", str(repo / "configs/augment_tiny.yaml"),
+         "--set", "compute.num_actors=3", "--print-config"],
+        capture_output=True, text=True, cwd=repo,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "num_actors: 3" in out.stdout and "name: effusion" in out.stdout

@@ -223,7 +223,7 @@ def _to_training_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
 
 def pixels_to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, R, R) -> float (N, 3, R, R) in [-1, 1] (`x / 127.5 - 1`, ALGORITHM.md section 1)."""
-    return torch.as_tensor(np.asarray(pixels)).float() / 127.5 - 1.0
+    return torch.tensor(np.asarray(pixels)).float() / 127.5 - 1.0  # copies: Ray hands out read-only arrays
 
 
 # --- validation images -----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -103,14 +104,21 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
 
     config, storage, first = first_run
     exported_at_2 = module_digest(load_sd_components(first.model_path, device="cpu").unet)
-    checkpoint_at_2 = state_dict_digest(consolidated_unet_state(__import__("pathlib").Path(first.checkpoint_path)))
+    checkpoint_at_2 = state_dict_digest(consolidated_unet_state(Path(first.checkpoint_path)))
     assert checkpoint_at_2 == exported_at_2
 
+    # The re-run also switches to cached latents (a data-path choice; the checkpoint is the same).
     again = make_config(
-        tiny_family, manifest, storage, "train.max_steps=3", f"run.export_path={storage / 'model-3'}"
+        tiny_family,
+        manifest,
+        storage,
+        "train.max_steps=3",
+        "train.cache_latents=true",
+        f"run.export_path={storage / 'model-3'}",
     )
     result = finetune(again)
     assert (result.start_step, result.final_step) == (2, 3)
+    assert result.skipped == first.skipped
     events = sorted((storage / "ft" / "events").glob("resume-*.json"))
     assert len(events) == 1
     event = json.loads(events[0].read_text())

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from prism_ray.training import (
 
 log = logging.getLogger(__name__)
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every Ray checkpoint folder
 STATE_FILE = "trainer_state.json"
 UNET_FILE = "unet.safetensors"  # ZeRO stage 0: the full U-Net, written by rank 0
@@ -200,36 +202,39 @@ def prepare_batch(batch: pa.Table, *, data: DataConfig, resolution: int, errors_
 
 
 def _write_errors(bad: list[dict], errors_uri: str, config_hash: str) -> None:
-    # Named by content: the same bad rows seen again in a later epoch overwrite the same file.
-    key = hashlib.sha256("\n".join(f"{e['uri']}\t{e['error']}" for e in bad).encode()).hexdigest()[:16]
     now = datetime.now(timezone.utc)
-    rows = [
-        {
-            "source_uri": e["uri"],
-            "stage": e["error"].split(":", 1)[0],  # image | caption
-            "reason": e["error"].split(":", 1)[1].strip(),
-            "config_hash": config_hash,
-            "created_at": now,
-        }
-        for e in bad
-    ]
-    write_table(rows_to_table(rows, ERROR_SCHEMA), join_uri(errors_uri, f"part-{key}.parquet"))
+    rows = []
+    for e in bad:
+        stage, reason = e["error"].split(":", 1)  # stage: image | caption
+        # PIL puts object addresses into messages; drop them so a reason reads the same every epoch.
+        rows.append(
+            {
+                "source_uri": e["uri"],
+                "stage": stage,
+                "reason": _ADDRESS.sub("", reason).strip(),
+                "config_hash": config_hash,
+                "created_at": now,
+            }
+        )
+    # Named by content: the same bad rows seen again in a later epoch overwrite the same file.
+    key = hashlib.sha256("\n".join(f"{r['source_uri']}\t{r['stage']}\t{r['reason']}" for r in rows).encode())
+    write_table(rows_to_table(rows, ERROR_SCHEMA), join_uri(errors_uri, f"part-{key.hexdigest()[:16]}.parquet"))
 
 
 def skipped_rows(run_path: str) -> dict[str, int]:
-    """Counts of skipped manifest rows by `stage: reason`, each source counted once."""
+    """Counts of skipped manifest rows by `stage: reason`, each (source, stage) counted once."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(join_uri(run_path, "errors"))
     if not fs.exists(path):
         return {}
-    seen: dict[tuple[str, str], None] = {}
+    reasons: dict[tuple[str, str], str] = {}
     for part in sorted(fs.glob(path + "/*.parquet")):
         table = read_table(fs.unstrip_protocol(part))
         for row in table.select(["source_uri", "stage", "reason"]).to_pylist():
-            seen[(row["source_uri"], f"{row['stage']}: {row['reason']}")] = None
+            reasons[(row["source_uri"], row["stage"])] = f"{row['stage']}: {row['reason']}"
     counts: dict[str, int] = {}
-    for _, reason in seen:
+    for reason in reasons.values():
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 
@@ -255,12 +260,14 @@ class EncodeLatents:
 
 def cache_latents(dataset, config: FinetuneConfig):
     """Encode every good row once with Ray Data actors and keep the result in the object store."""
+    from ray.data import ActorPoolStrategy
+
     c = config.compute
     return dataset.map_batches(
         EncodeLatents,
         fn_constructor_kwargs={"config": config},
         batch_size=16,
-        concurrency=c.data_concurrency,
+        compute=ActorPoolStrategy(size=c.data_concurrency),
         num_gpus=1 if c.use_gpu else 0,
         num_cpus=1,
     ).materialize()
@@ -308,7 +315,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     configure_unet(sd.unet, gradient_checkpointing=t.gradient_checkpointing, attention=t.attention)
     noise_scheduler = make_noise_scheduler(model_prediction_type(sd.scheduler, t.prediction_type), t.num_train_timesteps)
     # Ray Train already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed reuses it.
-    engine, _, _, lr_scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=sd.unet,
         model_parameters=[p for p in sd.unet.parameters() if p.requires_grad],
         config=loop_config["deepspeed"],
@@ -338,16 +345,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for step in range(start_step + 1, t.max_steps + 1):
         started = time.perf_counter()
+        lr = float(engine.get_lr()[0])  # the rate this step uses (schedulers advance after the step)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(accumulation):
             batch = next(batches)
             # One generator per (seed, rank, micro-step): a resumed run draws the noise a straight run would.
             gen = step_generator(t.seed, rank, (step - 1) * accumulation + micro)
             if cached:
-                mean = torch.from_numpy(batch["latents"])
-                std = torch.from_numpy(batch["latents_std"]) if "latents_std" in batch else None
+                mean = torch.tensor(batch["latents"])
+                std = torch.tensor(batch["latents_std"]) if "latents_std" in batch else None
                 latents = latents_from_moments(mean, std, t.latents, gen)
-                context = torch.from_numpy(batch["context"])
+                context = torch.tensor(batch["context"])
             else:
                 mean, std = latent_moments(sd.vae, pixels_to_model_input(batch["pixels"]))
                 latents = latents_from_moments(mean, std, t.latents, gen)
@@ -367,7 +375,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {
                 "step": step,
                 "loss": loss,
-                "lr": float(lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]),
+                "lr": lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "images_per_second": images_per_step / elapsed,
                 "images_per_second_per_worker": images_per_step / elapsed / world,

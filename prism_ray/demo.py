@@ -123,9 +123,13 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
         heads = classifier_labels(clf)
     tiles, labels, stats = [], [], []
     for subgroup in sorted({r["subgroup"] for r in manifest}):
-        rows = [r for r in accepted if r["subgroup"] == subgroup]
+        attempted = [r for r in manifest if r["subgroup"] == subgroup and r.get("image_uri")]
+        rows = [r for r in attempted if r["accepted"]]
+        scope = "accepted"
+        if not rows:  # still show (and score) what the filter rejected: pictures explain why
+            rows, scope = attempted, "rejected (none accepted)"
         if not rows:
-            lines.append(f"- {subgroup}: no accepted counterfactuals")
+            lines.append(f"- {subgroup}: no counterfactuals")
             continue
         src = [read_image(r["source_uri"]) for r in rows]
         cfs = [read_image(r["image_uri"]) for r in rows]
@@ -133,8 +137,10 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
         scores = score_against_truth(src, cfs, trues)
         entry = {
             "subgroup": subgroup,
-            "accepted": len(rows),
-            "attempted": sum(r["subgroup"] == subgroup for r in manifest),
+            "scored": scope,
+            "accepted": sum(r["accepted"] for r in attempted),
+            "attempted": len(attempted),
+            "mean_s_clip": float(np.mean([r["s_clip"] for r in rows])),
             "l1_to_source": float(scores.l1_to_source.mean()),
             "error_to_true_cf": float(scores.error_to_true.mean()),
             "no_edit_error_to_true_cf": float(scores.source_to_true.mean()),
@@ -153,7 +159,7 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
         for r, s, c, t in list(zip(rows, src, cfs, trues))[:4]:
             diff = np.clip(np.abs(gray(c).astype(int) - gray(s).astype(int)) * 4, 0, 255).astype(np.uint8)
             tiles += [gray(s), gray(c), t, diff]
-            labels += ["source", "counterfactual", "true cf", "|cf-src|x4"]
+            labels += ["source", "cf" + ("" if r["accepted"] else " (rejected)"), "true cf", "|cf-src|x4"]
     if tiles:
         save_contact_sheet(tiles, str(report / "counterfactuals.png"), ncols=4, labels=labels, upscale=3)
         lines += ["![counterfactuals](counterfactuals.png)", ""]

@@ -211,8 +211,9 @@ class AttentionController:
         control(source) * alpha + own * (1 - alpha)."""
         src, own = probs[:, 0], probs[:, 1:]
         alpha = self.cross_alpha[step].to(probs.dtype)  # (N, K, 1, 1, 77)
-        edited = self.cross(src, own) * alpha + own * (1 - alpha)
-        return torch.cat([src[:, None], edited], 1)
+        edited = torch.lerp(own, self.cross(src, own), alpha)  # control(src) * alpha + own * (1 - alpha)
+        probs[:, 1:] = edited  # probs is the processor's own fresh tensor
+        return probs
 
     def step_callback(self, latents: torch.Tensor, state: ControlState) -> torch.Tensor:
         """After the scheduler step: local blend. latents (N, K + 1, C, h, w)."""

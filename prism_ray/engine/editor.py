@@ -1,0 +1,361 @@
+"""The prompt-to-prompt editing pass (ALGORITHM.md section 5): invert once, edit many, several images per call.
+
+For each image the batch is [source, edit_1 .. edit_K], all starting from the inverted z_T; the source
+branch is computed once per step and shared by the K edits. `edit_batch_size` images go through each
+U-Net call; the layout of the guided batch is documented in `prism_ray.engine.attention`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.engine import seq_aligner
+from prism_ray.engine.attention import (
+    AttentionController,
+    ControlState,
+    LocalBlend,
+    RefineControl,
+    ReplaceControl,
+    ReweightControl,
+    blend_layers,
+    controlled,
+)
+from prism_ray.engine.errors import ItemError
+from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.text import encode_prompts
+from prism_ray.engine.types import InversionResult
+from prism_ray.images import decode
+
+STAGE = "edit"  # the errors table's stage for everything that fails in here
+
+BlendWords = tuple[Sequence[str], Sequence[str]]  # (source-prompt words, edit-prompt words)
+
+
+def _edit_words(source: str, edit: str) -> list[str]:
+    """Words of `edit` not in `source` (prism_ray.captions.edit_words, imported lazily to keep this light)."""
+    from prism_ray.captions import edit_words
+
+    return edit_words(source, edit)
+
+
+@dataclass
+class EditResult:
+    """Edits of the images that succeeded; `indices[r]` is the input position of row r."""
+
+    indices: list[int]
+    edits: np.ndarray  # (N_ok, K, R, R, 3) uint8
+    reconstructions: np.ndarray  # (N_ok, R, R, 3) uint8: the source branch
+    latents: torch.Tensor  # (N_ok, K + 1, C, h, w) final latents, source branch first
+    seconds: list[float]  # wall time attributed to each row (its share of its batch)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (input index, stage, reason)
+    blend_masks: torch.Tensor | None = None  # (N_ok, K, h, w) bool: last local-blend mask, if any
+
+
+@dataclass
+class _Plan:
+    """One image's validated prompt-to-prompt settings (K edits), before stacking into a batch."""
+
+    mapper: torch.Tensor | None  # replace (K, 77, 77) or refine (K, 77) long
+    refine_alphas: torch.Tensor | None  # (K, 77)
+    equalizer: torch.Tensor | None  # (K, 77)
+    cross_alpha: torch.Tensor  # (T + 1, K, 1, 1, 77)
+    blend_source: torch.Tensor  # (K, 77)
+    blend_edit: torch.Tensor  # (K, 77)
+    blend_enabled: torch.Tensor  # (K,) bool
+
+
+class Editor:
+    """Prompt-to-prompt editing of inverted images with the reference DDIM steps and guidance."""
+
+    def __init__(self, sd, edit_config: EditConfig | None = None, inversion_config: InversionConfig | None = None):
+        self.sd = sd
+        self.config = edit_config or EditConfig()
+        self.inversion_config = inversion_config or InversionConfig()
+
+    # --- validation: one image's settings --------------------------------------------------------
+
+    def plan(
+        self,
+        source: str,
+        edits: Sequence[str],
+        num_steps: int,
+        blend_words: Sequence[BlendWords | None] | None = None,
+        reweight_words: Sequence[Sequence[str] | None] | None = None,
+    ) -> _Plan:
+        """Mappers, equalizer, alpha table and blend words for one image; ValueError on a bad prompt/word."""
+        cfg, tok = self.config, self.sd.tokenizer
+        k = len(edits)
+        for name, given in (("blend_words", blend_words), ("reweight_words", reweight_words)):
+            if given is not None and len(given) != k:
+                raise ValueError(f"{name}: {len(given)} entries for {k} edit prompts")
+        mapper = alphas = eq = None
+        if cfg.controller == "replace":
+            mapper = torch.stack([seq_aligner.replace_mapper(source, e, tok) for e in edits])
+        elif cfg.controller == "refine":
+            pairs = [seq_aligner.refine_mapper(source, e, tok) for e in edits]
+            mapper, alphas = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if reweight_words is not None and cfg.reweight is None:
+            raise ValueError("reweight_words given but edit_config.reweight is None")
+        if cfg.reweight is not None:
+            words = [
+                _edit_words(source, e) if reweight_words is None or reweight_words[i] is None else reweight_words[i]
+                for i, e in enumerate(edits)
+            ]
+            eq = torch.stack([seq_aligner.equalizer(e, w, cfg.reweight, tok) for e, w in zip(edits, words)])
+        cross_alpha = seq_aligner.cross_replace_alphas(num_steps, edits, cfg.cross_replace_steps, tok)
+        src_w, edit_w = torch.zeros(k, seq_aligner.MAX_TOKENS), torch.zeros(k, seq_aligner.MAX_TOKENS)
+        enabled = torch.zeros(k, dtype=torch.bool)
+        for i, e in enumerate(edits):
+            given = None if blend_words is None else blend_words[i]
+            if given is None and not cfg.local_blend:
+                continue
+            if given is None:  # default: the words that differ; none differ -> nothing to localise
+                words_s, words_e = _edit_words(e, source), _edit_words(source, e)
+                if not words_s and not words_e:
+                    continue
+            else:
+                words_s, words_e = given
+                if not words_s and not words_e:
+                    raise ValueError(f"local blend for edit {e!r}: blend_words has no words")
+            if words_s:
+                src_w[i, seq_aligner.words_token_indices(source, words_s, tok)] = 1.0
+            if words_e:
+                edit_w[i, seq_aligner.words_token_indices(e, words_e, tok)] = 1.0
+            enabled[i] = True
+        return _Plan(mapper, alphas, eq, cross_alpha, src_w, edit_w, enabled)
+
+    def controller(self, plans: list[_Plan], num_steps: int, latent_size: int) -> AttentionController | None:
+        """Stack per-image plans into one controller for a batch (None when nothing would be controlled)."""
+        cfg = self.config
+        n, k = len(plans), plans[0].cross_alpha.shape[1]
+        cross = None
+        if cfg.controller == "replace":
+            cross = ReplaceControl(torch.stack([p.mapper for p in plans]))
+        elif cfg.controller == "refine":
+            cross = RefineControl(torch.stack([p.mapper for p in plans]), torch.stack([p.refine_alphas for p in plans]))
+        if cfg.reweight is not None:
+            cross = ReweightControl(torch.stack([p.equalizer for p in plans]), cross)
+        blend = None
+        enabled = torch.stack([p.blend_enabled for p in plans])  # (N, K)
+        if enabled.any():
+            layers, side = blend_layers(self.sd.unet, latent_size)
+            blend = LocalBlend(
+                source_words=torch.stack([p.blend_source for p in plans]),
+                edit_words=torch.stack([p.blend_edit for p in plans]),
+                enabled=enabled,
+                layers=layers,
+                resolution=side,
+                start_step=int(cfg.blend_start * num_steps),
+                threshold=cfg.blend_threshold,
+            )
+        self_window = seq_aligner.step_window(cfg.self_replace_steps, num_steps)
+        if cross is None and blend is None and self_window[0] >= self_window[1]:
+            return None
+        return AttentionController(
+            num_images=n,
+            num_edits=k,
+            cross=cross,
+            cross_alpha=torch.stack([p.cross_alpha for p in plans], 1),  # (T + 1, N, K, 1, 1, 77)
+            self_window=self_window,
+            self_max_queries=cfg.self_attention_max_queries,
+            blend=blend,
+        ).to(self.sd.device)
+
+    # --- the denoising loop -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        inversion: InversionResult,
+        text: torch.Tensor,
+        controller: AttentionController | None,
+        state: ControlState,
+        steps: DDIMSteps,
+    ) -> torch.Tensor:
+        """All branches from z_T to z_0. text (N * (K + 1), 77, D) image-major -> latents (N, K + 1, C, h, w)."""
+        unet, device = self.sd.unet, self.sd.device
+        dtype = next(unet.parameters()).dtype
+        n = inversion.latents.shape[1]
+        b = text.shape[0] // n  # K + 1 branches per image
+        scale = self.inversion_config.guidance_scale
+        x = inversion.z_T.to(device, torch.float32)[:, None].repeat(1, b, 1, 1, 1)  # (N, K + 1, C, h, w)
+        text = text.to(device, dtype)
+        residuals = None if inversion.residuals is None else inversion.residuals.to(device, torch.float32)
+        with controlled(unet, controller, state) if controller is not None else nullcontext():
+            for i, t in enumerate(steps.timesteps.tolist()):
+                state.step = i
+                uncond = inversion.uncond_embeddings[i].to(device, dtype).repeat_interleave(b, 0)  # (N * (K + 1), 77, D)
+                z = x.flatten(0, 1)
+                eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, text])).sample
+                eps_u, eps_c = eps.float().chunk(2)
+                z = steps.prev_step(eps_u + scale * (eps_c - eps_u), t, z)
+                x = z.view_as(x)
+                if controller is not None:
+                    x = controller.step_callback(x, state)
+                if residuals is not None:  # direct inversion: after the callback, source branch only
+                    x = x.clone()
+                    x[:, 0] += residuals[i]
+        return x
+
+    def edit(
+        self,
+        inversion: InversionResult,
+        source_prompts: Sequence[str],
+        edit_prompts: Sequence[Sequence[str]],
+        blend_words: Sequence[Sequence[BlendWords | None] | None] | None = None,
+        reweight_words: Sequence[Sequence[Sequence[str] | None] | None] | None = None,
+    ) -> EditResult:
+        """Edit N inverted images, each with K edit prompts (the same K for all).
+
+        blend_words[j][e] = (source words, edit words) turns local blend on for that edit (with
+        `local_blend` on, None means: words that differ between the two prompts). reweight_words[j][e]:
+        the edit prompt's words scaled by `reweight` (default: words of the edit not in the source).
+        Items whose prompts/words are invalid or whose latents become NaN are reported in `errors`
+        (stage "edit") and left out; the others complete.
+        """
+        n = inversion.latents.shape[1]
+        if len(source_prompts) != n or len(edit_prompts) != n:
+            raise ValueError(f"source_prompts/edit_prompts: {len(source_prompts)}/{len(edit_prompts)} for {n} images")
+        if any(isinstance(e, str) for e in edit_prompts):
+            raise ValueError("edit_prompts: expected one list of edit prompts per image")
+        k = len(edit_prompts[0]) if n else 0
+        if n and (k == 0 or any(len(e) != k for e in edit_prompts)):
+            raise ValueError(f"edit_prompts: every image needs the same number (>= 1) of edits, got {[len(e) for e in edit_prompts]}")
+        num_steps = len(inversion.timesteps)
+        steps = DDIMSteps(make_ddim_scheduler(num_steps))
+        if not torch.equal(steps.timesteps.cpu(), inversion.timesteps.cpu()):
+            raise ValueError("inversion.timesteps: not the reference DDIM grid for its number of steps")
+
+        errors: list[ItemError] = []
+        plans: dict[int, _Plan] = {}
+        for j in range(n):  # validate each item before batching
+            try:
+                plans[j] = self.plan(
+                    source_prompts[j],
+                    list(edit_prompts[j]),
+                    num_steps,
+                    None if blend_words is None else blend_words[j],
+                    None if reweight_words is None else reweight_words[j],
+                )
+            except ValueError as err:
+                errors.append(ItemError(j, STAGE, str(err)))
+
+        good = sorted(plans)
+        latents, seconds = {}, {}
+        masks, any_blend = {}, False
+        latent_size = int(inversion.latents.shape[-1])
+        for begin in range(0, len(good), self.config.edit_batch_size):
+            chunk = good[begin : begin + self.config.edit_batch_size]
+            start = time.perf_counter()
+            sub = inversion.select(chunk)
+            edits = encode_prompts(self.sd.tokenizer, self.sd.text_encoder, [p for j in chunk for p in edit_prompts[j]])
+            source = sub.cond_embeddings.to(edits.device, edits.dtype)  # the context the inversion used
+            text = torch.cat([source[:, None], edits.view(len(chunk), k, *edits.shape[1:])], 1)  # (n, K + 1, 77, D)
+            controller = self.controller([plans[j] for j in chunk], num_steps, latent_size)
+            state = ControlState()
+            x = self.denoise(sub, text.flatten(0, 1), controller, state, steps)
+            elapsed = time.perf_counter() - start
+            for r, j in enumerate(chunk):
+                if not torch.isfinite(x[r]).all():  # NaN per image, after the loop
+                    errors.append(ItemError(j, STAGE, "NaN/inf in the edited latents"))
+                    continue
+                latents[j], seconds[j] = x[r], elapsed / len(chunk)
+                if state.blend_mask is not None:
+                    masks[j] = state.blend_mask[r, :, 0]
+                else:  # no local blend in this batch: the edit is kept everywhere
+                    masks[j] = torch.ones(k, *x.shape[-2:], dtype=torch.bool, device=x.device)
+                any_blend = any_blend or state.blend_mask is not None
+
+        ok = sorted(latents)
+        res = self.sd.resolution
+        if ok:
+            stacked = torch.stack([latents[j] for j in ok])  # (N_ok, K + 1, C, h, w)
+            start = time.perf_counter()
+            images = decode(self.sd.vae, stacked.flatten(0, 1)).reshape(len(ok), k + 1, res, res, 3)
+            decode_share = (time.perf_counter() - start) / len(ok)
+        else:
+            stacked = torch.zeros(0, k + 1, 0, 0, 0)
+            images, decode_share = np.zeros((0, k + 1, res, res, 3), np.uint8), 0.0
+        errors.sort(key=lambda e: e.index)
+        return EditResult(
+            indices=ok,
+            edits=images[:, 1:],
+            reconstructions=images[:, 0],
+            latents=stacked.cpu(),
+            seconds=[seconds[j] + decode_share for j in ok],
+            errors=[e.as_tuple() for e in errors],
+            blend_masks=torch.stack([masks[j] for j in ok]).cpu() if any_blend and ok else None,
+        )
+
+
+# --- invert + edit, for callers such as the Ray actor -----------------------------------------
+
+
+@dataclass
+class EditedItem:
+    """One source image's edits."""
+
+    index: int  # position in the caller's input
+    source_prompt: str
+    edit_prompts: list[str]
+    edits: np.ndarray  # (K, R, R, 3) uint8
+    reconstruction: np.ndarray  # (R, R, 3) uint8
+    inversion_seconds: float
+    edit_seconds: float
+
+
+def edit_many(
+    editor: Editor,
+    images,
+    source_prompts: Sequence[str],
+    edit_prompts: Sequence[Sequence[str]],
+    *,
+    blend_words=None,
+    reweight_words=None,
+    offsets: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> tuple[list[EditedItem], list[tuple[int, str, str]]]:
+    """Images + source prompts + K edit prompts each -> (edited items, errors (index, stage, reason)).
+
+    Inverts (`editor.inversion_config`, batched by its `batch_size`) and edits (`edit_batch_size`);
+    an item failing at either stage is reported and the others complete. Indices refer to the input.
+    """
+    from prism_ray.engine.inversion import invert_many
+
+    n = len(images)
+    if len(source_prompts) != n or len(edit_prompts) != n:
+        raise ValueError(f"source_prompts/edit_prompts: {len(source_prompts)}/{len(edit_prompts)} for {n} images")
+    inversion, errors = invert_many(editor.sd, images, list(source_prompts), editor.inversion_config, offsets=offsets)
+    failed = {e[0] for e in errors}
+    good = [i for i in range(n) if i not in failed]
+    items: list[EditedItem] = []
+    if inversion is not None and good:
+        pick = lambda seq: None if seq is None else [seq[i] for i in good]  # noqa: E731
+        result = editor.edit(
+            inversion,
+            pick(source_prompts),
+            pick(edit_prompts),
+            blend_words=pick(blend_words),
+            reweight_words=pick(reweight_words),
+        )
+        errors = errors + [(good[r], stage, reason) for r, stage, reason in result.errors]
+        for row, r in enumerate(result.indices):
+            i = good[r]
+            items.append(
+                EditedItem(
+                    index=i,
+                    source_prompt=source_prompts[i],
+                    edit_prompts=list(edit_prompts[i]),
+                    edits=result.edits[row],
+                    reconstruction=result.reconstructions[row],
+                    inversion_seconds=inversion.seconds[r] if inversion.seconds else 0.0,
+                    edit_seconds=result.seconds[row],
+                )
+            )
+    return items, sorted(errors)

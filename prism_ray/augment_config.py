@@ -1,4 +1,4 @@
-"""Config of the `augment` job: subgroups with quotas of accepted counterfactuals, on a Ray Data actor pool."""
+"""Config of the `augment` job: subgroups with quotas of accepted counterfactuals, on a Ray actor pool."""
 
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ class SamplingConfig(BaseConfig):
 class PlannerConfig(BaseConfig):
     """How rounds are sized (see prism_ray.quota): attempts = remaining / p_hat * over_provision."""
 
-    over_provision: float = Field(1.2, ge=1.0, le=10.0, description="safety factor on the attempts a round needs")
-    initial_acceptance: float = Field(0.5, gt=0.0, le=1.0, description="acceptance-rate prior before any result")
+    over_provision: float = Field(1.2, ge=1.0, le=10.0, description="safety factor on a round's attempts")
+    initial_acceptance: float = Field(0.5, gt=0.0, le=1.0, description="acceptance prior before any result")
     prior_weight: float = Field(2.0, ge=0.0, description="pseudo-attempts behind the prior")
-    min_acceptance: float = Field(0.05, gt=0.0, le=1.0, description="floor of the estimate (caps over-provisioning)")
+    min_acceptance: float = Field(0.05, gt=0.0, le=1.0, description="floor of the estimate (caps a round)")
     max_rounds: int = Field(5, ge=1)
-    max_attempts_per_round: int | None = Field(None, ge=1, description="cap on one round's attempts (all subgroups)")
+    max_attempts_per_round: int | None = Field(None, ge=1, description="cap on one round's attempts")
 
 
 class ComputeConfig(BaseConfig):
@@ -92,10 +92,10 @@ class ComputeConfig(BaseConfig):
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
     batch_size: int = Field(4, ge=1, description="sources per map_batches call (inverted together)")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor; default: num_cpus_per_actor")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per actor; default: its CPUs")
     env_vars: dict[str, str] = Field(
         default_factory=dict,
-        description="non-secret environment for the actors (e.g. AWS_ENDPOINT_URL); credentials come from the cluster",
+        description="non-secret env for the actors (e.g. AWS_ENDPOINT_URL); credentials: the cluster's",
     )
     kill_actor_once_after_batches: int | None = Field(
         None, ge=0, description="fault injection: an actor exits hard once, after this many finished batches"
@@ -141,7 +141,8 @@ class AugmentConfig(BaseConfig):
         """
         dump = self.model_dump(mode="json")
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
-        data = dump["data"] and {k: dump["data"][k] for k in ("image_column", "image_root", "adapter", "adapter_options")}
+        data_keys = ("image_column", "image_root", "adapter", "adapter_options")
+        data = dump["data"] and {k: dump["data"][k] for k in data_keys}
         keep = {"model": model, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
             keep.update(inversion=dump["inversion"], edit=dump["edit"], filter=dump["filter"])

@@ -30,9 +30,12 @@ def _digest(*parts: object, size: int = 24) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:size]
 
 
-def slot_id(results_hash: str, subgroup: str, source: str | None, edit: str, sample_index: int | None = None) -> str:
+def slot_id(
+    results_hash: str, subgroup: str, source: str | None, edit: str, sample_index: int | None = None
+) -> str:
     """Deterministic id of one planned attempt, known before any image is read (for resume)."""
-    return _digest("slot", results_hash, subgroup, source or "", edit, "" if sample_index is None else sample_index)
+    index = "" if sample_index is None else sample_index
+    return _digest("slot", results_hash, subgroup, source or "", edit, index)
 
 
 def source_order(sources: Sequence[str], seed: int, salt: str) -> list[str]:
@@ -93,7 +96,8 @@ class SlotPool:
         passes, j = divmod(rank, len(self.sources))
         edit = self.edits[(j + passes) % len(self.edits)]
         source = self.sources[j]
-        return Slot(self.subgroup, rank, slot_id(self.results_hash, self.subgroup, source, edit), source, edit)
+        sid = slot_id(self.results_hash, self.subgroup, source, edit)
+        return Slot(self.subgroup, rank, sid, source, edit)
 
     def __iter__(self) -> Iterator[Slot]:
         rank = 0
@@ -111,12 +115,13 @@ def estimate_acceptance(
     """Posterior mean of a Beta prior (mean `prior`, `prior_weight` pseudo-attempts), floored."""
     if accepted < 0 or attempted < accepted:
         raise ValueError(f"need 0 <= accepted <= attempted, got {accepted}/{attempted}")
-    p = (accepted + prior * prior_weight) / (attempted + prior_weight) if attempted + prior_weight > 0 else prior
+    weight = attempted + prior_weight
+    p = (accepted + prior * prior_weight) / weight if weight > 0 else prior
     return min(1.0, max(p, floor))
 
 
 def attempts_needed(remaining: int, acceptance: float, over_provision: float = 1.0) -> int:
-    """Attempts expected to yield `remaining` accepts, times the safety factor; never fewer than `remaining`."""
+    """Attempts expected to yield `remaining` accepts, times the safety factor; at least `remaining`."""
     if remaining <= 0:
         return 0
     if not 0.0 < acceptance <= 1.0:

@@ -1,4 +1,4 @@
-"""The augment job on a local Ray with the tiny family: exact quotas, resume, a killed actor, bad files, s3://."""
+"""The augment job on a local Ray, tiny family: exact quotas, resume, a killed actor, bad files, s3://."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -24,7 +23,7 @@ QUOTAS = {"effusion": 2, "devices": 2, "broken": 1}
 
 
 def _with_bad_rows(manifest_uri: str, data_root: str) -> None:
-    """Append a row whose PNG is missing and one whose PNG is corrupt (no labels, so only `broken` picks them)."""
+    """Append a row whose PNG is missing and one whose PNG is corrupt (only `broken` selects them)."""
     table = read_table(manifest_uri)
     bad = table.slice(0, 2).to_pylist()
     corrupt = f"{data_root}/images/corrupt.png"
@@ -48,7 +47,7 @@ def manifest(tmp_path_factory) -> str:
 SUBGROUPS = [
     {"name": "effusion", "selector": {"Pleural Effusion": 1}, "interventions": ["Pleural Effusion=0"]},
     {"name": "devices", "selector": {"Support Devices": [1]}, "interventions": ["Support Devices=0"]},
-    {"name": "broken", "selector": {"subject_id": ["missing", "corrupt"]}, "interventions": ["Cardiomegaly=1"]},
+    {"name": "broken", "selector": {"subject_id": ["missing", "corrupt"]}, "interventions": ["Fracture=1"]},
 ]
 
 
@@ -130,7 +129,8 @@ def test_ray_meets_quotas_exactly_despite_a_killed_actor(ray_run, reference):
         assert summary["subgroups"][name]["accepted"] == reference[0]["subgroups"][name]["accepted"]
     # Same slots got the same scores (deterministic ids; tolerance for thread-count-dependent kernels).
     ref_scores = dict(zip(ref.column("slot_id").to_pylist(), ref.column("s_clip").to_pylist()))
-    common = [(s, v) for s, v in zip(table.column("slot_id").to_pylist(), table.column("s_clip").to_pylist()) if s in ref_scores]
+    scores = zip(table.column("slot_id").to_pylist(), table.column("s_clip").to_pylist())
+    common = [(s, v) for s, v in scores if s in ref_scores]
     assert common and all(abs(v - ref_scores[s]) < 1e-3 for s, v in common)
     assert summary["throughput"]["attempts_per_second"] > 0
     assert set(summary["actor_stage_seconds"]) >= {"read", "invert", "edit", "score", "write"}
@@ -174,12 +174,13 @@ def test_s3_on_a_loopback_server(ray_local, tiny_family, tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("prism-test")
-        data = write_phantom_dataset("s3://prism-test/data", PhantomDatasetConfig(n_subjects=8, resolution=64, seed=2))
+        phantoms = PhantomDatasetConfig(n_subjects=8, resolution=64, seed=2)
+        data = write_phantom_dataset("s3://prism-test/data", phantoms)
         config = AugmentConfig.model_validate(
             {
                 "model": {"path": str(tiny_family), "device": "cpu"},
                 "data": {"manifest": data.manifest_uri},
-                "subgroups": [{"name": "all", "interventions": ["Cardiomegaly=1", "Cardiomegaly=0"], "quota": 1}],
+                "subgroups": [{"name": "all", "interventions": ["Fracture=1"], "quota": 1}],
                 "inversion": {"num_inference_steps": 4, "num_inner_steps": 2},
                 "filter": {"s_clip_min": -1.0},  # accept everything: one round, one source
                 "planner": {"over_provision": 1.0, "initial_acceptance": 1.0},
@@ -200,10 +201,33 @@ def test_s3_on_a_loopback_server(ray_local, tiny_family, tmp_path, monkeypatch):
 
 def test_cli_resolves_the_job_and_its_config():
     repo = Path(__file__).resolve().parents[1]
+    config = repo / "configs" / "augment_tiny.yaml"
     out = subprocess.run(
-        [sys.executable, "-m", "prism_ray.cli", "augment", "--config", str(repo / "configs/augment_tiny.yaml"),
-         "--set", "compute.num_actors=3", "--print-config"],
-        capture_output=True, text=True, cwd=repo,
+        [sys.executable, "-m", "prism_ray.cli", "augment", "--config", str(config)]
+        + ["--set", "compute.num_actors=3", "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=repo,
     )
     assert out.returncode == 0, out.stderr
     assert "num_actors: 3" in out.stdout and "name: effusion" in out.stdout
+
+
+def test_samples_mode_writes_unfiltered_text_to_image_samples(tiny_family, tmp_path):
+    """The "SD samples" control arm: N samples per subgroup prompt, seeded per sample, no filter."""
+    config = AugmentConfig.model_validate(
+        {
+            "model": {"path": str(tiny_family), "device": "cpu"},
+            "mode": "samples",
+            "subgroups": [{"name": "cardio", "prompt": "Chest X-ray showing Cardiomegaly", "quota": 2}],
+            "sampling": {"num_inference_steps": 3},
+            "output": str(tmp_path / "samples"),
+        }
+    )
+    summary = augment(config, runner=run_round_inprocess)
+    rows = _manifest(str(tmp_path / "samples")).to_pylist()
+    assert summary["subgroups"]["cardio"]["accepted"] == 2 and len(rows) == 2
+    assert all(r["accepted"] and r["edit_prompt"] == "Chest X-ray showing Cardiomegaly" for r in rows)
+    assert len({r["sample_seed"] for r in rows}) == 2
+    with fsspec.open(rows[0]["image_uri"], "rb") as f:
+        assert np.asarray(Image.open(io.BytesIO(f.read()))).shape == (64, 64, 3)

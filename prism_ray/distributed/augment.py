@@ -1,4 +1,4 @@
-"""`augment` job: quota-exact, resumable counterfactual augmentation sets per subgroup on a Ray Data actor pool.
+"""`augment` job: quota-exact, resumable counterfactual augmentation sets per subgroup on Ray Data actors.
 
 Pipeline, per round (see `augment`):
   manifest -> select + caption sources (driver, metadata only) -> plan the round's slots (prism_ray.quota)
@@ -210,9 +210,8 @@ class AugmentWorker:
             by_k[len(prompts)].append(i)
         items, errors = [], []
         for idx in by_k.values():
-            got, bad = edit_many(
-                self.editor, [images[i] for i in idx], [source_prompts[i] for i in idx], [edit_prompts[i] for i in idx]
-            )
+            pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+            got, bad = edit_many(self.editor, pick(images), pick(source_prompts), pick(edit_prompts))
             for item in got:
                 item.index = idx[item.index]
                 items.append(item)
@@ -245,7 +244,10 @@ class AugmentWorker:
         for i, stage, reason in errors:
             task = sources[i][0]
             # Inversion depends only on the source: it fails for every edit. Edit failures are per slot.
-            out.errors += [self._error(task, stage, reason)] if stage == "invert" else self._slot_errors(task, stage, reason)
+            if stage == "invert":
+                out.errors.append(self._error(task, stage, reason))
+            else:
+                out.errors += self._slot_errors(task, stage, reason)
 
         for item in items:
             task, source_id, pixels = sources[item.index]
@@ -328,12 +330,15 @@ class AugmentWorker:
                 ).images
                 images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)  # (B, R, R, 3)
             except Exception as err:
-                out.errors += [self._error(task, "edit", f"{type(err).__name__}: {err}", e) for task, e in chunk]
+                reason = f"{type(err).__name__}: {err}"
+                out.errors += [self._error(task, "edit", reason, e) for task, e in chunk]
                 continue
             seconds = time.perf_counter() - start
             out.seconds["edit"] += seconds
             for (task, e), image in zip(chunk, images):
-                cf_id = _digest("sample", e["subgroup"], e["prompt"], e["sample_seed"], self.model_id, self.results_hash)
+                cf_id = _digest(
+                    "sample", e["subgroup"], e["prompt"], e["sample_seed"], self.model_id, self.results_hash
+                )
                 row = {
                     "cf_id": cf_id,
                     "slot_id": e["slot_id"],
@@ -364,17 +369,23 @@ class AugmentWorker:
             return
         finally:
             out.seconds["write"] += time.perf_counter() - start
-        row.update(image_uri=self.layout.uri(key), model_id=self.model_id, config_hash=self.results_hash, created_at=_now())
+        row.update(
+            image_uri=self.layout.uri(key),
+            model_id=self.model_id,
+            config_hash=self.results_hash,
+            created_at=_now(),
+        )
         out.rows.append(row)
 
     def _error(self, task: dict, stage: str, reason: str, edit: dict | None = None) -> dict:
         """An error row; without `edit` it is about the source (all its slots, every subgroup)."""
+        every = ",".join(sorted({e["subgroup"] for e in task["edits"]}))
         return {
             "source_uri": task.get("source_uri") or None,
             "slot_id": None if edit is None else edit["slot_id"],
             "stage": stage,
             "reason": reason,
-            "subgroup": ",".join(sorted({e["subgroup"] for e in task["edits"]})) if edit is None else edit["subgroup"],
+            "subgroup": every if edit is None else edit["subgroup"],
             "config_hash": self.results_hash,
             "created_at": _now(),
         }
@@ -436,7 +447,8 @@ def _selector_mask(table: pa.Table, subgroup) -> pa.ChunkedArray | pa.Array:
         try:
             value_set = pa.array(values).cast(col.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-            raise ValueError(f"subgroups.{subgroup.name}.selector.{column}: {values!r} vs {col.type}: {err}") from None
+            field = f"subgroups.{subgroup.name}.selector.{column}"
+            raise ValueError(f"{field}: {values!r} does not fit the column type {col.type}: {err}") from None
         mask = pc.and_(mask, pc.fill_null(pc.is_in(col, value_set=value_set), False))
     return mask
 
@@ -476,11 +488,11 @@ def load_sources(config: AugmentConfig) -> Sources:
 
 
 def make_pools(config: AugmentConfig, sources: Sources) -> list[SlotPool]:
-    h = config.results_hash()
+    common = dict(results_hash=config.results_hash(), seed=config.seed)
     if config.mode == "samples":
-        return [SlotPool(g.name, results_hash=h, seed=config.seed, prompt=g.prompt, filtered=False) for g in config.subgroups]
+        return [SlotPool(g.name, prompt=g.prompt, filtered=False, **common) for g in config.subgroups]
     return [
-        SlotPool(g.name, results_hash=h, seed=config.seed, sources=sources.by_subgroup[g.name], edits=g.interventions)
+        SlotPool(g.name, sources=sources.by_subgroup[g.name], edits=g.interventions, **common)
         for g in config.subgroups
     ]
 
@@ -596,7 +608,7 @@ def build_tasks(
                               edit_prompt=edit_prompt, rank=slot.rank))
         if edits:
             task_id = _digest("task", round_index, uri, *sorted(e["slot_id"] for e in edits))
-            tasks.append({"task_id": task_id, "source_uri": uri, "source_prompt": source_prompt, "edits": edits})
+            tasks.append(dict(task_id=task_id, source_uri=uri, source_prompt=source_prompt, edits=edits))
     return tasks, errors
 
 
@@ -622,11 +634,19 @@ class Tally:
         parts = []
         for name, c in self.counts.items():
             attempted = c["accepted"] + c["rejected"]
-            parts.append(f"{name}: {c['accepted']} accepted / {attempted} attempted ({c['rejected']} rejected, {c['error']} errors)")
+            parts.append(
+                f"{name}: {c['accepted']} accepted / {attempted} attempted"
+                f" ({c['rejected']} rejected, {c['error']} errors)"
+            )
         return " | ".join(parts)
 
     def total(self, outcome: str) -> int:
         return sum(c[outcome] for c in self.counts.values())
+
+
+def plan_line(progress: dict[str, SubgroupProgress]) -> str:
+    planned = [(n, p) for n, p in progress.items() if p.planned]
+    return ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in planned)
 
 
 def run_round_ray(config: AugmentConfig, tasks: list[dict], tally: Tally) -> None:
@@ -703,8 +723,13 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], extra
     orphans = sorted(state.images - keep)
     if orphans:
         fs.rm([f"{root}/{k}" for k in orphans])
-    return {"subgroups": per_group, "rows": len(kept_rows), "errors": len(errors), "images_removed": len(orphans),
-            "rows_without_png_dropped": state.dropped_rows}
+    return {
+        "subgroups": per_group,
+        "rows": len(kept_rows),
+        "errors": len(errors),
+        "images_removed": len(orphans),
+        "rows_without_png_dropped": state.dropped_rows,
+    }
 
 
 def _dedupe_errors(errors: list[dict]) -> list[dict]:
@@ -730,7 +755,10 @@ def augment(config: AugmentConfig, *, runner=None) -> dict:
 
     runner = runner or run_round_ray
     started, t0 = _now(), time.perf_counter()
+    config_hash = config.config_hash()
     layout = Layout.of(config.output)
+    if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path
+        config = config.model_copy(update={"output": layout.root})
     makedirs(layout.root)
     results_hash = config.results_hash()
     t = time.perf_counter()
@@ -763,7 +791,7 @@ def augment(config: AugmentConfig, *, runner=None) -> dict:
         log.info(
             "round %d: %d tasks, %d attempts (%s)",
             round_index + 1, len(tasks), n_slots,
-            ", ".join(f"{n} +{len(p.planned)} @p={p.acceptance:.2f}" for n, p in progress.items() if p.planned),
+            plan_line(progress),
         )
         t = time.perf_counter()
         before = {n: Counter(c) for n, c in tally.counts.items()}
@@ -803,7 +831,7 @@ def augment(config: AugmentConfig, *, runner=None) -> dict:
         "job": "augment",
         "mode": config.mode,
         "output": layout.root,
-        "config_hash": config.config_hash(),
+        "config_hash": config_hash,
         "results_hash": results_hash,
         "started_at": started.isoformat(),
         "wall_seconds": wall,

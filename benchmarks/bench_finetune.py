@@ -37,11 +37,12 @@ def write_dataset(root: Path, n: int) -> Path:
     return root / "manifest.parquet"
 
 
-def bench_core(family: Path, steps: int, batch: int, cached: bool) -> float:
+def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int = 1) -> float:
     """images/s of the core step with torch AdamW, one process (no Ray, no DeepSpeed)."""
     from prism_ray.models import load_sd_components
     from prism_ray.training import diffusion_loss, image_latents, make_noise_scheduler, step_generator, text_embeddings
 
+    torch.set_num_threads(threads)  # as a Ray worker with 1 CPU gets (OMP_NUM_THREADS=1)
     sd = load_sd_components(str(family), device="cpu")
     sd.unet.train()
     scheduler = make_noise_scheduler()

@@ -229,3 +229,13 @@ def test_core_imports_without_ray_or_deepspeed():
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shipped_tiny_config_is_valid():
+    from pathlib import Path
+
+    from prism_ray.config import load_config
+
+    config = load_config(FinetuneConfig, Path(__file__).parents[1] / "configs" / "finetune_tiny.yaml")
+    ds = build_deepspeed_config(config)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+def pytest_configure(config):
+    """One intra-op thread for the whole session: the tiny models are faster that way on 2 cores
+    shared with Ray workers, and numerics do not change with the order tests run in."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """Path of a freshly built tiny SD family (random weights, seed 0)."""

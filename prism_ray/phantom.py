@@ -22,6 +22,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from prism_ray.captions import CHEXPERT_LABELS  # the manifest's label columns: one source of truth
+
 DeviceKind = Literal["pacemaker", "tube", "ecg"]
 DEVICE_KINDS: tuple[str, ...] = ("pacemaker", "tube", "ecg")
 ATTRIBUTES: tuple[str, ...] = (
@@ -33,22 +35,6 @@ ATTRIBUTES: tuple[str, ...] = (
     "devices",
     "sex",
     "age",
-)
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
 )
 _SIMULATED_PATHOLOGIES = ("Cardiomegaly", "Pleural Effusion")
 

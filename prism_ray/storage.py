@@ -120,8 +120,8 @@ def decode_image(data: bytes, uri: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_image(uri: str) -> np.ndarray:
-    """Read one image from any fsspec URI as uint8 (H, W, 3); raises ImageReadError."""
+def read_image_bytes(uri: str) -> bytes:
+    """The raw bytes of one image file (for hashing and decoding); raises ImageReadError."""
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()
@@ -131,7 +131,12 @@ def read_image(uri: str) -> np.ndarray:
         raise ImageReadError(uri, f"cannot open ({err})") from None
     if not data:
         raise ImageReadError(uri, "empty file")
-    return decode_image(data, uri)
+    return data
+
+
+def read_image(uri: str) -> np.ndarray:
+    """Read one image from any fsspec URI as uint8 (H, W, 3); raises ImageReadError."""
+    return decode_image(read_image_bytes(uri), uri)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -172,24 +172,14 @@ class AugmentWorker:
 
     def _read(self, tasks: list[dict], out: _Outcome) -> list[tuple[dict, str, np.ndarray]]:
         """(task, source_id, pixels) for every readable source; the others become 'read' errors."""
-        import fsspec
-
-        from prism_ray.storage import ImageReadError, decode_image
+        from prism_ray.storage import ImageReadError, decode_image, read_image_bytes
 
         start = time.perf_counter()
         good = []
         for task in tasks:
             uri = task["source_uri"]
             try:
-                try:
-                    with fsspec.open(uri, "rb") as f:
-                        data = f.read()
-                except FileNotFoundError:
-                    raise ImageReadError(uri, "file not found") from None
-                except OSError as err:
-                    raise ImageReadError(uri, f"cannot open ({err})") from None
-                if not data:
-                    raise ImageReadError(uri, "empty file")
+                data = read_image_bytes(uri)
                 good.append((task, hashlib.sha256(data).hexdigest(), decode_image(data, uri)))
             except ImageReadError as err:
                 out.errors.append(self._error(task, "read", err.reason))

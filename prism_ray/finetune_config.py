@@ -58,6 +58,9 @@ class ComputeConfig(BaseConfig):
     cpus_per_worker: float = Field(1.0, gt=0.0, description="leave CPUs free for Ray Data when streaming")
     data_concurrency: int = Field(1, ge=1, description="Ray Data actors for latent caching")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = forever")
+    kill_worker_once_at_step: int | None = Field(
+        None, ge=1, description="fault injection for tests: rank 0 exits hard once, in the middle of this step"
+    )
 
 
 class RunStorageConfig(BaseConfig):

@@ -126,3 +126,31 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
     assert event["unet_sha256"] == checkpoint_at_2  # the restored U-Net is the checkpoint's
     metrics = read_table(f"{result.run_path}/metrics/part-00000003-00000003.parquet").to_pylist()
     assert [m["step"] for m in metrics] == [3]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_path):
+    """A worker dies hard mid-step 3 (after the step-2 checkpoint); the re-run continues at step 2."""
+    from prism_ray.distributed.train import consolidated_unet_state, finetune
+    from prism_ray.training import state_dict_digest
+
+    killed = make_config(
+        tiny_family,
+        manifest,
+        tmp_path,
+        "train.max_steps=4",
+        "train.validation_every=null",
+        "compute.kill_worker_once_at_step=3",
+        "run.export=false",
+    )
+    with pytest.raises(Exception):
+        finetune(killed)  # max_failures = 0: the run fails with its worker
+    assert (tmp_path / "ft" / "events" / "fault_injected").exists()
+    checkpoints = sorted((tmp_path / "ft").glob("checkpoint_*"))
+    assert checkpoints, "the step-2 checkpoint must have been persisted before the kill"
+    at_2 = state_dict_digest(consolidated_unet_state(checkpoints[-1]))
+
+    # Same name again (the marker keeps the fault from firing twice): resumes at 2, ends at 4.
+    result = finetune(killed)
+    assert (result.start_step, result.final_step) == (2, 4)
+    event = json.loads(sorted((tmp_path / "ft" / "events").glob("resume-*.json"))[-1].read_text())
+    assert event["step"] == 2 and event["unet_sha256"] == at_2

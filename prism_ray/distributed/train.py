@@ -324,7 +324,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ema = _make_ema(engine.module, t.ema_decay) if t.ema and rank == 0 else None
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
+    # Ray restores the latest *registered* checkpoint; after a hard crash the run's snapshot may not
+    # list the last one that was persisted, so fall back to the newest complete one on storage.
+    checkpoint = ray.train.get_checkpoint() or latest_checkpoint_on_storage(run_path)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
@@ -367,6 +369,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if ema is not None:
             ema.step(engine.module.parameters())
         elapsed = time.perf_counter() - started
+        if step == config.compute.kill_worker_once_at_step and rank == 0:
+            _maybe_die(run_path)
 
         metrics = None
         if step % t.log_every == 0 or step == t.max_steps:
@@ -424,6 +428,42 @@ def _mean_over_workers(value: torch.Tensor, device: torch.device) -> float:
         dist.all_reduce(value)
         value = value / dist.get_world_size()
     return float(value)
+
+
+def latest_checkpoint_on_storage(run_path: str):
+    """The `checkpoint_*` folder under the run with the highest step in its state file, or None."""
+    import fsspec
+    import ray.train
+
+    fs, root = fsspec.core.url_to_fs(run_path)
+    best, best_step = None, -1
+    for folder in sorted(fs.glob(f"{root}/checkpoint_*")):
+        state_path = f"{folder}/{STATE_FILE}"
+        if not fs.exists(state_path):
+            continue  # not (completely) written
+        step = int(json.loads(fs.cat_file(state_path))["step"])
+        if step > best_step:
+            best, best_step = folder, step
+    if best is None:
+        return None
+    protocol = run_path.split("://", 1)[0] + "://" if "://" in run_path else ""
+    return ray.train.Checkpoint(protocol + best if protocol else best)
+
+
+def _maybe_die(run_path: str) -> None:
+    """Fault injection: exit this worker process hard, once per run folder (an exclusive marker file)."""
+    import fsspec
+
+    marker = join_uri(run_path, "events", "fault_injected")
+    fs, path = fsspec.core.url_to_fs(marker)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(b"killed")
+    except FileExistsError:
+        return
+    print(f"fault injection: worker exits hard at {marker}", flush=True)
+    os._exit(1)
 
 
 def _save_and_report(engine, ema, metrics: dict, step: int, start_step: int, rank: int, config: FinetuneConfig):

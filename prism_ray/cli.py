@@ -35,12 +35,6 @@ JOBS: dict[str, Job] = {
         "prism_ray.augment_config:AugmentConfig",
         "prism_ray.distributed.augment:augment",
     ),
-    "edit": Job(
-        "counterfactuals for a manifest on this machine (no Ray): invert, edit, filter, write",
-        "prism_ray.edit_job:EditJobConfig",
-        "prism_ray.edit_job:run_edit",
-        needs_ray=False,
-    ),
     "phantom": Job(
         "write a synthetic phantom chest X-ray dataset with ground-truth attributes",
         "prism_ray.phantom:PhantomJobConfig",

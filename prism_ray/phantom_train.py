@@ -519,7 +519,7 @@ def save_family(out: Path, tokenizer, text_encoder, vae, unet, clip, classifier)
     from diffusers import DDIMScheduler
 
     from prism_ray.engine.scheduler import REFERENCE_DDIM
-    from prism_ray.tiny import _diffusers_version, save_sd_tokenizer
+    from prism_ray.tiny import save_sd_tokenizer, write_model_index
 
     out.mkdir(parents=True, exist_ok=True)
     save_sd_tokenizer(tokenizer, out / "tokenizer")
@@ -527,19 +527,7 @@ def save_family(out: Path, tokenizer, text_encoder, vae, unet, clip, classifier)
         module.to("cpu").save_pretrained(out / name, safe_serialization=True)
     save_sd_tokenizer(tokenizer, out / "clip")
     DDIMScheduler(**REFERENCE_DDIM).save_pretrained(out / "scheduler")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": _diffusers_version(),
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
-        "requires_safety_checker": False,
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    write_model_index(out)
 
 
 def _folder_size(out: Path) -> int:

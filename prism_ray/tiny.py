@@ -175,6 +175,12 @@ def build_tiny_family(
     clip.save_pretrained(out / "clip")
     save_sd_tokenizer(tokenizer, out / "clip")
 
+    write_model_index(out)
+    return out
+
+
+def write_model_index(out: Path) -> None:
+    """The StableDiffusionPipeline model_index.json of an SD v1.x folder (no safety checker)."""
     model_index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": _diffusers_version(),
@@ -188,7 +194,6 @@ def build_tiny_family(
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    return out
 
 
 def _diffusers_version() -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -60,18 +60,52 @@ class InversionConfig(BaseConfig):
     allow_tf32: bool = Field(False, description="TF32 matmuls/convolutions during inversion; change NTI numerics")
 
 
+Window = float | tuple[float, float]
+
+
+def _check_window(window: Window) -> Window:
+    start, end = (0.0, window) if isinstance(window, (int, float)) else window
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"window {window!r}: expected a fraction in [0, 1] or [start, end] with 0 <= start <= end <= 1")
+    return window
+
+
 class EditConfig(BaseConfig):
-    """Prompt-to-prompt settings; PRISM defaults: Refine + Reweight x2, cross 0.8, self 0.5."""
+    """Prompt-to-prompt settings; PRISM defaults: Refine + Reweight x2, cross 0.8, self 0.5.
+
+    Windows (ALGORITHM.md section 5): a fraction f controls steps [0, f); a pair [a, b] steps
+    [a*T, b*T). `cross_replace_steps` may also be a per-word table, e.g. `{default_: 0.8, Devices: 0.4}`:
+    the word's window replaces the default on its tokens in every edit prompt that contains it.
+    """
 
     controller: Literal["refine", "replace", "none"] = "refine"
     reweight: float | None = Field(2.0, gt=0.0, description="edit-word equalizer; None = off")
-    cross_replace_steps: float = Field(0.8, ge=0.0, le=1.0)
-    self_replace_steps: float = Field(0.5, ge=0.0, le=1.0)
+    cross_replace_steps: Window | dict[str, Window] = Field(0.8, description="window, or {default_: window, word: window}")
+    self_replace_steps: Window = Field(0.5, description="self-attention replacement window")
     local_blend: bool = False
     blend_threshold: float = Field(0.3, ge=0.0, le=1.0)
     blend_start: float = Field(0.2, ge=0.0, le=1.0, description="blend applies after step int(start*T)")
     self_attention_max_queries: int = Field(32 * 32, ge=1)
     edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
+
+    @field_validator("self_replace_steps")
+    @classmethod
+    def _self_window(cls, value: Window) -> Window:
+        return _check_window(value)
+
+    @field_validator("cross_replace_steps")
+    @classmethod
+    def _cross_windows(cls, value: Window | dict[str, Window]) -> Window | dict[str, Window]:
+        if not isinstance(value, dict):
+            return _check_window(value)
+        for word, window in value.items():
+            if not word or (word != "default_" and " " in word.strip()):
+                raise ValueError(f"word {word!r}: expected one word (or 'default_')")
+            try:
+                _check_window(window)
+            except ValueError as err:
+                raise ValueError(f"word {word!r}: {err}") from None
+        return value
 
 
 class FilterConfig(BaseConfig):

@@ -161,3 +161,27 @@ def test_edit_many_reports_failures_per_item(tiny_sd):
     assert [item.index for item in items] == [0]
     assert items[0].edits.shape == (1, 64, 64, 3) and items[0].reconstruction.shape == (64, 64, 3)
     assert items[0].edit_seconds > 0 and items[0].inversion_seconds > 0
+
+
+def test_config_word_windows_apply_where_the_word_occurs(tiny_sd):
+    """EditConfig's per-word cross windows: the word's tokens follow its own window in edits containing it;
+    an edit without the word keeps the default (a job-wide table is not an error there)."""
+    from prism_ray.engine import seq_aligner as sa
+
+    editor = _editor(tiny_sd, cross_replace_steps={"default_": 0.8, "pacemaker": (0.2, 0.6)})
+    edits = ["a chest x-ray of a male patient with pacemaker", "a chest x-ray of a female patient"]
+    alpha = editor.plan(SOURCES[0], edits, T).cross_alpha[:, :, 0, 0]  # (T + 1, K, 77); rows [0, 4) default, [1, 3) word
+    word = sa.word_token_indices(edits[0], "pacemaker", tiny_sd.tokenizer)
+    other = [i for i in range(sa.MAX_TOKENS) if i not in word]
+    assert alpha[:, 0, word[0]].tolist() == [0, 1, 1, 0, 0]
+    assert alpha[:, 0, other].amax(dim=1).tolist() == [1, 1, 1, 1, 0]
+    assert alpha[:, 1].amax(dim=1).tolist() == [1, 1, 1, 1, 0] and alpha[:, 1].amin(dim=1).tolist() == [1, 1, 1, 1, 0]
+
+
+def test_config_windows_are_validated():
+    from prism_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="'cross_replace_steps'.*Devices"):
+        build_config(EditConfig, {"cross_replace_steps": {"default_": 0.8, "Devices": [0.7, 0.2]}})
+    with pytest.raises(ConfigError, match="'self_replace_steps'"):
+        build_config(EditConfig, {"self_replace_steps": [0.5, 1.5]})

@@ -109,7 +109,8 @@ class Editor:
                 for i, e in enumerate(edits)
             ]
             eq = torch.stack([seq_aligner.equalizer(e, w, cfg.reweight, tok) for e, w in zip(edits, words)])
-        cross_alpha = seq_aligner.cross_replace_alphas(num_steps, edits, cfg.cross_replace_steps, tok)
+        # The config's word table is job-wide: a word applies to the edits that contain it.
+        cross_alpha = seq_aligner.cross_replace_alphas(num_steps, edits, cfg.cross_replace_steps, tok, require_words=False)
         src_w, edit_w = torch.zeros(k, seq_aligner.MAX_TOKENS), torch.zeros(k, seq_aligner.MAX_TOKENS)
         enabled = torch.zeros(k, dtype=torch.bool)
         for i, e in enumerate(edits):

@@ -195,12 +195,14 @@ def cross_replace_alphas(
     windows: Window | Mapping[str, Window],
     tokenizer,
     max_tokens: int = MAX_TOKENS,
+    require_words: bool = True,
 ) -> torch.Tensor:
     """The time/word alpha table ((T + 1), K, 1, 1, 77) for K edit prompts of one source.
 
     `windows`: one window for every token, or a dict with `default_` (all tokens; (0, 1) if absent, as
     in the reference) and word keys whose window overrides the default on that word's tokens in each
-    edit prompt containing it. A word key found in none of the edit prompts is a ValueError.
+    edit prompt containing it. A word key found in none of the edit prompts is a ValueError unless
+    `require_words` is False (a job-wide table, where a word occurs in some edits only).
     """
     if not isinstance(windows, Mapping):
         windows = {"default_": windows}
@@ -220,6 +222,6 @@ def cross_replace_alphas(
             idx = word_token_indices(prompt, word, tokenizer, max_tokens)
             alpha[:, k, idx] = 0.0
             alpha[start:end, k, idx] = 1.0
-        if not found:
+        if not found and require_words:
             raise ValueError(f"cross_replace_steps word {word!r} occurs in none of the edit prompts {list(edit_prompts)!r}")
     return alpha.reshape(rows, len(edit_prompts), 1, 1, max_tokens)

@@ -1,0 +1,249 @@
+"""Phantom benchmark: counterfactuals scored against the true counterfactual (same seed, one attribute
+changed), the full method against two baselines, on the trained tiny family.
+
+Arms, all from the same held-out phantoms and the same decoder:
+  * full      - null-text inversion + prompt-to-prompt (Refine + Reweight, the PRISM defaults);
+  * ddim_swap - plain DDIM inversion, then guided sampling with the edited caption (no null-text, no P2P);
+  * no_edit   - the method's own unedited reconstruction (NTI source branch): what the pipeline
+                returns when nothing changes, so all three arms pay the same VAE round trip.
+The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
+
+Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
+rate (heads the intervention should not move), L1 (and LPIPS when weights are given) to the source,
+error to the true counterfactual over the whole image and inside / outside the attribute's region,
+and the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
+intervention (source | no_edit | ddim_swap | full | true cf).
+
+    python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps
+    python benchmarks/bench_phantom.py --per-intervention 4 --steps 20   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from prism_ray.captions import get_adapter
+from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.engine.editor import Editor, edit_many
+from prism_ray.phantom import PhantomAttributes, attribute_mask, render_phantom
+from prism_ray.phantom_eval import phantom_intervention
+from prism_ray.phantom_train import chexpert_row
+
+
+@dataclass(frozen=True)
+class Intervention:
+    name: str
+    applies: Callable[[PhantomAttributes], bool]  # which sources this edit makes sense for
+    spec: str  # do(...) on the caption attributes, also mapped to the phantom by phantom_eval
+    targets: tuple[str, ...]  # classifier heads the true change moves
+    region: str  # phantom attribute whose mask bounds the true change
+    sex_captions: bool = False  # captions must state sex for this edit
+
+
+INTERVENTIONS = [
+    Intervention("remove_devices", lambda a: bool(a.devices), "Support Devices=false", ("support_devices", "pacemaker"), "devices"),
+    Intervention("add_devices", lambda a: not a.devices, "Support Devices=true", ("support_devices", "pacemaker"), "devices"),
+    Intervention("remove_effusion", lambda a: a.pleural_effusion, "Pleural Effusion=false", ("pleural_effusion",), "pleural_effusion"),
+    Intervention("remove_cardiomegaly", lambda a: a.cardiomegaly, "Cardiomegaly=false", ("cardiomegaly",), "cardiomegaly"),
+    Intervention("change_sex", lambda a: a.sex == "male", "sex=female", ("sex_female",), "sex", sex_captions=True),
+]
+SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
+FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
+
+
+def draw_sources(applies, n: int, seed: int, resolution: int) -> list[tuple[PhantomAttributes, int]]:
+    """n subjects satisfying `applies`, attributes drawn as the tiny family's training set was.
+
+    Render seeds come from [2^31, 2^32): disjoint from the family's train ([0, 2^30)) and held-out
+    ([2^30, 2^31)) streams.
+    """
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    while len(out) < n:
+        d = rng.random(6)
+        devices = frozenset(k for k, u in zip(("pacemaker", "tube", "ecg"), d[2:5]) if u < 0.3)
+        attrs = PhantomAttributes(
+            cardiomegaly=bool(d[0] < 0.5),
+            pleural_effusion=bool(d[1] < 0.5),
+            devices=devices,
+            sex="female" if d[5] < 0.5 else "male",
+            age=int(rng.integers(18, 91)),
+        )
+        render_seed = int(rng.integers(2**31, 2**32))
+        if applies(attrs):
+            out.append((attrs, render_seed))
+    return out
+
+
+def captions(intervention: Intervention, attrs: PhantomAttributes) -> tuple[str, str]:
+    """(source caption, edited caption) through the caption adapters, as the augment job makes them."""
+    row = chexpert_row(attrs)
+    if intervention.sex_captions:
+        adapter = get_adapter("template", template=SEX_TEMPLATE, findings=FINDINGS, no_findings="no significant findings")
+        row = {**row, "sex": attrs.sex}
+    else:
+        adapter = get_adapter("chexpert")
+    return adapter.caption(row), adapter.edit_caption(row, intervention.spec)
+
+
+def run_arm(sd, images, sources, edits, inversion: InversionConfig, edit: EditConfig):
+    """-> (edited uint8 (N, R, R), reconstructions (N, R, R), seconds per source)."""
+    editor = Editor(sd, edit, inversion)
+    start = time.perf_counter()
+    items, errors = edit_many(editor, images, sources, [[e] for e in edits])
+    if errors:
+        raise RuntimeError(f"edit errors: {errors}")
+    items.sort(key=lambda it: it.index)
+    seconds = (time.perf_counter() - start) / len(images)
+    return np.stack([it.edits[0][..., 0] for it in items]), np.stack([it.reconstruction[..., 0] for it in items]), seconds
+
+
+def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips):
+    """Scores of one arm's images (N, R, R) uint8 against the sources and true counterfactuals."""
+    from prism_ray.metrics import cpg, flip_rate
+
+    a, s, t = (x.astype(np.float64) / 255 for x in (arm, src, true))
+    err = np.abs(a - t)
+    out = {
+        "error_to_true": float(err.mean()),
+        "error_to_true_in_region": float((err * masks).sum() / max(masks.sum(), 1)),
+        "error_to_true_outside_region": float((err * ~masks).sum() / max((~masks).sum(), 1)),
+        "l1_to_source": float(np.abs(a - s).mean()),
+    }
+    if lpips is not None:
+        rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
+        out["lpips_to_source"] = float(lpips.distance(rgb(arm), rgb(src)).mean())
+    main = heads.index(targets[0])
+    out["target_cpg"] = cpg(p_arm[:, main], p_src[:, main])
+    out["target_flip_rate"] = flip_rate(p_arm[:, main], p_src[:, main])
+    others = [k for k, h in enumerate(heads) if h not in targets]
+    flipped = (p_arm[:, others] >= 0.5) != (p_src[:, others] >= 0.5)
+    out["non_target_flip_rate"] = float(flipped.any(axis=1).mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="model family (default: the shipped phantom-trained tiny family)")
+    parser.add_argument("--per-intervention", type=int, default=12, help="source phantoms per intervention")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (reference: 50)")
+    parser.add_argument("--only", nargs="*", default=None, help="intervention names to run")
+    parser.add_argument("--lpips-alexnet", default=None, help="AlexNet weights (torchvision layout) for LPIPS")
+    parser.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 alex linear-layer weights")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/bench_phantom")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from prism_ray.classifier import classifier_labels, load_classifier, predict_proba
+    from prism_ray.clip_score import ClipScorer
+    from prism_ray.metrics import LPIPS
+    from prism_ray.models import load_clip, load_sd_components, resolve_model_root
+    from prism_ray.phantom import save_contact_sheet
+    from prism_ray.phantom_eval import classifier_path
+
+    root = resolve_model_root(args.model)
+    sd = load_sd_components(str(root), device="cpu")
+    clip = load_clip(str(root), device="cpu")
+    scorer = ClipScorer(clip.model, clip.tokenizer)
+    clf_path = classifier_path(root)
+    if clf_path is None:
+        raise SystemExit(f"--model {args.model}: no classifier/ beside the family (phantom-trained families ship one)")
+    classifier = load_classifier(clf_path)
+    heads = classifier_labels(classifier)
+    lpips = None
+    if args.lpips_alexnet and args.lpips_linear:
+        lpips = LPIPS.from_weights(args.lpips_alexnet, args.lpips_linear)
+    res = sd.resolution
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    nti = InversionConfig(num_inference_steps=args.steps)
+    arms = {
+        "full": (nti, EditConfig()),
+        "ddim_swap": (InversionConfig(method="ddim", num_inference_steps=args.steps), EditConfig(controller="none", reweight=None)),
+    }
+    results: dict[str, dict] = {}
+    chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
+    t0 = time.perf_counter()
+    for iv in chosen:
+        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv), res)
+        change = phantom_intervention(iv.spec)
+        src = np.stack([render_phantom(a, s, res) for a, s in subjects])
+        true = np.stack([render_phantom(a.intervene(change), s, res) for a, s in subjects])
+        masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
+        pairs = [captions(iv, a) for a, _ in subjects]
+        source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
+        images = [np.repeat(x[..., None], 3, axis=-1) for x in src]
+        outputs, seconds = {}, {}
+        for name, (inv_cfg, edit_cfg) in arms.items():
+            outputs[name], recon, seconds[name] = run_arm(sd, images, source_prompts, edit_prompts, inv_cfg, edit_cfg)
+            if name == "full":
+                outputs["no_edit"] = recon
+            print(f"[{iv.name}] {name}: {seconds[name]:.1f} s/source", flush=True)
+        p_src = predict_proba(classifier, src)
+        entry = {
+            "sources": len(subjects),
+            "example_prompts": [source_prompts[0], edit_prompts[0]],
+            "source_to_true": float(np.abs(src.astype(np.float64) - true).mean() / 255),
+            "true_cf_target_flip_rate": score(true, src, true, masks, p_src, predict_proba(classifier, true), heads, iv.targets, None)["target_flip_rate"],
+            "seconds_per_source": seconds,
+        }
+        for name in ("no_edit", "ddim_swap", "full"):
+            entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
+        for name in ("ddim_swap", "full"):
+            rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
+            s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
+            entry[name]["mean_s_clip"] = float(s_clip.mean())
+            entry[name]["accepted_rate"] = float((s_clip >= 0.1).mean())
+        results[iv.name] = entry
+        tiles, labels = [], []
+        for k in range(min(6, len(subjects))):
+            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], true[k]]
+            labels += ["source", "no edit", "ddim swap", "full", "true cf"]
+        save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=5, labels=labels, upscale=3)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "full")}), flush=True)
+
+    meta = {
+        "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "model": str(root),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
+        "ddim_steps": args.steps,
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "results.md").write_text(markdown(results, meta))
+    print((out / "results.md").read_text())
+    return 0
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [
+        f"Command: `{meta['command']}` ({meta['machine']}, {meta['ddim_steps']} DDIM steps, {meta['minutes']:.1f} min)",
+        "",
+        "| intervention | arm | target flip | target CPG | non-target flip | err to true cf | in region | outside | L1 to source | S_CLIP>=0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        for arm in ("no_edit", "ddim_swap", "full"):
+            s = entry[arm]
+            acc = f"{s['accepted_rate']:.0%}" if "accepted_rate" in s else "-"
+            lines.append(
+                f"| {name} (n={entry['sources']}) | {arm} | {s['target_flip_rate']:.0%} | {s['target_cpg']:.3f} | "
+                f"{s['non_target_flip_rate']:.0%} | {s['error_to_true']:.4f} | {s['error_to_true_in_region']:.4f} | "
+                f"{s['error_to_true_outside_region']:.4f} | {s['l1_to_source']:.4f} | {acc} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The phantom benchmark script runs end to end on the shipped family (tiny settings; numbers are its job)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "prism_ray" / "assets" / "tiny_phantom"
+pytestmark = pytest.mark.skipif(not (SHIPPED / "classifier").exists(), reason="no shipped tiny_phantom family")
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_phantom", ROOT / "benchmarks" / "bench_phantom.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_phantom_smoke(tmp_path):
+    bench = _load_bench()
+    out = tmp_path / "bench"
+    argv = ["--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "remove_devices", "change_sex", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"remove_devices", "change_sex"}
+    for entry in results.values():
+        assert entry["sources"] == 2
+        assert entry["true_cf_target_flip_rate"] >= 0.5  # the truth itself moves the target head
+        for arm in ("no_edit", "ddim_swap", "full"):
+            assert 0.0 <= entry[arm]["error_to_true"] < 1.0 and 0.0 <= entry[arm]["target_flip_rate"] <= 1.0
+    assert "male patient" in results["change_sex"]["example_prompts"][0]
+    assert "female patient" in results["change_sex"]["example_prompts"][1]
+    assert (out / "remove_devices.png").exists() and "| remove_devices" in (out / "results.md").read_text()
+
+
+def test_sources_satisfy_the_intervention():
+    bench = _load_bench()
+    for iv in bench.INTERVENTIONS:
+        subjects = bench.draw_sources(iv.applies, 5, seed=3, resolution=64)
+        assert len(subjects) == 5 and all(iv.applies(a) for a, _ in subjects)
+        assert all(2**31 <= s < 2**32 for _, s in subjects)
+        source, edit = bench.captions(iv, subjects[0][0])
+        assert source != edit

@@ -5,7 +5,8 @@ Arms, all from the same held-out phantoms and the same decoder:
   * full      - null-text inversion + prompt-to-prompt (Refine + Reweight, the PRISM defaults);
   * ddim_swap - plain DDIM inversion, then guided sampling with the edited caption (no null-text, no P2P);
   * no_edit   - the method's own unedited reconstruction (NTI source branch): what the pipeline
-                returns when nothing changes, so all three arms pay the same VAE round trip.
+                returns when nothing changes, so all three arms pay the same VAE round trip;
+  * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those).
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -58,6 +59,7 @@ INTERVENTIONS = [
 ]
 SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
 FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
+S_CLIP_MIN = 0.1  # PRISM's filter
 
 
 def draw_sources(applies, n: int, seed: int, resolution: int) -> list[tuple[PhantomAttributes, int]]:
@@ -200,11 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in ("no_edit", "ddim_swap", "full"):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
+        rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
         for name in ("ddim_swap", "full"):
-            rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
             s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
-            entry[name]["accepted_rate"] = float((s_clip >= 0.1).mean())
+            entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
+            if name == "full":  # the method as PRISM ships it: only edits the CLIP filter keeps
+                keep = s_clip >= S_CLIP_MIN
+                if keep.any():
+                    p_keep = predict_proba(classifier, outputs[name][keep])
+                    entry["full_filtered"] = score(
+                        outputs[name][keep], src[keep], true[keep], masks[keep], p_src[keep], p_keep, heads, iv.targets, lpips
+                    )
+                    entry["full_filtered"]["accepted_rate"] = float(keep.mean())
         results[iv.name] = entry
         tiles, labels = [], []
         for k in range(min(6, len(subjects))):
@@ -234,7 +244,9 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        for arm in ("no_edit", "ddim_swap", "full"):
+        for arm in ("no_edit", "ddim_swap", "full", "full_filtered"):
+            if arm not in entry:
+                continue
             s = entry[arm]
             acc = f"{s['accepted_rate']:.0%}" if "accepted_rate" in s else "-"
             lines.append(

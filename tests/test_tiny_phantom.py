@@ -66,10 +66,9 @@ def test_classifier_reads_fresh_phantoms(phantoms):
     assert ((proba > 0.5) == (labels > 0.5)).mean() >= 0.9
 
 
-# The shipped family was trained within the ~25 min CPU budget and misses two quality targets
-# (see prism_ray/assets/tiny_phantom/README.md): these tests keep the targets visible (xfail until a
-# better-trained family ships) while the floors below guard the shipped weights against regressions.
-PSNR_TARGET_DB, PSNR_FLOOR_DB = 28.0, 20.0
+# Quality targets of issue 5, checked on fresh phantoms (the model README reports the 512-image
+# held-out split: VAE 30.9 dB, CLIP 92 % top-1, samples 98 % of attributes right).
+PSNR_TARGET_DB = 30.0
 
 
 def _round_trip_psnr(images: np.ndarray) -> float:
@@ -82,16 +81,10 @@ def _round_trip_psnr(images: np.ndarray) -> float:
     return float((10 * np.log10(1 / mse)).mean())
 
 
-def test_vae_round_trip_psnr_floor(phantoms):
-    assert _round_trip_psnr(phantoms[0]) >= PSNR_FLOOR_DB
-
-
-@pytest.mark.xfail(strict=False, reason="shipped VAE reaches ~22.6 dB held-out (CPU-budget training), target 28 dB")
 def test_vae_round_trip_psnr_target(phantoms):
     assert _round_trip_psnr(phantoms[0]) >= PSNR_TARGET_DB
 
 
-@pytest.mark.xfail(strict=False, reason="shipped CLIP is 32 % top-1 over 8 captions held-out (CPU-budget training)")
 def test_clip_ranks_the_right_caption_first(phantoms):
     from prism_ray.captions import get_adapter
     from prism_ray.clip_score import ClipScorer
@@ -106,4 +99,21 @@ def test_clip_ranks_the_right_caption_first(phantoms):
     scorer = ClipScorer.from_components(load_clip(str(SHIPPED), device="cpu"))
     best = (scorer.image_embeds(images) @ scorer.text_embeds(vocab).T).argmax(dim=1).tolist()
     right = sum(vocab[b] == c for b, c in zip(best, captions))
-    assert right >= 6  # "most" of 8
+    assert right >= 7  # >= 90 % of 8, rounded down
+
+
+def test_samples_follow_their_captions():
+    """One DDIM sample (50 steps, guidance 7.5) per caption, judged by the shipped classifier."""
+    from prism_ray.captions import get_adapter
+    from prism_ray.images import decode
+    from prism_ray.models import load_sd_components
+    from prism_ray.phantom_train import sample_latents
+
+    sd = load_sd_components(str(SHIPPED), device="cpu")
+    adapter = get_adapter("chexpert")
+    combos = [(c, e, d) for c in (False, True) for e in (False, True) for d in (False, True)]
+    prompts = [adapter.caption(chexpert_row(PhantomAttributes(cardiomegaly=c, pleural_effusion=e, devices=frozenset({"tube"} if d else ()))))
+               for c, e, d in combos]
+    samples = decode(sd.vae, sample_latents(sd.unet, sd.tokenizer, sd.text_encoder, prompts, seed=5))
+    got = predict_proba(load_classifier(SHIPPED, device="cpu"), samples)[:, :3] > 0.5  # cardiomegaly, effusion, devices
+    assert (got == np.array(combos)).mean() >= 0.8

@@ -6,14 +6,16 @@ Arms, all from the same held-out phantoms and the same decoder:
   * ddim_swap - plain DDIM inversion, then guided sampling with the edited caption (no null-text, no P2P);
   * no_edit   - the method's own unedited reconstruction (NTI source branch): what the pipeline
                 returns when nothing changes, so all three arms pay the same VAE round trip;
-  * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those).
+  * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
+  * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
+                cross-attention of the changed words is, source branch elsewhere; same inversion).
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
 rate (heads the intervention should not move), L1 (and LPIPS when weights are given) to the source,
 error to the true counterfactual over the whole image and inside / outside the attribute's region,
 and the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
-intervention (source | no_edit | ddim_swap | full | true cf).
+intervention (source | no_edit | ddim_swap | full | full_blend | true cf).
 
     python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps
     python benchmarks/bench_phantom.py --per-intervention 4 --steps 20   # a quick look
@@ -97,16 +99,26 @@ def captions(intervention: Intervention, attrs: PhantomAttributes) -> tuple[str,
     return adapter.caption(row), adapter.edit_caption(row, intervention.spec)
 
 
-def run_arm(sd, images, sources, edits, inversion: InversionConfig, edit: EditConfig):
-    """-> (edited uint8 (N, R, R), reconstructions (N, R, R), seconds per source)."""
-    editor = Editor(sd, edit, inversion)
+def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[str, EditConfig]):
+    """Invert once, edit with every arm's EditConfig -> ({arm: edited uint8 (N, R, R)}, reconstructions,
+    {arm: seconds per source, the shared inversion included})."""
+    from prism_ray.engine.inversion import invert_many
+
     start = time.perf_counter()
-    items, errors = edit_many(editor, images, sources, [[e] for e in edits])
+    inverted, errors = invert_many(sd, images, list(sources), inversion)
     if errors:
-        raise RuntimeError(f"edit errors: {errors}")
-    items.sort(key=lambda it: it.index)
-    seconds = (time.perf_counter() - start) / len(images)
-    return np.stack([it.edits[0][..., 0] for it in items]), np.stack([it.reconstruction[..., 0] for it in items]), seconds
+        raise RuntimeError(f"inversion errors: {errors}")
+    invert_seconds = (time.perf_counter() - start) / len(images)
+    out, seconds, recon = {}, {}, None
+    for name, edit in arms.items():
+        start = time.perf_counter()
+        result = Editor(sd, edit, inversion).edit(inverted, list(sources), [[e] for e in edits])
+        if result.errors:
+            raise RuntimeError(f"{name}: edit errors: {result.errors}")
+        out[name] = result.edits[:, 0, ..., 0]
+        recon = result.reconstructions[..., 0]
+        seconds[name] = invert_seconds + (time.perf_counter() - start) / len(images)
+    return out, recon, seconds
 
 
 def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips):
@@ -170,10 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nti = InversionConfig(num_inference_steps=args.steps)
-    arms = {
-        "full": (nti, EditConfig()),
-        "ddim_swap": (InversionConfig(method="ddim", num_inference_steps=args.steps), EditConfig(controller="none", reweight=None)),
-    }
+    ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
+    p2p_arms = {"full": EditConfig(), "full_blend": EditConfig(local_blend=True)}
     results: dict[str, dict] = {}
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
@@ -186,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [captions(iv, a) for a, _ in subjects]
         source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
         images = [np.repeat(x[..., None], 3, axis=-1) for x in src]
-        outputs, seconds = {}, {}
-        for name, (inv_cfg, edit_cfg) in arms.items():
-            outputs[name], recon, seconds[name] = run_arm(sd, images, source_prompts, edit_prompts, inv_cfg, edit_cfg)
-            if name == "full":
-                outputs["no_edit"] = recon
-            print(f"[{iv.name}] {name}: {seconds[name]:.1f} s/source", flush=True)
+        outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, p2p_arms)
+        outputs["no_edit"] = recon
+        swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
+        outputs.update(swap)
+        seconds.update(swap_seconds)
+        print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
         p_src = predict_proba(classifier, src)
         entry = {
             "sources": len(subjects),
@@ -200,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             "true_cf_target_flip_rate": score(true, src, true, masks, p_src, predict_proba(classifier, true), heads, iv.targets, None)["target_flip_rate"],
             "seconds_per_source": seconds,
         }
-        for name in ("no_edit", "ddim_swap", "full"):
+        for name in ("no_edit", "ddim_swap", "full", "full_blend"):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
         rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
-        for name in ("ddim_swap", "full"):
+        for name in ("ddim_swap", "full", "full_blend"):
             s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
             entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
@@ -218,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         results[iv.name] = entry
         tiles, labels = [], []
         for k in range(min(6, len(subjects))):
-            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], true[k]]
-            labels += ["source", "no edit", "ddim swap", "full", "true cf"]
-        save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=5, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "full")}), flush=True)
+            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_blend"][k], true[k]]
+            labels += ["source", "no edit", "ddim swap", "full", "full+blend", "true cf"]
+        save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "full", "full_blend")}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
@@ -244,7 +254,7 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        for arm in ("no_edit", "ddim_swap", "full", "full_filtered"):
+        for arm in ("no_edit", "ddim_swap", "full", "full_filtered", "full_blend"):
             if arm not in entry:
                 continue
             s = entry[arm]

@@ -158,6 +158,32 @@ def test_null_text_reconstruction_beats_ddim(calm_sd):
     assert errors["null_text"] < 1.1 * errors["negative_prompt"]
 
 
+def test_null_text_on_trained_family_far_below_ddim():
+    """The shipped phantom-trained family, a real phantom, reference NTI settings at T = 10.
+
+    Measured (relative latent error, guided w = 7.5 reconstruction): T = 10: DDIM 0.42, NTI 0.18;
+    T = 50: DDIM 0.38, NTI 0.041 (reference early stop), 0.012 (50 inner steps, no early stop).
+    The reference early-stop rule alone tolerates a per-step MSE of up to 1e-5 + 49 * 2e-5 ~ 1e-3
+    (RMS ~ 0.03 on unit-variance latents), so the 1e-3 relative target needs no early stop and a
+    U-Net whose output the null embedding can steer far enough; the tiny family's cannot.
+    """
+    from prism_ray.images import encode, preprocess
+    from prism_ray.models import load_sd_components
+    from prism_ray.phantom import PhantomAttributes, render_phantom
+
+    sd = load_sd_components("tiny", device="cpu")
+    image = render_phantom(PhantomAttributes(cardiomegaly=True, devices=frozenset({"pacemaker"})), seed=7)
+    z0 = encode(sd.vae, preprocess([image], sd.resolution))
+    prompt = ["Chest X-ray showing Cardiomegaly, Support Devices"]
+    errors = {}
+    for method in ("ddim", "null_text"):
+        config = InversionConfig(method=method, num_inference_steps=10)
+        result, _ = inv.invert_many(sd, None, prompt, config, latents=z0)
+        errors[method] = float(rel_error(inv.reconstruct(sd.unet, inv.make_steps(config), result), z0)[0])
+    print("trained family, relative reconstruction errors:", errors)
+    assert errors["null_text"] < 0.5 * errors["ddim"]
+
+
 # --- other methods -------------------------------------------------------------------------------
 
 

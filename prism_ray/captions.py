@@ -272,19 +272,24 @@ def parse_interventions(spec: str | Intervention | Iterable[str | Intervention])
     return [item if isinstance(item, Intervention) else parse_intervention(item) for item in spec]
 
 
-def edit_words(source_caption: str, edited_caption: str) -> list[str]:
-    """Words of `edited_caption` that do not occur in `source_caption`, in order, without repeats.
+_PUNCTUATION = ",.;:!?"
 
-    Words are the exact strings from splitting on single spaces, punctuation included
-    ("Cardiomegaly," and "Cardiomegaly" differ), because prompt-to-prompt locates blend/reweight
-    words in a prompt by that same split. For a pure removal the list can be empty; call
+
+def edit_words(source_caption: str, edited_caption: str) -> list[str]:
+    """Words of `edited_caption` whose meaning is not in `source_caption`, in order, without repeats.
+
+    Words are compared without surrounding punctuation, so list separators do not count as edits:
+    removing the last finding turns "Cardiomegaly," into "Cardiomegaly", which is not a new word
+    (reweighting it x2 would exaggerate a finding the edit keeps). Each returned word is the exact
+    split(" ") string of `edited_caption`, punctuation included, because prompt-to-prompt locates
+    blend/reweight words in a prompt by that split. For a pure removal the list can be empty; call
     edit_words(edited, source) for the words that went away.
     """
-    source_words = set(source_caption.split(" "))
+    source_words = {word.strip(_PUNCTUATION) for word in source_caption.split(" ")}
     words: list[str] = []
     for word in edited_caption.split(" "):
         # '' comes from double spaces; it is not a word.
-        if word and word not in source_words and word not in words:
+        if word and word.strip(_PUNCTUATION) not in source_words and word not in words:
             words.append(word)
     return words
 

@@ -142,6 +142,7 @@ def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray,
     others = [k for k, h in enumerate(heads) if h not in targets]
     flipped = (p_arm[:, others] >= 0.5) != (p_src[:, others] >= 0.5)
     out["non_target_flip_rate"] = float(flipped.any(axis=1).mean())
+    out["non_target_flips_per_head"] = {heads[k]: float(flipped[:, j].mean()) for j, k in enumerate(others)}
     return out
 
 
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="intervention names to run")
     parser.add_argument("--lpips-alexnet", default=None, help="AlexNet weights (torchvision layout) for LPIPS")
     parser.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 alex linear-layer weights")
+    parser.add_argument("--self-replace", type=float, nargs="*", default=[],
+                        help="extra full-method arms with these self-attention windows (PRISM sweeps 0.4-0.8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_phantom")
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     nti = InversionConfig(num_inference_steps=args.steps)
     ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
     p2p_arms = {"full": EditConfig(), "full_blend": EditConfig(local_blend=True)}
+    p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
     results: dict[str, dict] = {}
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
@@ -210,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             "true_cf_target_flip_rate": score(true, src, true, masks, p_src, predict_proba(classifier, true), heads, iv.targets, None)["target_flip_rate"],
             "seconds_per_source": seconds,
         }
-        for name in ("no_edit", "ddim_swap", "full", "full_blend"):
+        for name in ("no_edit", "ddim_swap", *p2p_arms):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
         rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
-        for name in ("ddim_swap", "full", "full_blend"):
+        for name in ("ddim_swap", *p2p_arms):
             s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
             entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_blend"][k], true[k]]
             labels += ["source", "no edit", "ddim swap", "full", "full+blend", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "full", "full_blend")}), flush=True)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *p2p_arms)}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
@@ -254,7 +258,8 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        for arm in ("no_edit", "ddim_swap", "full", "full_filtered", "full_blend"):
+        arms = ["no_edit", "ddim_swap", "full", "full_filtered"] + [k for k in entry if k.startswith("full_") and k != "full_filtered"]
+        for arm in arms:
             if arm not in entry:
                 continue
             s = entry[arm]

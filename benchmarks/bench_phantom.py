@@ -8,7 +8,8 @@ Arms, all from the same held-out phantoms and the same decoder:
                 returns when nothing changes, so all three arms pay the same VAE round trip;
   * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
   * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
-                cross-attention of the changed words is, source branch elsewhere; same inversion).
+                cross-attention of the changed words is, source branch elsewhere; same inversion);
+  * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control.
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -186,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     nti = InversionConfig(num_inference_steps=args.steps)
     ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
-    p2p_arms = {"full": EditConfig(), "full_blend": EditConfig(local_blend=True)}
+    p2p_arms = {
+        "full": EditConfig(),
+        "full_blend": EditConfig(local_blend=True),
+        "nti_swap": EditConfig(controller="none", reweight=None),  # ablation: null-text inversion without P2P
+    }
     p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
     results: dict[str, dict] = {}
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
@@ -258,7 +263,8 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        arms = ["no_edit", "ddim_swap", "full", "full_filtered"] + [k for k in entry if k.startswith("full_") and k != "full_filtered"]
+        arms = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
+        arms += [k for k in entry if k.startswith("full_") and k != "full_filtered"]
         for arm in arms:
             if arm not in entry:
                 continue

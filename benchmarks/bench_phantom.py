@@ -9,7 +9,8 @@ Arms, all from the same held-out phantoms and the same decoder:
   * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
   * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
                 cross-attention of the changed words is, source branch elsewhere; same inversion);
-  * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control.
+  * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
+  * <method>_p2p - with --fast-inversions: negative-prompt or direct inversion + the PRISM P2P defaults.
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 alex linear-layer weights")
     parser.add_argument("--self-replace", type=float, nargs="*", default=[],
                         help="extra full-method arms with these self-attention windows (PRISM sweeps 0.4-0.8)")
+    parser.add_argument("--fast-inversions", nargs="*", default=[], choices=["negative_prompt", "direct"],
+                        help="extra arms: these inversion methods + the PRISM P2P defaults")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_phantom")
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "nti_swap": EditConfig(controller="none", reweight=None),  # ablation: null-text inversion without P2P
     }
     p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
+    scored = [*p2p_arms, *(f"{m}_p2p" for m in args.fast_inversions)]  # every arm that edits, besides ddim_swap
     results: dict[str, dict] = {}
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
@@ -210,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         seconds.update(swap_seconds)
+        for method in args.fast_inversions:  # the engine's fast alternatives, each with the PRISM P2P defaults
+            cfg = InversionConfig(method=method, num_inference_steps=args.steps)
+            extra, _, extra_seconds = run_arms(sd, images, source_prompts, edit_prompts, cfg, {f"{method}_p2p": EditConfig()})
+            outputs.update(extra)
+            seconds.update(extra_seconds)
         print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
         p_src = predict_proba(classifier, src)
         entry = {
@@ -219,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             "true_cf_target_flip_rate": score(true, src, true, masks, p_src, predict_proba(classifier, true), heads, iv.targets, None)["target_flip_rate"],
             "seconds_per_source": seconds,
         }
-        for name in ("no_edit", "ddim_swap", *p2p_arms):
+        for name in ("no_edit", "ddim_swap", *scored):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
         rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
-        for name in ("ddim_swap", *p2p_arms):
+        for name in ("ddim_swap", *scored):
             s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
             entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_blend"][k], true[k]]
             labels += ["source", "no edit", "ddim swap", "full", "full+blend", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *p2p_arms)}), flush=True)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *scored)}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
@@ -264,7 +273,7 @@ def markdown(results: dict, meta: dict) -> str:
     ]
     for name, entry in results.items():
         arms = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
-        arms += [k for k in entry if k.startswith("full_") and k != "full_filtered"]
+        arms += [k for k in entry if (k.startswith("full_") and k != "full_filtered") or k.endswith("_p2p")]
         for arm in arms:
             if arm not in entry:
                 continue

@@ -25,14 +25,15 @@ def _load_bench():
 def test_bench_phantom_smoke(tmp_path):
     bench = _load_bench()
     out = tmp_path / "bench"
-    argv = ["--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "remove_devices", "change_sex", "--out", str(out)]
+    argv = ["--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "remove_devices", "change_sex",
+            "--fast-inversions", "direct", "--out", str(out)]
     assert bench.main(argv) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results) == {"remove_devices", "change_sex"}
     for entry in results.values():
         assert entry["sources"] == 2
         assert entry["true_cf_target_flip_rate"] >= 0.5  # the truth itself moves the target head
-        for arm in ("no_edit", "ddim_swap", "full"):
+        for arm in ("no_edit", "ddim_swap", "nti_swap", "full", "full_blend", "direct_p2p"):
             assert 0.0 <= entry[arm]["error_to_true"] < 1.0 and 0.0 <= entry[arm]["target_flip_rate"] <= 1.0
     assert "male patient" in results["change_sex"]["example_prompts"][0]
     assert "female patient" in results["change_sex"]["example_prompts"][1]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,10 @@ import torch
 
 from prism_ray.captions import get_adapter
 from prism_ray.config import EditConfig, InversionConfig
-from prism_ray.engine.editor import Editor, edit_many
+from prism_ray.engine.editor import Editor
 from prism_ray.phantom import PhantomAttributes, attribute_mask, render_phantom
 from prism_ray.phantom_eval import phantom_intervention
-from prism_ray.phantom_train import chexpert_row
+from prism_ray.phantom_train import PhantomTrainConfig, attributes_from_draws, chexpert_row
 
 
 @dataclass(frozen=True)
@@ -66,28 +67,27 @@ FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
 S_CLIP_MIN = 0.1  # PRISM's filter
 
 
-def draw_sources(applies, n: int, seed: int, resolution: int) -> list[tuple[PhantomAttributes, int]]:
+def draw_sources(applies, n: int, seed: int) -> list[tuple[PhantomAttributes, int]]:
     """n subjects satisfying `applies`, attributes drawn as the tiny family's training set was.
 
     Render seeds come from [2^31, 2^32): disjoint from the family's train ([0, 2^30)) and held-out
     ([2^30, 2^31)) streams.
     """
     rng = np.random.default_rng([seed, 2])
+    prevalences = PhantomTrainConfig(out="-")  # the shipped family's training prevalences
     out = []
     while len(out) < n:
         d = rng.random(6)
-        devices = frozenset(k for k, u in zip(("pacemaker", "tube", "ecg"), d[2:5]) if u < 0.3)
-        attrs = PhantomAttributes(
-            cardiomegaly=bool(d[0] < 0.5),
-            pleural_effusion=bool(d[1] < 0.5),
-            devices=devices,
-            sex="female" if d[5] < 0.5 else "male",
-            age=int(rng.integers(18, 91)),
-        )
+        attrs = attributes_from_draws(d, int(rng.integers(18, 91)), prevalences)
         render_seed = int(rng.integers(2**31, 2**32))
         if applies(attrs):
             out.append((attrs, render_seed))
     return out
+
+
+def _rgb(gray: np.ndarray) -> np.ndarray:
+    """(..., R, R) uint8 gray -> (..., R, R, 3), the layout the engine and CLIP take."""
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def captions(intervention: Intervention, attrs: PhantomAttributes) -> tuple[str, str]:
@@ -136,8 +136,7 @@ def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray,
         "l1_to_source": float(np.abs(a - s).mean()),
     }
     if lpips is not None:
-        rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
-        out["lpips_to_source"] = float(lpips.distance(rgb(arm), rgb(src)).mean())
+        out["lpips_to_source"] = float(lpips.distance(_rgb(arm), _rgb(src)).mean())
     main = heads.index(targets[0])
     out["target_cpg"] = cpg(p_arm[:, main], p_src[:, main])
     out["target_flip_rate"] = flip_rate(p_arm[:, main], p_src[:, main])
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prism_ray.classifier import classifier_labels, load_classifier, predict_proba
     from prism_ray.clip_score import ClipScorer
-    from prism_ray.metrics import LPIPS
+    from prism_ray.metrics import LPIPS, flip_rate
     from prism_ray.models import load_clip, load_sd_components, resolve_model_root
     from prism_ray.phantom import save_contact_sheet
     from prism_ray.phantom_eval import classifier_path
@@ -201,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
     for iv in chosen:
-        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv), res)
+        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
         change = phantom_intervention(iv.spec)
         src = np.stack([render_phantom(a, s, res) for a, s in subjects])
         true = np.stack([render_phantom(a.intervene(change), s, res) for a, s in subjects])
         masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
         pairs = [captions(iv, a) for a, _ in subjects]
         source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
-        images = [np.repeat(x[..., None], 3, axis=-1) for x in src]
+        images = list(_rgb(src))
         outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, p2p_arms)
         outputs["no_edit"] = recon
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
@@ -221,18 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             seconds.update(extra_seconds)
         print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
         p_src = predict_proba(classifier, src)
+        main = heads.index(iv.targets[0])
         entry = {
             "sources": len(subjects),
             "example_prompts": [source_prompts[0], edit_prompts[0]],
             "source_to_true": float(np.abs(src.astype(np.float64) - true).mean() / 255),
-            "true_cf_target_flip_rate": score(true, src, true, masks, p_src, predict_proba(classifier, true), heads, iv.targets, None)["target_flip_rate"],
+            "true_cf_target_flip_rate": flip_rate(predict_proba(classifier, true)[:, main], p_src[:, main]),
             "seconds_per_source": seconds,
         }
         for name in ("no_edit", "ddim_swap", *scored):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
-        rgb = lambda x: np.repeat(x[..., None], 3, axis=-1)  # noqa: E731
         for name in ("ddim_swap", *scored):
-            s_clip = scorer.s_clip(rgb(src), rgb(outputs[name]), source_prompts, edit_prompts)
+            s_clip = scorer.s_clip(_rgb(src), _rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
             entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
             if name == "full":  # the method as PRISM ships it: only edits the CLIP filter keeps
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *scored)}), flush=True)
 
     meta = {
-        "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(root),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
         "ddim_steps": args.steps,

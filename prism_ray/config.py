@@ -63,10 +63,16 @@ class InversionConfig(BaseConfig):
 Window = float | tuple[float, float]
 
 
-def _check_window(window: Window) -> Window:
-    start, end = (0.0, window) if isinstance(window, (int, float)) else window
+def window_bounds(window: Window) -> tuple[float, float]:
+    """ALGORITHM.md window -> (start, end) fractions: f means [0, f); (a, b) means [a, b). ValueError if out of range."""
+    start, end = (0.0, float(window)) if isinstance(window, (int, float)) else (float(window[0]), float(window[1]))
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"window {window!r}: expected a fraction in [0, 1] or [start, end] with 0 <= start <= end <= 1")
+    return start, end
+
+
+def _check_window(window: Window) -> Window:
+    window_bounds(window)
     return window
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prism_ray.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba, to_pixels
+from prism_ray.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
 from prism_ray.config import BaseConfig
 from prism_ray.phantom import CHEXPERT_LABELS, PhantomAttributes, render_phantom
 
@@ -114,6 +114,19 @@ def attribute_vector(attrs: PhantomAttributes) -> list[float]:
     ]
 
 
+def attributes_from_draws(d: np.ndarray, age: int, config: PhantomTrainConfig) -> PhantomAttributes:
+    """Six uniform draws (cardiomegaly, effusion, pacemaker, tube, ECG, sex) -> attributes at the config's prevalences."""
+    kinds = ("pacemaker", "tube", "ecg")
+    devices = {k for k, u, p in zip(kinds, d[2:5], (config.p_pacemaker, config.p_tube, config.p_ecg)) if u < p}
+    return PhantomAttributes(
+        cardiomegaly=bool(d[0] < config.p_cardiomegaly),
+        pleural_effusion=bool(d[1] < config.p_effusion),
+        devices=frozenset(devices),
+        sex="female" if d[5] < config.p_female else "male",
+        age=age,
+    )
+
+
 def render_split(config: PhantomTrainConfig, n: int, stream: int) -> PhantomSplit:
     """n balanced subjects; `stream` 0 = train, 1 = held-out (disjoint render-seed ranges)."""
     from prism_ray.captions import get_adapter
@@ -125,15 +138,7 @@ def render_split(config: PhantomTrainConfig, n: int, stream: int) -> PhantomSpli
     ages = rng.integers(18, 91, size=n)
     images, labels, captions = [], [], []
     for i in range(n):
-        d = draws[i]
-        devices = {k for k, u, p in zip(("pacemaker", "tube", "ecg"), d[2:5], (config.p_pacemaker, config.p_tube, config.p_ecg)) if u < p}
-        attrs = PhantomAttributes(
-            cardiomegaly=bool(d[0] < config.p_cardiomegaly),
-            pleural_effusion=bool(d[1] < config.p_effusion),
-            devices=frozenset(devices),
-            sex="female" if d[5] < config.p_female else "male",
-            age=int(ages[i]),
-        )
+        attrs = attributes_from_draws(draws[i], int(ages[i]), config)
         images.append(render_phantom(attrs, int(seeds[i]), config.resolution))
         labels.append(attribute_vector(attrs))
         captions.append(adapter.caption(chexpert_row(attrs)))
@@ -474,12 +479,11 @@ def train_classifier(config: PhantomTrainConfig, train: PhantomSplit, device: to
 # Evaluation on the held-out split
 
 
-def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_encoder, vae, unet, clip, classifier) -> dict:
+def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_encoder, vae, unet, clip, classifier) -> tuple[dict, np.ndarray]:
     from prism_ray.captions import get_adapter
     from prism_ray.clip_score import ClipScorer
     from prism_ray.images import decode, encode, preprocess
 
-    device = next(unet.parameters()).device
     metrics: dict = {}
     # VAE round trip through the method's own conventions (images.py), PSNR on [0, 1].
     recon = []
@@ -529,7 +533,7 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
         sl = slice(k * config.eval_samples_per_caption, (k + 1) * config.eval_samples_per_caption)
         per_prompt[prompts[sl.start]] = float(match[sl].all(axis=1).mean())
     metrics["sample_all_match_per_caption"] = per_prompt
-    return metrics, samples, prompts
+    return metrics, samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,7 +668,7 @@ def train_family(config: PhantomTrainConfig) -> dict:
     timings["classifier_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    metrics, samples, prompts = evaluate(config, holdout, tokenizer, text_encoder, vae, unet, clip, classifier)
+    metrics, samples = evaluate(config, holdout, tokenizer, text_encoder, vae, unet, clip, classifier)
     metrics["vae_scaling_factor"] = float(vae.config.scaling_factor)
     timings["eval_s"] = time.perf_counter() - tic
     timings["total_s"] = time.perf_counter() - t0

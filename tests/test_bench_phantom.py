@@ -43,7 +43,7 @@ def test_bench_phantom_smoke(tmp_path):
 def test_sources_satisfy_the_intervention():
     bench = _load_bench()
     for iv in bench.INTERVENTIONS:
-        subjects = bench.draw_sources(iv.applies, 5, seed=3, resolution=64)
+        subjects = bench.draw_sources(iv.applies, 5, seed=3)
         assert len(subjects) == 5 and all(iv.applies(a) for a, _ in subjects)
         assert all(2**31 <= s < 2**32 for _, s in subjects)
         source, edit = bench.captions(iv, subjects[0][0])

@@ -14,8 +14,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from prism_ray.config import Window, window_bounds
+
 MAX_TOKENS = 77  # CLIP context length; every mapper is MAX_TOKENS wide
-Window = float | tuple[float, float]
 
 
 # --- words -> tokens -------------------------------------------------------------------------
@@ -183,9 +184,7 @@ def equalizer(prompt: str, words: Sequence[str], value: float, tokenizer, max_to
 def step_window(window: Window, num_rows: int) -> tuple[int, int]:
     """ALGORITHM.md windows: a fraction f means [0, f); a pair (a, b) means [int(a * T'), int(b * T'))
     with T' = num_rows (T + 1 for the cross-attention alpha table, T for self-attention)."""
-    start, end = (0.0, float(window)) if isinstance(window, (int, float)) else (float(window[0]), float(window[1]))
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"replace window {window!r}: expected 0 <= start <= end <= 1")
+    start, end = window_bounds(window)
     return int(start * num_rows), int(end * num_rows)
 
 

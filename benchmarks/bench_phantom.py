@@ -9,6 +9,8 @@ Arms, all from the same held-out phantoms and the same decoder:
   * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
   * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
                 cross-attention of the changed words is, source branch elsewhere; same inversion);
+  * full_noise_blend - the same local blend with the mask read from noise-prediction differences
+                along the inversion trajectory (EditConfig.blend_mask = "noise", DiffEdit-style);
   * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
   * <method>_p2p - with --fast-inversions: negative-prompt or direct inversion + the PRISM P2P defaults.
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
@@ -17,7 +19,7 @@ Scores per intervention: the shipped classifier's target CPG and flip rate, the 
 rate (heads the intervention should not move), L1 (and LPIPS when weights are given) to the source,
 error to the true counterfactual over the whole image and inside / outside the attribute's region,
 and the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
-intervention (source | no_edit | ddim_swap | full | full_blend | true cf).
+intervention (source | no_edit | ddim_swap | full | full_noise_blend | true cf).
 
     python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps
     python benchmarks/bench_phantom.py --per-intervention 4 --steps 20   # a quick look
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p2p_arms = {
         "full": EditConfig(),
         "full_blend": EditConfig(local_blend=True),
+        "full_noise_blend": EditConfig(local_blend=True, blend_mask="noise"),
         "nti_swap": EditConfig(controller="none", reweight=None),  # ablation: null-text inversion without P2P
     }
     p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
@@ -245,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         results[iv.name] = entry
         tiles, labels = [], []
         for k in range(min(6, len(subjects))):
-            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_blend"][k], true[k]]
-            labels += ["source", "no edit", "ddim swap", "full", "full+blend", "true cf"]
+            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_noise_blend"][k], true[k]]
+            labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
         print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *scored)}), flush=True)
 

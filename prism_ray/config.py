@@ -89,14 +89,22 @@ class EditConfig(BaseConfig):
     cross_replace_steps: Window | dict[str, Window] = Field(0.8, description="window, or {default_: window, word: window}")
     self_replace_steps: Window = Field(0.5, description="self-attention replacement window")
     local_blend: bool = False
-    blend_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    blend_mask: Literal["attention", "noise"] = Field(
+        "attention",
+        description="attention: P2P's cross-attention mask of the changed words; noise: DiffEdit-style "
+        "|eps(edit) - eps(source)| along the inversion trajectory (for U-Nets with diffuse attention)",
+    )
+    blend_threshold: float = Field(0.3, ge=0.0, le=1.0, description="attention mask threshold (reference 0.3)")
     blend_start: float = Field(0.2, ge=0.0, le=1.0, description="blend applies after step int(start*T)")
+    noise_mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="noise mask threshold (DiffEdit: 0.5)")
+    noise_mask_window: Window = Field((0.1, 0.9), description="trajectory span sampled, 0 = image, 1 = z_T")
+    noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
     self_attention_max_queries: int = Field(32 * 32, ge=1)
     edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
 
-    @field_validator("self_replace_steps")
+    @field_validator("self_replace_steps", "noise_mask_window")
     @classmethod
-    def _self_window(cls, value: Window) -> Window:
+    def _plain_window(cls, value: Window) -> Window:
         return _check_window(value)
 
     @field_validator("cross_replace_steps")

@@ -127,6 +127,71 @@ def test_local_blend_keeps_source_outside_mask(tiny_sd, inversion):
     assert (edit[~outside] - src[~outside]).abs().amax() > 1e-3  # and the edit happens inside
 
 
+# --- local blend with the noise-difference mask ----------------------------------------------
+
+
+def _hand_noise_map(sd, inv: InversionResult, sources, edits, points) -> torch.Tensor:
+    """Written plainly: one U-Net call per (image, prompt, trajectory point), |eps_e - eps_s| summed
+    over points, channel mean, 3 x 3 neighbourhood max by explicit shifts, divided by its max."""
+    n_steps = len(inv.timesteps)
+    maps = []
+    with torch.no_grad():
+        for j, (source, edit_prompts) in enumerate(zip(sources, edits)):
+            rows = []
+            for edit in edit_prompts:
+                total = torch.zeros(16, 16)
+                for i in points:
+                    z, t = inv.latents[i, j : j + 1], int(inv.timesteps[n_steps - i])
+                    e_src = sd.unet(z, t, encoder_hidden_states=encode_prompts(sd.tokenizer, sd.text_encoder, [source])).sample
+                    e_edit = sd.unet(z, t, encoder_hidden_states=encode_prompts(sd.tokenizer, sd.text_encoder, [edit])).sample
+                    total += (e_edit - e_src).abs()[0].mean(0)
+                padded = torch.nn.functional.pad(total, (1, 1, 1, 1), value=-1.0)
+                pooled = torch.stack([padded[dy : dy + 16, dx : dx + 16] for dy in range(3) for dx in range(3)]).amax(0)
+                rows.append(pooled / pooled.max())
+            maps.append(torch.stack(rows))
+    return torch.stack(maps)  # (N, K, h, w)
+
+
+def test_trajectory_points():
+    from prism_ray.engine.noise_mask import trajectory_points
+
+    assert trajectory_points(50, (0.1, 0.9), 10) == [5, 9, 14, 18, 23, 27, 32, 36, 41, 45]
+    assert trajectory_points(4, (0.1, 0.9), 10) == [1, 2, 3, 4]  # few steps: duplicates collapse
+    assert trajectory_points(50, 0.5, 1) == [13]  # window [0, 0.5]; never index 0 (z_0 has no timestep)
+    with pytest.raises(ValueError, match="window"):
+        trajectory_points(50, (0.9, 0.1), 3)
+
+
+def test_noise_mask_equals_hand_computation(tiny_sd, inversion):
+    from prism_ray.engine.noise_mask import noise_difference_masks
+
+    sub, edits = inversion.select([0, 1]), EDITS[:2]
+    text = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [p for s, e in zip(SOURCES, edits) for p in (s, *e)])
+    masks = noise_difference_masks(tiny_sd.unet, sub.latents, sub.timesteps, text.view(2, 3, *text.shape[1:]),
+                                   window=(0.0, 1.0), samples=4, threshold=0.5)
+    assert masks.shape == (2, 2, 1, 16, 16) and masks.dtype == torch.bool
+    hand = _hand_noise_map(tiny_sd, sub, SOURCES[:2], edits, points=[1, 2, 3, 4])
+    decided = (hand - 0.5).abs() > 1e-4  # leave values on the threshold to float rounding
+    assert torch.equal(masks[:, :, 0][decided], (hand > 0.5)[decided])
+    assert 0 < masks.float().mean() < 1
+
+
+def test_noise_blend_keeps_source_outside_its_mask(tiny_sd, inversion):
+    editor = _editor(tiny_sd, local_blend=True, blend_mask="noise", blend_start=0.0, self_replace_steps=0.0)
+    result = editor.edit(inversion.select([0, 1]), SOURCES[:2], EDITS[:2])
+    masks = result.blend_masks  # (N, K, h, w)
+    assert masks is not None and masks.shape == (2, 2, 16, 16)
+    assert 0 < masks.float().mean() < 1, "the mask should cover part of the latent"
+    outside = ~masks[:, :, None].expand(-1, -1, 4, -1, -1)  # (N, K, C, h, w)
+    src, edit = result.latents[:, :1].expand_as(result.latents[:, 1:]), result.latents[:, 1:]
+    assert torch.equal(edit[outside], src[outside])
+    assert (edit[~outside] - src[~outside]).abs().amax() > 1e-3
+    # Only local blend's edits are masked; an edit equal to its source gets an empty mask (no change).
+    same = editor.edit(inversion.select([0]), SOURCES[:1], [[SOURCES[0], EDITS[0][0]]])
+    assert bool(same.blend_masks[0, 0].all())  # no words differ: local blend off for that edit
+    torch.testing.assert_close(same.latents[:, 1], same.latents[:, 0], atol=1e-6, rtol=0)
+
+
 def test_bad_items_are_reported_and_the_rest_complete(tiny_sd, inversion):
     bad = InversionResult(**{**inversion.__dict__, "latents": inversion.latents.clone()})
     bad.latents[-1, 2, 0, 0, 0] = float("nan")  # z_T of image 2

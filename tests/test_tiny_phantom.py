@@ -117,3 +117,33 @@ def test_samples_follow_their_captions():
     samples = decode(sd.vae, sample_latents(sd.unet, sd.tokenizer, sd.text_encoder, prompts, seed=5))
     got = predict_proba(load_classifier(SHIPPED, device="cpu"), samples)[:, :3] > 0.5  # cardiomegaly, effusion, devices
     assert (got == np.array(combos)).mean() >= 0.8
+
+
+def test_noise_mask_finds_the_devices():
+    """The noise-difference blend mask of "remove Support Devices" lies mostly on the devices: on two
+    fresh phantoms (T = 10 DDIM trajectory) its precision is >= 2x the devices' share of the latent
+    (measured ~3x: precision 0.47, share 0.16) and it covers most of them (measured 0.85)."""
+    import torch.nn.functional as F
+
+    from prism_ray.config import InversionConfig
+    from prism_ray.engine.inversion import invert_many
+    from prism_ray.engine.noise_mask import noise_difference_masks
+    from prism_ray.engine.text import encode_prompts
+    from prism_ray.models import load_sd_components
+    from prism_ray.phantom import attribute_mask
+
+    sd = load_sd_components("tiny", device="cpu")
+    subjects = [(PhantomAttributes(cardiomegaly=True, devices=frozenset(d)), seed) for d, seed in ((("pacemaker",), 1), (("ecg", "tube"), 2))]
+    images = [np.repeat(render_phantom(a, s)[..., None], 3, -1) for a, s in subjects]
+    source, edit = "Chest X-ray showing Cardiomegaly, Support Devices", "Chest X-ray showing Cardiomegaly"
+    inverted, errors = invert_many(sd, images, [source] * 2, InversionConfig(method="ddim", num_inference_steps=10))
+    assert not errors
+    text = encode_prompts(sd.tokenizer, sd.text_encoder, [source, edit] * 2).view(2, 2, 77, -1)
+    masks = noise_difference_masks(sd.unet, inverted.latents, inverted.timesteps, text)[:, 0, 0]  # (2, 16, 16)
+    pixels = torch.tensor(np.stack([attribute_mask(a, s, "devices", 64) for a, s in subjects]), dtype=torch.float32)
+    region = F.max_pool2d(pixels[:, None], 4)[:, 0] > 0  # latent cells touching a device
+    precision = float((masks & region).sum() / masks.sum())
+    share = float(region.float().mean())
+    cover = float((masks & region).sum() / region.sum())
+    print(f"noise mask on devices: precision {precision:.2f}, device share {share:.2f}, cover {cover:.2f}")
+    assert precision >= 2 * share and cover >= 0.5

@@ -1,7 +1,7 @@
 """Prompt-to-prompt attention control (Hertz et al. 2022) through diffusers attention processors.
 
 Settings are immutable (`AttentionController` holding a `ReplaceControl` / `RefineControl` /
-`ReweightControl` and an optional `LocalBlend`); everything that changes while denoising lives in a
+`ReweightControl` and an optional `LocalBlend` or `MaskBlend`); everything that changes while denoising lives in a
 fresh `ControlState` per batch; `controlled(unet, controller, state)` installs one
 `PromptToPromptProcessor` per attention layer with `unet.set_attn_processor` and restores the previous
 processors on exit. Nothing is monkeypatched.
@@ -141,6 +141,12 @@ class LocalBlend:
         mask = mask.view(n, -1, 1, *size)
         return mask | ~self.enabled[:, :, None, None, None]
 
+    def current(self, state: "ControlState", size: tuple[int, int]) -> torch.Tensor:
+        """The mask for this step from the maps stored so far -> (N, K, 1, h, w) bool."""
+        if state.blend_maps is None:
+            raise RuntimeError("local blend: no cross-attention maps were stored (layers/resolution mismatch?)")
+        return self.masks(state.blend_maps, size)
+
     def to(self, device) -> "LocalBlend":
         return dataclasses.replace(
             self,
@@ -148,6 +154,26 @@ class LocalBlend:
             edit_words=self.edit_words.to(device),
             enabled=self.enabled.to(device),
         )
+
+
+@dataclass(frozen=True)
+class MaskBlend:
+    """Local blend with a mask fixed before denoising (the editor's noise-difference mask).
+
+    Same update as `LocalBlend` from `start_step` on: x = x_src + mask * (x - x_src); reads no maps.
+    """
+
+    mask: torch.Tensor  # (N, K, 1, h, w) bool; edits without local blend are all True
+    start_step: int
+    layers: frozenset[str] = frozenset()  # no attention maps needed
+
+    def current(self, state: "ControlState", size: tuple[int, int]) -> torch.Tensor:
+        if tuple(self.mask.shape[-2:]) != tuple(size):
+            raise RuntimeError(f"local blend: mask is {tuple(self.mask.shape[-2:])}, latents are {tuple(size)}")
+        return self.mask
+
+    def to(self, device) -> "MaskBlend":
+        return dataclasses.replace(self, mask=self.mask.to(device))
 
 
 # --- the controller and its per-batch state --------------------------------------------------
@@ -181,7 +207,7 @@ class AttentionController:
     cross_alpha: torch.Tensor  # (T + 1, N, K, 1, 1, 77): the time/word alpha table per image
     self_window: tuple[int, int]  # self-attention replaced for steps [start, end)
     self_max_queries: int = 32 * 32  # larger self-attention maps are never replaced (SD: 64 x 64)
-    blend: LocalBlend | None = None
+    blend: LocalBlend | MaskBlend | None = None
     _cross_steps: tuple[bool, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -219,9 +245,7 @@ class AttentionController:
         """After the scheduler step: local blend. latents (N, K + 1, C, h, w)."""
         if self.blend is None or state.step < self.blend.start_step:
             return latents
-        if state.blend_maps is None:
-            raise RuntimeError("local blend: no cross-attention maps were stored (layers/resolution mismatch?)")
-        mask = self.blend.masks(state.blend_maps, tuple(latents.shape[-2:]))  # (N, K, 1, h, w)
+        mask = self.blend.current(state, tuple(latents.shape[-2:]))  # (N, K, 1, h, w)
         state.blend_mask = mask
         src = latents[:, :1]
         edits = src + mask.to(latents.dtype) * (latents[:, 1:] - src)

@@ -21,6 +21,7 @@ from prism_ray.engine.attention import (
     AttentionController,
     ControlState,
     LocalBlend,
+    MaskBlend,
     RefineControl,
     ReplaceControl,
     ReweightControl,
@@ -28,6 +29,7 @@ from prism_ray.engine.attention import (
     controlled,
 )
 from prism_ray.engine.errors import ItemError
+from prism_ray.engine.noise_mask import noise_difference_masks
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
@@ -132,8 +134,13 @@ class Editor:
             enabled[i] = True
         return _Plan(mapper, alphas, eq, cross_alpha, src_w, edit_w, enabled)
 
-    def controller(self, plans: list[_Plan], num_steps: int, latent_size: int) -> AttentionController | None:
-        """Stack per-image plans into one controller for a batch (None when nothing would be controlled)."""
+    def controller(
+        self, plans: list[_Plan], num_steps: int, latent_size: int, noise_mask: torch.Tensor | None = None
+    ) -> AttentionController | None:
+        """Stack per-image plans into one controller for a batch (None when nothing would be controlled).
+
+        noise_mask (N, K, 1, h, w): the batch's `noise_masks`, required when `blend_mask` is "noise".
+        """
         cfg = self.config
         n, k = len(plans), plans[0].cross_alpha.shape[1]
         cross = None
@@ -145,7 +152,12 @@ class Editor:
             cross = ReweightControl(torch.stack([p.equalizer for p in plans]), cross)
         blend = None
         enabled = torch.stack([p.blend_enabled for p in plans])  # (N, K)
-        if enabled.any():
+        if enabled.any() and cfg.blend_mask == "noise":
+            if noise_mask is None:
+                raise ValueError("blend_mask 'noise': controller() needs the batch's noise_mask")
+            keep_all = ~enabled.to(noise_mask.device)[:, :, None, None, None]
+            blend = MaskBlend(mask=noise_mask | keep_all, start_step=int(cfg.blend_start * num_steps))
+        elif enabled.any():
             layers, side = blend_layers(self.sd.unet, latent_size)
             blend = LocalBlend(
                 source_words=torch.stack([p.blend_source for p in plans]),
@@ -168,6 +180,22 @@ class Editor:
             self_max_queries=cfg.self_attention_max_queries,
             blend=blend,
         ).to(self.sd.device)
+
+    def noise_masks(self, inversion: InversionResult, text: torch.Tensor, plans: list[_Plan]) -> torch.Tensor | None:
+        """With `blend_mask` "noise" and local blend on for some edit: `noise_difference_masks` of the
+        batch (text (N, K + 1, 77, D), source first); otherwise None."""
+        cfg = self.config
+        if cfg.blend_mask != "noise" or not any(bool(p.blend_enabled.any()) for p in plans):
+            return None
+        return noise_difference_masks(
+            self.sd.unet,
+            inversion.latents,
+            inversion.timesteps,
+            text,
+            window=cfg.noise_mask_window,
+            samples=cfg.noise_mask_samples,
+            threshold=cfg.noise_mask_threshold,
+        )
 
     # --- the denoising loop -------------------------------------------------------------------
 
@@ -259,7 +287,8 @@ class Editor:
             edits = encode_prompts(self.sd.tokenizer, self.sd.text_encoder, [p for j in chunk for p in edit_prompts[j]])
             source = sub.cond_embeddings.to(edits.device, edits.dtype)  # the context the inversion used
             text = torch.cat([source[:, None], edits.view(len(chunk), k, *edits.shape[1:])], 1)  # (n, K + 1, 77, D)
-            controller = self.controller([plans[j] for j in chunk], num_steps, latent_size)
+            chunk_plans = [plans[j] for j in chunk]
+            controller = self.controller(chunk_plans, num_steps, latent_size, self.noise_masks(sub, text, chunk_plans))
             state = ControlState()
             x = self.denoise(sub, text.flatten(0, 1), controller, state, steps)
             elapsed = time.perf_counter() - start

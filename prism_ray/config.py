@@ -97,6 +97,7 @@ class EditConfig(BaseConfig):
     blend_threshold: float = Field(0.3, ge=0.0, le=1.0, description="attention mask threshold (reference 0.3)")
     blend_start: float = Field(0.2, ge=0.0, le=1.0, description="blend applies after step int(start*T)")
     noise_mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="noise mask threshold (DiffEdit: 0.5)")
+    noise_mask_quantile: float = Field(0.95, gt=0.0, le=1.0, description="the map is divided by this quantile (1 = max)")
     noise_mask_window: Window = Field((0.1, 0.9), description="trajectory span sampled, 0 = image, 1 = z_T")
     noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
     self_attention_max_queries: int = Field(32 * 32, ge=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from prism_ray.config import BaseConfig, FilterConfig, InversionConfig
+from prism_ray.config import BaseConfig, EditConfig, FilterConfig, InversionConfig
 
 
 class DemoConfig(BaseConfig):
@@ -27,6 +27,10 @@ class DemoConfig(BaseConfig):
     # 20 DDIM steps (not the reference 50) keep the demo in minutes on a laptop CPU; the rest of
     # null-text inversion is the reference (10 inner steps, lr schedule, early stop).
     inversion: InversionConfig = InversionConfig(num_inference_steps=20)
+    # PRISM's prompt-to-prompt defaults plus local blend with the noise-difference mask: the tiny
+    # family's cross-attention is too diffuse for the attention mask, and without a blend its edits
+    # also move findings they should keep (BENCHMARKS.md, phantom benchmark).
+    edit: EditConfig = EditConfig(local_blend=True, blend_mask="noise")
     filter: FilterConfig = FilterConfig()
 
 
@@ -87,6 +91,7 @@ def run_demo(config: DemoConfig) -> Path:
                 for name, selector, spec in SUBGROUPS
             ],
             "inversion": config.inversion.model_dump(),
+            "edit": config.edit.model_dump(),
             "filter": config.filter.model_dump(),
             "output": str(out / "counterfactuals"),
             "seed": config.seed,

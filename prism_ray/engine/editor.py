@@ -195,6 +195,7 @@ class Editor:
             window=cfg.noise_mask_window,
             samples=cfg.noise_mask_samples,
             threshold=cfg.noise_mask_threshold,
+            quantile=cfg.noise_mask_quantile,
         )
 
     # --- the denoising loop -------------------------------------------------------------------

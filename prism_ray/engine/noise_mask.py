@@ -40,6 +40,7 @@ def noise_difference_masks(
     window: Window = (0.1, 0.9),
     samples: int = 10,
     threshold: float = 0.5,
+    quantile: float = 0.95,
     pool_radius: int = 1,
 ) -> torch.Tensor:
     """Where the edits would change the image -> bool masks (N, K, 1, h, w).
@@ -47,7 +48,9 @@ def noise_difference_masks(
     trajectory (T + 1, N, C, h, w): the inversion's latents z_0 ... z_T (z_i at timesteps[T - i]);
     text (N, K + 1, 77, D): per image the source prompt's embedding, then its K edits'. For each
     sampled z_i: d = mean over channels |eps(z_i, edit_k) - eps(z_i, source)|; summed over samples,
-    (2r + 1)^2 max-pooled (stride 1, as local blend pools its maps), divided by its max, > threshold.
+    (2r + 1)^2 max-pooled (stride 1, as local blend pools its maps), divided by its `quantile` over the
+    latent (1.0 = the max; below it a few extreme cells no longer shrink a broad region, as DiffEdit
+    removes extreme values before rescaling), > threshold.
     """
     num_steps = len(timesteps)
     if trajectory.shape[0] != num_steps + 1:
@@ -65,5 +68,6 @@ def noise_difference_masks(
         total = diff if total is None else total + diff
     r = pool_radius
     pooled = F.max_pool2d(total, 2 * r + 1, stride=1, padding=r)
-    peak = pooled.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(pooled.dtype).tiny)
-    return (pooled / peak > threshold)[:, :, None]
+    scale = pooled.flatten(2).quantile(quantile, dim=2)[..., None, None]  # (N, K, 1, 1)
+    scale = scale.clamp_min(torch.finfo(pooled.dtype).tiny)  # identical prompts: d = 0, empty mask
+    return (pooled / scale > threshold)[:, :, None]

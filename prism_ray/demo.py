@@ -101,7 +101,8 @@ def run_demo(config: DemoConfig) -> Path:
     summary = augment(aug)
 
     _say("4/4 report", "scoring against the true counterfactuals")
-    report = write_report(out, str(out / "counterfactuals"), data.ground_truth_uri, tuned.model_path or config.model)
+    # The classifier ships beside the starting family (fine-tuning exports only the diffusers parts).
+    report = write_report(out, str(out / "counterfactuals"), data.ground_truth_uri, config.model)
     minutes = (time.perf_counter() - t0) / 60
     _say("done", f"{minutes:.1f} min. Counterfactuals: {out / 'counterfactuals'}  Report: {report / 'report.md'}")
     (report / "augment_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -109,7 +110,8 @@ def run_demo(config: DemoConfig) -> Path:
 
 
 def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_root: str) -> Path:
-    """Contact sheet (source | counterfactual | true counterfactual | |difference|) + markdown summary."""
+    """Contact sheet (source | counterfactual | true counterfactual | |difference|) + markdown summary;
+    `model_root` is the family whose shipped classifier (if any) scores the edits."""
     from prism_ray.models import resolve_model_root
     from prism_ray.phantom import save_contact_sheet
     from prism_ray.phantom_eval import classifier_path, gray, score_against_truth, true_cf_for

@@ -12,7 +12,8 @@ Arms, all from the same held-out phantoms and the same decoder:
   * full_noise_blend - the same local blend with the mask read from noise-prediction differences
                 along the inversion trajectory (EditConfig.blend_mask = "noise", DiffEdit-style);
   * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
-  * <method>_p2p - with --fast-inversions: negative-prompt or direct inversion + the PRISM P2P defaults.
+  * <method>_p2p, <method>_noise_blend - with --fast-inversions: negative-prompt or direct inversion +
+                the PRISM P2P defaults, without and with the noise-mask local blend.
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "nti_swap": EditConfig(controller="none", reweight=None),  # ablation: null-text inversion without P2P
     }
     p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
-    scored = [*p2p_arms, *(f"{m}_p2p" for m in args.fast_inversions)]  # every arm that edits, besides ddim_swap
+    fast_arms = {"p2p": EditConfig(), "noise_blend": EditConfig(local_blend=True, blend_mask="noise")}
+    scored = [*p2p_arms, *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # every editing arm but ddim_swap
     results: dict[str, dict] = {}
     chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
@@ -216,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         seconds.update(swap_seconds)
-        for method in args.fast_inversions:  # the engine's fast alternatives, each with the PRISM P2P defaults
+        for method in args.fast_inversions:  # the engine's fast alternatives: PRISM P2P defaults, and + noise blend
             cfg = InversionConfig(method=method, num_inference_steps=args.steps)
-            extra, _, extra_seconds = run_arms(sd, images, source_prompts, edit_prompts, cfg, {f"{method}_p2p": EditConfig()})
+            arms = {f"{method}_{name}": edit for name, edit in fast_arms.items()}
+            extra, _, extra_seconds = run_arms(sd, images, source_prompts, edit_prompts, cfg, arms)
             outputs.update(extra)
             seconds.update(extra_seconds)
         print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
@@ -274,11 +277,9 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        arms = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
-        arms += [k for k in entry if (k.startswith("full_") and k != "full_filtered") or k.endswith("_p2p")]
-        for arm in arms:
-            if arm not in entry:
-                continue
+        first = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
+        scored = [k for k, v in entry.items() if isinstance(v, dict) and "error_to_true" in v]  # every arm scored
+        for arm in [a for a in first if a in scored] + [a for a in scored if a not in first]:
             s = entry[arm]
             acc = f"{s['accepted_rate']:.0%}" if "accepted_rate" in s else "-"
             lines.append(

@@ -103,6 +103,7 @@ def _check_outputs(out: str, summary: dict) -> pa.Table:
         assert max(mine, key=lambda r: r["attempt_rank"])["accepted"]  # the prefix ends on an accept
         assert ranks == sorted(set(ranks))
         assert all((r["s_clip"] >= S_CLIP_MIN) == r["accepted"] for r in mine)
+        assert all(np.isfinite(r["reconstruction_error"]) and r["reconstruction_error"] > 0 for r in mine)
     broken = summary["subgroups"]["broken"]
     assert broken["status"] == "shortfall" and broken["shortfall"] == 1 and broken["accepted"] == 0
     # Every row's PNG exists and decodes at the model resolution; no PNG without a row.

@@ -24,5 +24,6 @@ def test_demo_end_to_end(ray_local, tmp_path):
     for s in stats.values():
         assert s["attempted"] >= 1 and 0.0 < s["l1_to_source"] < 0.5
         assert "target_cpg" in s  # the shipped classifier scored them
+        assert 0.0 < s["mean_reconstruction_error"] < 1.0
     summary = json.loads((report / "augment_summary.json").read_text())
     assert summary  # the augment job's own summary is kept beside the report

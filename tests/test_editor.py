@@ -215,6 +215,25 @@ def test_direct_inversion_source_branch_reconstructs(tiny_sd):
     # U-Net; without the residuals the same source branch ends ~7 away from z_0 on this model.
     error = (result.latents[:, 0] - inversion.latents[0]).abs().amax()
     assert error < 5e-3
+    assert result.reconstruction_errors[0] < 1e-4  # relative squared; the same float noise
+
+
+@torch.no_grad()
+def test_reconstruction_error_is_the_unedited_source_branch_error(tiny_sd, inversion):
+    """EditResult.reconstruction_errors = ||z - z_0||^2 / ||z_0||^2 of a plain guided denoising loop from z_T."""
+    rows = [0, 2]
+    sub = inversion.select(rows)
+    result = _editor(tiny_sd).edit(sub, [SOURCES[r] for r in rows], [EDITS[r] for r in rows])
+    steps = DDIMSteps(make_ddim_scheduler(T))
+    z = sub.latents[-1]
+    for i, t in enumerate(steps.timesteps.tolist()):
+        eps = tiny_sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([sub.uncond_embeddings[i], sub.cond_embeddings])).sample
+        eps_u, eps_c = eps.chunk(2)
+        z = steps.prev_step(eps_u + 7.5 * (eps_c - eps_u), t, z)
+    z0 = sub.latents[0]
+    expected = [float(((z[r] - z0[r]) ** 2).sum() / (z0[r] ** 2).sum()) for r in range(len(rows))]
+    assert result.reconstruction_errors == pytest.approx(expected, rel=1e-3)
+    assert min(expected) > 1e-2  # plain DDIM at w = 7.5 does not reconstruct on the random U-Net
 
 
 def test_edit_many_reports_failures_per_item(tiny_sd):
@@ -227,7 +246,7 @@ def test_edit_many_reports_failures_per_item(tiny_sd):
     assert [e[:2] for e in errors] == [(1, "invert"), (2, "edit")]
     assert [item.index for item in items] == [0]
     assert items[0].edits.shape == (1, 64, 64, 3) and items[0].reconstruction.shape == (64, 64, 3)
-    assert items[0].edit_seconds > 0 and items[0].inversion_seconds > 0
+    assert items[0].edit_seconds > 0 and items[0].inversion_seconds > 0 and items[0].reconstruction_error > 0
 
 
 def test_config_word_windows_apply_where_the_word_occurs(tiny_sd):

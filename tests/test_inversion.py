@@ -138,12 +138,22 @@ def test_batched_equals_single_with_different_early_stops(calm_sd):
         torch.testing.assert_close(rec_batched[k], inv.reconstruct(calm_sd.unet, steps, single)[0], rtol=0, atol=1e-5)
 
 
-def test_null_text_reconstruction_beats_ddim(calm_sd):
-    """Unedited guided (w = 7.5) reconstruction: NTI far below DDIM with the "" embedding.
+def rel_squared(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """The acceptance's "relative" latent error: ||z - z0||^2 / ||z0||^2 (the latent MSE that null-text
+    inversion minimises, relative to the latent's mean square), written out here."""
+    return (z - z0).pow(2).flatten(1).sum(1) / z0.pow(2).flatten(1).sum(1)
 
-    Measured on the random tiny U-Net (T = 4, 20 inner steps, lr 5e-2, no early stop): DDIM ~3e-2
-    relative, NTI ~5e-3 = the conditional DDIM (w = 1) error; the 1e-3 target of a trained SD is out of
-    reach here because random cross-attention steers eps only weakly (see report).
+
+def test_relative_squared_error_matches_the_plain_formula():
+    a, b = smooth_latents(2, seed=4), smooth_latents(2, seed=5)
+    torch.testing.assert_close(inv.relative_squared_error(a, b), rel_squared(a, b))
+    torch.testing.assert_close(inv.relative_squared_error(a, b).sqrt(), rel_error(a, b))
+
+
+def test_null_text_reconstruction_beats_ddim(calm_sd):
+    """Unedited guided (w = 7.5) reconstruction on the calm random U-Net, T = 4: NTI far below DDIM.
+
+    Measured (relative squared error): DDIM 4-5e-4, NTI 4e-5 ~ the conditional DDIM (w = 1) error, 6e-5.
     """
     z0 = smooth_latents(1, seed=2)
     base = dict(num_inference_steps=4, num_inner_steps=20, learning_rate=5e-2, early_stop_epsilon=0.0,
@@ -152,20 +162,23 @@ def test_null_text_reconstruction_beats_ddim(calm_sd):
     errors = {}
     for method in ("ddim", "negative_prompt", "null_text"):
         result, _ = inv.invert_many(calm_sd, None, PROMPTS[:1], InversionConfig(method=method, **base), latents=z0)
-        errors[method] = float(rel_error(inv.reconstruct(calm_sd.unet, steps, result), z0)[0])
-    print("relative reconstruction errors:", errors)
-    assert errors["null_text"] < 0.5 * errors["ddim"]
+        errors[method] = float(rel_squared(inv.reconstruct(calm_sd.unet, steps, result), z0)[0])
+    print("relative squared reconstruction errors:", errors)
+    assert errors["null_text"] <= 1e-3
+    assert errors["null_text"] < 0.2 * errors["ddim"]  # the w = 1 floor is near here; see the trained-family test
     assert errors["null_text"] < 1.1 * errors["negative_prompt"]
 
 
-def test_null_text_on_trained_family_far_below_ddim():
-    """The shipped phantom-trained family, a real phantom, reference NTI settings at T = 10.
+def test_null_text_on_trained_family_meets_the_reconstruction_target():
+    """The shipped phantom-trained family, a real phantom, T = 50 (981 ... 1).
 
-    Measured (relative latent error, guided w = 7.5 reconstruction): T = 10: DDIM 0.42, NTI 0.18;
-    T = 50: DDIM 0.38, NTI 0.041 (reference early stop), 0.012 (50 inner steps, no early stop).
-    The reference early-stop rule alone tolerates a per-step MSE of up to 1e-5 + 49 * 2e-5 ~ 1e-3
-    (RMS ~ 0.03 on unit-variance latents), so the 1e-3 relative target needs no early stop and a
-    U-Net whose output the null embedding can steer far enough; the tiny family's cannot.
+    Acceptance: the latent error of inversion + unedited guided (w = 7.5) reconstruction is <= 1e-3
+    relative (||z - z0||^2 / ||z0||^2) and far below plain DDIM's at the same guidance.
+    Settings: 10 inner steps each (early stop off, so the result does not sit just under the reference
+    rule's last threshold 1e-5 + 49 * 2e-5 ~ 1e-3) and lr 5e-2: the tiny text encoder's 32-dim
+    embedding has 24x fewer entries than CLIP-L's 768 to steer the U-Net with, so at the reference
+    lr 1e-2 ten Adam steps do not reach the target (1.75e-3). Measured here: DDIM 0.145, NTI 3.7e-4;
+    more phantoms and settings in BENCHMARKS.md (the reference early-stop rule at lr 5e-2: 8.8e-4).
     """
     from prism_ray.images import encode, preprocess
     from prism_ray.models import load_sd_components
@@ -174,14 +187,17 @@ def test_null_text_on_trained_family_far_below_ddim():
     sd = load_sd_components("tiny", device="cpu")
     image = render_phantom(PhantomAttributes(cardiomegaly=True, devices=frozenset({"pacemaker"})), seed=7)
     z0 = encode(sd.vae, preprocess([image], sd.resolution))
-    prompt = ["Chest X-ray showing Cardiomegaly, Support Devices"]
+    prompts = ["Chest X-ray showing Cardiomegaly, Support Devices"]
+    common = dict(num_inference_steps=50, num_inner_steps=10, learning_rate=5e-2, early_stop_epsilon=0.0,
+                  early_stop_slope=0.0)
     errors = {}
     for method in ("ddim", "null_text"):
-        config = InversionConfig(method=method, num_inference_steps=10)
-        result, _ = inv.invert_many(sd, None, prompt, config, latents=z0)
-        errors[method] = float(rel_error(inv.reconstruct(sd.unet, inv.make_steps(config), result), z0)[0])
-    print("trained family, relative reconstruction errors:", errors)
-    assert errors["null_text"] < 0.5 * errors["ddim"]
+        config = InversionConfig(method=method, **common)
+        result, _ = inv.invert_many(sd, None, prompts, config, latents=z0)
+        errors[method] = rel_squared(inv.reconstruct(sd.unet, inv.make_steps(config), result), z0)
+    print("trained family, T = 50, relative squared reconstruction errors:", errors)
+    assert errors["null_text"].max() <= 1e-3
+    assert (errors["null_text"] < 0.01 * errors["ddim"]).all()
 
 
 # --- other methods -------------------------------------------------------------------------------

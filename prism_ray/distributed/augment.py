@@ -278,6 +278,7 @@ class AugmentWorker:
                     "l1": float(l1_unit[k]),
                     "l1_255": float(l1_255[k]),
                     "accepted": bool(accepted[k]),
+                    "reconstruction_error": item.reconstruction_error,
                     "inversion_seconds": item.inversion_seconds,
                     "edit_seconds": item.edit_seconds / len(edits),
                 }

@@ -29,6 +29,7 @@ from prism_ray.engine.attention import (
     controlled,
 )
 from prism_ray.engine.errors import ItemError
+from prism_ray.engine.inversion import invert_many, relative_squared_error
 from prism_ray.engine.noise_mask import noise_difference_masks
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts
@@ -56,6 +57,7 @@ class EditResult:
     reconstructions: np.ndarray  # (N_ok, R, R, 3) uint8: the source branch
     latents: torch.Tensor  # (N_ok, K + 1, C, h, w) final latents, source branch first
     seconds: list[float]  # wall time attributed to each row (its share of its batch)
+    reconstruction_errors: list[float] = field(default_factory=list)  # source branch vs z_0, relative squared
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (input index, stage, reason)
     blend_masks: torch.Tensor | None = None  # (N_ok, K, h, w) bool: last local-blend mask, if any
 
@@ -278,7 +280,7 @@ class Editor:
                 errors.append(ItemError(j, STAGE, str(err)))
 
         good = sorted(plans)
-        latents, seconds = {}, {}
+        latents, seconds, rec_errors = {}, {}, {}
         masks, any_blend = {}, False
         latent_size = int(inversion.latents.shape[-1])
         for begin in range(0, len(good), self.config.edit_batch_size):
@@ -293,11 +295,12 @@ class Editor:
             state = ControlState()
             x = self.denoise(sub, text.flatten(0, 1), controller, state, steps)
             elapsed = time.perf_counter() - start
+            rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device)).tolist()  # how well it inverted
             for r, j in enumerate(chunk):
                 if not torch.isfinite(x[r]).all():  # NaN per image, after the loop
                     errors.append(ItemError(j, STAGE, "NaN/inf in the edited latents"))
                     continue
-                latents[j], seconds[j] = x[r], elapsed / len(chunk)
+                latents[j], seconds[j], rec_errors[j] = x[r], elapsed / len(chunk), rec[r]
                 if state.blend_mask is not None:
                     masks[j] = state.blend_mask[r, :, 0]
                 else:  # no local blend in this batch: the edit is kept everywhere
@@ -321,6 +324,7 @@ class Editor:
             reconstructions=images[:, 0],
             latents=stacked.cpu(),
             seconds=[seconds[j] + decode_share for j in ok],
+            reconstruction_errors=[rec_errors[j] for j in ok],
             errors=[e.as_tuple() for e in errors],
             blend_masks=torch.stack([masks[j] for j in ok]).cpu() if any_blend and ok else None,
         )
@@ -340,6 +344,7 @@ class EditedItem:
     reconstruction: np.ndarray  # (R, R, 3) uint8
     inversion_seconds: float
     edit_seconds: float
+    reconstruction_error: float  # unedited source branch vs the encoded source: ||z - z0||^2 / ||z0||^2
 
 
 def edit_many(
@@ -357,8 +362,6 @@ def edit_many(
     Inverts (`editor.inversion_config`, batched by its `batch_size`) and edits (`edit_batch_size`);
     an item failing at either stage is reported and the others complete. Indices refer to the input.
     """
-    from prism_ray.engine.inversion import invert_many
-
     n = len(images)
     if len(source_prompts) != n or len(edit_prompts) != n:
         raise ValueError(f"source_prompts/edit_prompts: {len(source_prompts)}/{len(edit_prompts)} for {n} images")
@@ -387,6 +390,7 @@ def edit_many(
                     reconstruction=result.reconstructions[row],
                     inversion_seconds=inversion.seconds[r] if inversion.seconds else 0.0,
                     edit_seconds=result.seconds[row],
+                    reconstruction_error=result.reconstruction_errors[row],
                 )
             )
     return items, sorted(errors)

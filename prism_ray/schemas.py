@@ -22,7 +22,8 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         pa.field("l1", pa.float32()),  # on [0, 1]
         pa.field("l1_255", pa.float32()),
         pa.field("accepted", pa.bool_(), nullable=False),
-        pa.field("reconstruction_error", pa.float32()),  # unedited source latent vs the encoded source, relative squared
+        # ||z - z0||^2 / ||z0||^2: the unedited source branch's final latent vs the encoded source
+        pa.field("reconstruction_error", pa.float32()),
         pa.field("inversion_seconds", pa.float32()),
         pa.field("edit_seconds", pa.float32()),
         pa.field("model_id", pa.string()),

@@ -220,14 +220,15 @@ def test_direct_inversion_source_branch_reconstructs(tiny_sd):
 
 @torch.no_grad()
 def test_reconstruction_error_is_the_unedited_source_branch_error(tiny_sd, inversion):
-    """EditResult.reconstruction_errors = ||z - z_0||^2 / ||z_0||^2 of a plain guided denoising loop from z_T."""
+    """EditResult.reconstruction_errors: ||z - z_0||^2 / ||z_0||^2 of a plain guided denoising from z_T."""
     rows = [0, 2]
     sub = inversion.select(rows)
     result = _editor(tiny_sd).edit(sub, [SOURCES[r] for r in rows], [EDITS[r] for r in rows])
     steps = DDIMSteps(make_ddim_scheduler(T))
     z = sub.latents[-1]
     for i, t in enumerate(steps.timesteps.tolist()):
-        eps = tiny_sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([sub.uncond_embeddings[i], sub.cond_embeddings])).sample
+        context = torch.cat([sub.uncond_embeddings[i], sub.cond_embeddings])
+        eps = tiny_sd.unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample
         eps_u, eps_c = eps.chunk(2)
         z = steps.prev_step(eps_u + 7.5 * (eps_c - eps_u), t, z)
     z0 = sub.latents[0]

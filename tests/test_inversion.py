@@ -165,7 +165,7 @@ def test_null_text_reconstruction_beats_ddim(calm_sd):
         errors[method] = float(rel_squared(inv.reconstruct(calm_sd.unet, steps, result), z0)[0])
     print("relative squared reconstruction errors:", errors)
     assert errors["null_text"] <= 1e-3
-    assert errors["null_text"] < 0.2 * errors["ddim"]  # the w = 1 floor is near here; see the trained-family test
+    assert errors["null_text"] < 0.2 * errors["ddim"]  # the w = 1 floor is close; see the trained family
     assert errors["null_text"] < 1.1 * errors["negative_prompt"]
 
 

@@ -295,7 +295,8 @@ class Editor:
             state = ControlState()
             x = self.denoise(sub, text.flatten(0, 1), controller, state, steps)
             elapsed = time.perf_counter() - start
-            rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device)).tolist()  # how well it inverted
+            # How well each source inverted: the unedited source branch vs its encoded latent.
+            rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device)).tolist()
             for r, j in enumerate(chunk):
                 if not torch.isfinite(x[r]).all():  # NaN per image, after the loop
                     errors.append(ItemError(j, STAGE, "NaN/inf in the edited latents"))

@@ -13,7 +13,10 @@ Arms, all from the same held-out phantoms and the same decoder:
                 along the inversion trajectory (EditConfig.blend_mask = "noise", DiffEdit-style);
   * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
   * <method>_p2p, <method>_noise_blend - with --fast-inversions: negative-prompt or direct inversion +
-                the PRISM P2P defaults, without and with the noise-mask local blend.
+                the PRISM P2P defaults, without and with the noise-mask local blend;
+  * full_bf16, full_noise_blend_bf16 - with --bf16: the same edits with the editing pass's U-Net under
+                bfloat16 autocast (EditConfig.compute_dtype), and how often its decisions (S_CLIP
+                filter, classifier target and non-target heads) agree with the fp32 pass.
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra full-method arms with these self-attention windows (PRISM sweeps 0.4-0.8)")
     parser.add_argument("--fast-inversions", nargs="*", default=[], choices=["negative_prompt", "direct"],
                         help="extra arms: these inversion methods + the PRISM P2P defaults")
+    parser.add_argument("--bf16", action="store_true", help="also edit in bfloat16 and report decision agreement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_phantom")
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "nti_swap": EditConfig(controller="none", reweight=None),  # ablation: null-text inversion without P2P
     }
     p2p_arms.update({f"full_self{w:g}": EditConfig(self_replace_steps=w) for w in args.self_replace})
+    bf16_pairs = {f"{name}_bf16": name for name in ("full", "full_noise_blend")} if args.bf16 else {}
+    p2p_arms.update({bf: p2p_arms[fp].model_copy(update={"compute_dtype": "bfloat16"}) for bf, fp in bf16_pairs.items()})
     fast_arms = {"p2p": EditConfig(), "noise_blend": EditConfig(local_blend=True, blend_mask="noise")}
     scored = [*p2p_arms, *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # every editing arm but ddim_swap
     results: dict[str, dict] = {}
@@ -234,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             "true_cf_target_flip_rate": flip_rate(predict_proba(classifier, true)[:, main], p_src[:, main]),
             "seconds_per_source": seconds,
         }
+        probs, clips = {}, {}
         for name in ("no_edit", "ddim_swap", *scored):
-            entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]), heads, iv.targets, lpips)
+            probs[name] = predict_proba(classifier, outputs[name])
+            entry[name] = score(outputs[name], src, true, masks, p_src, probs[name], heads, iv.targets, lpips)
         for name in ("ddim_swap", *scored):
-            s_clip = scorer.s_clip(_rgb(src), _rgb(outputs[name]), source_prompts, edit_prompts)
+            s_clip = clips[name] = scorer.s_clip(_rgb(src), _rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
             entry[name]["accepted_rate"] = float((s_clip >= S_CLIP_MIN).mean())
             if name == "full":  # the method as PRISM ships it: only edits the CLIP filter keeps
@@ -248,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                         outputs[name][keep], src[keep], true[keep], masks[keep], p_src[keep], p_keep, heads, iv.targets, lpips
                     )
                     entry["full_filtered"]["accepted_rate"] = float(keep.mean())
+        for bf, fp in bf16_pairs.items():
+            entry[f"{bf}_agreement"] = decision_agreement(
+                outputs[fp], outputs[bf], clips[fp], clips[bf], probs[fp], probs[bf], heads.index(iv.targets[0])
+            )
         results[iv.name] = entry
         tiles, labels = [], []
         for k in range(min(6, len(subjects))):
@@ -269,6 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def decision_agreement(fp_images, bf_images, fp_clip, bf_clip, fp_probs, bf_probs, target: int) -> dict:
+    """How often a bfloat16 editing pass decides as the fp32 one: the S_CLIP filter, the classifier's
+    target head and all heads (each image's label vector at 0.5); plus the pixel and S_CLIP differences."""
+    accept_fp, accept_bf = fp_clip >= S_CLIP_MIN, bf_clip >= S_CLIP_MIN
+    labels_fp, labels_bf = fp_probs >= 0.5, bf_probs >= 0.5
+    return {
+        "s_clip_filter_agrees": float((accept_fp == accept_bf).mean()),
+        "target_label_agrees": float((labels_fp[:, target] == labels_bf[:, target]).mean()),
+        "all_labels_agree": float((labels_fp == labels_bf).all(axis=1).mean()),
+        "mean_abs_s_clip_diff": float(np.abs(fp_clip - bf_clip).mean()),
+        "mean_abs_pixel_diff": float(np.abs(fp_images.astype(np.float64) - bf_images).mean() / 255),
+        "max_abs_target_prob_diff": float(np.abs(fp_probs[:, target] - bf_probs[:, target]).max()),
+    }
+
+
 def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"Command: `{meta['command']}` ({meta['machine']}, {meta['ddim_steps']} DDIM steps, {meta['minutes']:.1f} min)",
@@ -286,6 +313,23 @@ def markdown(results: dict, meta: dict) -> str:
                 f"| {name} (n={entry['sources']}) | {arm} | {s['target_flip_rate']:.0%} | {s['target_cpg']:.3f} | "
                 f"{s['non_target_flip_rate']:.0%} | {s['error_to_true']:.4f} | {s['error_to_true_in_region']:.4f} | "
                 f"{s['error_to_true_outside_region']:.4f} | {s['l1_to_source']:.4f} | {acc} |"
+            )
+    agreement = [(name, key[: -len("_agreement")], v) for name, e in results.items() for key, v in e.items()
+                 if key.endswith("_agreement")]
+    if agreement:
+        lines += [
+            "",
+            "bfloat16 editing pass vs fp32 (same inversion, same sources):",
+            "",
+            "| intervention | arm | S_CLIP filter agrees | target label agrees | all labels agree | "
+            "mean abs S_CLIP diff | mean abs pixel diff | max abs target p diff |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, arm, a in agreement:
+            lines.append(
+                f"| {name} | {arm} | {a['s_clip_filter_agrees']:.0%} | {a['target_label_agrees']:.0%} | "
+                f"{a['all_labels_agree']:.0%} | {a['mean_abs_s_clip_diff']:.4f} | {a['mean_abs_pixel_diff']:.4f} | "
+                f"{a['max_abs_target_prob_diff']:.3f} |"
             )
     return "\n".join(lines) + "\n"
 

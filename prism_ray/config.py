@@ -102,6 +102,11 @@ class EditConfig(BaseConfig):
     noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
     self_attention_max_queries: int = Field(32 * 32, ge=1)
     edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the editing pass's U-Net calls under autocast (bfloat16/float16 on a GPU for speed); "
+        "inversion always runs in fp32, latents and scheduler steps stay fp32",
+    )
 
     @field_validator("self_replace_steps", "noise_mask_window")
     @classmethod

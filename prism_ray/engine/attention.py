@@ -352,7 +352,8 @@ class PromptToPromptProcessor:
             scores = scores + mask.float()
         probs = scores.softmax(-1).view(*group, *scores.shape[1:])  # (N, K + 1, heads, Q, 77)
         if ctl.cross_active(step):
-            probs = ctl.edit_cross(probs, step)
+            with torch.autocast(probs.device.type, enabled=False):  # control maths in fp32 in a bf16 pass
+                probs = ctl.edit_cross(probs, step)
         if ctl.needs_maps(self.name):
             side = ctl.blend.resolution
             if probs.shape[3] != side * side:

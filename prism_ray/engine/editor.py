@@ -183,22 +183,30 @@ class Editor:
             blend=blend,
         ).to(self.sd.device)
 
+    def autocast(self):
+        """The editing pass's compute dtype (`EditConfig.compute_dtype`) as an autocast context."""
+        dtype = getattr(torch, self.config.compute_dtype)
+        if dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.sd.device.type, dtype=dtype)
+
     def noise_masks(self, inversion: InversionResult, text: torch.Tensor, plans: list[_Plan]) -> torch.Tensor | None:
         """With `blend_mask` "noise" and local blend on for some edit: `noise_difference_masks` of the
         batch (text (N, K + 1, 77, D), source first); otherwise None."""
         cfg = self.config
         if cfg.blend_mask != "noise" or not any(bool(p.blend_enabled.any()) for p in plans):
             return None
-        return noise_difference_masks(
-            self.sd.unet,
-            inversion.latents,
-            inversion.timesteps,
-            text,
-            window=cfg.noise_mask_window,
-            samples=cfg.noise_mask_samples,
-            threshold=cfg.noise_mask_threshold,
-            quantile=cfg.noise_mask_quantile,
-        )
+        with self.autocast():
+            return noise_difference_masks(
+                self.sd.unet,
+                inversion.latents,
+                inversion.timesteps,
+                text,
+                window=cfg.noise_mask_window,
+                samples=cfg.noise_mask_samples,
+                threshold=cfg.noise_mask_threshold,
+                quantile=cfg.noise_mask_quantile,
+            )
 
     # --- the denoising loop -------------------------------------------------------------------
 
@@ -225,7 +233,8 @@ class Editor:
                 state.step = i
                 uncond = inversion.uncond_embeddings[i].to(device, dtype).repeat_interleave(b, 0)  # (N * (K + 1), 77, D)
                 z = x.flatten(0, 1)
-                eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, text])).sample
+                with self.autocast():
+                    eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, text])).sample
                 eps_u, eps_c = eps.float().chunk(2)
                 z = steps.prev_step(eps_u + scale * (eps_c - eps_u), t, z)
                 x = z.view_as(x)

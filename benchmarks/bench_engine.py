@@ -7,6 +7,7 @@ measured "at equal reconstruction error".
 
     python benchmarks/bench_engine.py                       # CPU, tiny family, N=8, K=4
     python benchmarks/bench_engine.py --sd15-shaped --device cuda --images 4 --loop-images 1
+    python benchmarks/bench_engine.py --sd15-shaped --device cuda --images 4 --loop-images 1 --edit-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="images per inversion / edit call (batched arm)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--inner", type=int, default=10, help="fixed null-text inner steps (early stop off)")
+    ap.add_argument("--edit-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the editing pass's compute dtype (EditConfig.compute_dtype; inversion stays fp32)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,10 +125,10 @@ def main() -> None:
     images, prompts = phantom_inputs(args.images, sd.resolution)
     fixed = dict(num_inference_steps=args.steps, num_inner_steps=args.inner, early_stop_epsilon=0.0, early_stop_slope=0.0)
     batched = run_arm(sd, images, prompts, args.edits, InversionConfig(**fixed, batch_size=args.batch),
-                      EditConfig(edit_batch_size=args.batch), per_image=False)
+                      EditConfig(edit_batch_size=args.batch, compute_dtype=args.edit_dtype), per_image=False)
     n_loop = args.loop_images or args.images
     loop = run_arm(sd, images[:n_loop], prompts[:n_loop], args.edits, InversionConfig(**fixed, batch_size=1),
-                   EditConfig(edit_batch_size=1), per_image=True)
+                   EditConfig(edit_batch_size=1, compute_dtype=args.edit_dtype), per_image=True)
     ratio = batched["counterfactuals_per_s"] / loop["counterfactuals_per_s"]
     result = {"machine": f"{platform.processor() or platform.machine()}, torch threads {args.threads}",
               "device": str(sd.device), "args": vars(args), "batched": batched, "per_image_loop": loop,

@@ -24,7 +24,8 @@ class FilterThresholds(BaseModel):
 
     PRISM keeps S_CLIP >= 0.1. LANCE additionally requires CLIP image-image similarity and
     image-text similarity of the edit above thresholds (it uses 0.7 / 0.2 / 0.2); those two
-    are off (None) by default.
+    are off (None) by default, as is prism_ray's own `reconstruction_error_max` (drop edits of
+    sources that did not invert: their unedited reconstruction's relative squared latent error).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,21 +33,24 @@ class FilterThresholds(BaseModel):
     s_clip_min: float = Field(0.1, ge=-1.0, le=1.0)
     image_image_min: float | None = Field(None, ge=-1.0, le=1.0)
     image_text_min: float | None = Field(None, ge=-1.0, le=1.0)
+    reconstruction_error_max: float | None = Field(None, ge=0.0)
 
     def accept(self, scores: Mapping[str, Any]) -> np.ndarray:
-        """Boolean (N,) array: every active threshold met (score >= threshold). NaN is rejected."""
+        """Boolean (N,) array: every active threshold met (score >= minimum, error <= maximum).
+        NaN is rejected."""
         checks = [
-            ("s_clip", self.s_clip_min),
-            ("clip_image_image", self.image_image_min),
-            ("clip_image_text", self.image_text_min),
+            ("s_clip", self.s_clip_min, np.greater_equal),
+            ("clip_image_image", self.image_image_min, np.greater_equal),
+            ("clip_image_text", self.image_text_min, np.greater_equal),
+            ("reconstruction_error", self.reconstruction_error_max, np.less_equal),
         ]
         keep = None
-        for key, minimum in checks:
-            if minimum is None:
+        for key, bound, meets in checks:
+            if bound is None:
                 continue
             if key not in scores:
                 raise ValueError(f"scores lack {key!r}, needed by the filter threshold on it")
-            ok = np.asarray(scores[key], dtype=np.float64) >= minimum
+            ok = meets(np.asarray(scores[key], dtype=np.float64), bound)
             keep = ok if keep is None else keep & ok
         return keep
 

@@ -129,11 +129,17 @@ class EditConfig(BaseConfig):
 
 
 class FilterConfig(BaseConfig):
-    """CLIP filter thresholds (PRISM keeps S_CLIP >= 0.1; LANCE also uses 0.7/0.2)."""
+    """Which edits to keep (PRISM keeps S_CLIP >= 0.1; LANCE also uses 0.7/0.2)."""
 
     s_clip_min: float = Field(0.1, ge=-1.0, le=1.0)
     image_image_min: float | None = Field(None, ge=-1.0, le=1.0)
     image_text_min: float | None = Field(None, ge=-1.0, le=1.0)
+    reconstruction_error_max: float | None = Field(
+        None,
+        ge=0.0,
+        description="reject every edit of a source whose unedited reconstruction has a relative squared "
+        "latent error above this (the inversion failed); None = off, as in PRISM",
+    )
 
 
 class DataConfig(BaseConfig):

@@ -124,6 +124,25 @@ def test_in_process_worker_meets_quotas(reference):
     assert summary["attempts_this_run"] >= sum(QUOTAS.values()) - QUOTAS["broken"]
 
 
+def test_reconstruction_error_filter_rejects_every_edit_of_a_bad_inversion(tiny_family, manifest, tmp_path):
+    """filter.reconstruction_error_max: an attempt whose source reconstructs worse than the bound is a
+    reject (row kept, accepted False) even when S_CLIP passes; one round, one subgroup."""
+    config = _config(tiny_family, manifest, str(tmp_path / "out"))
+    rows = {}
+    for bound in (None, 0.0):
+        update = {
+            "subgroups": config.subgroups[:1],
+            "filter": config.filter.model_copy(update={"reconstruction_error_max": bound}),
+            "planner": config.planner.model_copy(update={"max_rounds": 1}),
+            "output": str(tmp_path / f"out-{bound}"),
+        }
+        augment(config.model_copy(update=update), runner=run_round_inprocess)
+        rows[bound] = _manifest(update["output"]).to_pylist()
+    assert rows[None] and all(r["accepted"] for r in rows[None])  # S_CLIP >= -1 accepts everything
+    assert rows[0.0] and not any(r["accepted"] for r in rows[0.0])  # every reconstruction error is > 0
+    assert all(r["reconstruction_error"] > 0 for r in rows[0.0])
+
+
 def test_ray_meets_quotas_exactly_despite_a_killed_actor(ray_run, reference):
     config, summary, out = ray_run
     table = _check_outputs(out, summary)

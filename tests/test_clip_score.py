@@ -211,6 +211,18 @@ def test_filter_thresholds_accept_and_reject():
         FilterThresholds(s_clip=0.2)  # unknown field
 
 
+def test_filter_rejects_sources_that_did_not_invert():
+    errors = np.array([1e-4, 2e-3, np.nan, 1e-4])
+    scores = {"s_clip": np.array([0.3, 0.3, 0.3, 0.05]), "reconstruction_error": errors}
+    np.testing.assert_array_equal(FilterThresholds().accept(scores), [True, True, True, False])  # off: PRISM
+    strict = FilterThresholds(reconstruction_error_max=1e-3)
+    np.testing.assert_array_equal(strict.accept(scores), [True, False, False, False])
+    with pytest.raises(ValueError, match="reconstruction_error"):
+        strict.accept({"s_clip": scores["s_clip"]})
+    with pytest.raises(ValidationError):
+        FilterThresholds(reconstruction_error_max=-1.0)
+
+
 def test_from_components_uses_the_loader_bundle(clip_model, tokenizer, images):
     from pathlib import Path
 

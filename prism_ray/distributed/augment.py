@@ -250,6 +250,7 @@ class AugmentWorker:
                 origs = np.repeat(orig[None], len(edits), axis=0)  # (K, R, R, 3)
                 prompts = [e["edit_prompt"] for e in edits]
                 scores = self.scorer.score(origs, item.edits, task["source_prompt"], prompts)
+                scores["reconstruction_error"] = np.full(len(edits), item.reconstruction_error)
                 accepted = self.thresholds.accept(scores)
                 l1_unit, l1_255 = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
             except Exception as err:

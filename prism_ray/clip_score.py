@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+
+from prism_ray.config import FilterConfig
 
 # OpenAI CLIP's image normalisation (the same for ViT-B/32 and ViT-L/14).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -19,40 +20,8 @@ CLIP_MAX_LENGTH = 77
 _ZERO_DIRECTION = 1e-6
 
 
-class FilterThresholds(BaseModel):
-    """Which counterfactuals to keep, from the scores of `ClipScorer.score`.
-
-    PRISM keeps S_CLIP >= 0.1. LANCE additionally requires CLIP image-image similarity and
-    image-text similarity of the edit above thresholds (it uses 0.7 / 0.2 / 0.2); those two
-    are off (None) by default, as is prism_ray's own `reconstruction_error_max` (drop edits of
-    sources that did not invert: their unedited reconstruction's relative squared latent error).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    s_clip_min: float = Field(0.1, ge=-1.0, le=1.0)
-    image_image_min: float | None = Field(None, ge=-1.0, le=1.0)
-    image_text_min: float | None = Field(None, ge=-1.0, le=1.0)
-    reconstruction_error_max: float | None = Field(None, ge=0.0)
-
-    def accept(self, scores: Mapping[str, Any]) -> np.ndarray:
-        """Boolean (N,) array: every active threshold met (score >= minimum, error <= maximum).
-        NaN is rejected."""
-        checks = [
-            ("s_clip", self.s_clip_min, np.greater_equal),
-            ("clip_image_image", self.image_image_min, np.greater_equal),
-            ("clip_image_text", self.image_text_min, np.greater_equal),
-            ("reconstruction_error", self.reconstruction_error_max, np.less_equal),
-        ]
-        keep = None
-        for key, bound, meets in checks:
-            if bound is None:
-                continue
-            if key not in scores:
-                raise ValueError(f"scores lack {key!r}, needed by the filter threshold on it")
-            ok = meets(np.asarray(scores[key], dtype=np.float64), bound)
-            keep = ok if keep is None else keep & ok
-        return keep
+# The filter is the job config's own section: one definition of the thresholds and their rule.
+FilterThresholds = FilterConfig
 
 
 class ClipScorer:

@@ -143,13 +143,13 @@ class AugmentWorker:
         self.results_hash = config.results_hash()
         self.batches_done = 0
         if config.mode == "counterfactual":
-            from prism_ray.clip_score import ClipScorer, FilterThresholds
+            from prism_ray.clip_score import ClipScorer
             from prism_ray.engine.editor import Editor
             from prism_ray.models import load_clip
 
             clip = load_clip(m.clip_path or m.path, device=m.device, cache_dir=m.cache_dir)
             self.scorer = ClipScorer.from_components(clip)
-            self.thresholds = FilterThresholds(**config.filter.model_dump())
+            self.thresholds = config.filter
             self.editor = Editor(self.sd, config.edit, config.inversion)
 
     # -- Ray Data entry point -------------------------------------------------------------

@@ -65,15 +65,15 @@ def _rounded(values: dict) -> dict:
 
 
 def make_data(root: Path, n: int) -> str:
-    from prism_ray.phantom import PhantomDatasetConfig, write_phantom_dataset
+    from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
 
     config = PhantomDatasetConfig(n_subjects=n, resolution=64, seed=3)
     return write_phantom_dataset(str(root / "data"), config).manifest_uri
 
 
 def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
-    from prism_ray.augment_config import AugmentConfig
-    from prism_ray.distributed.augment import augment
+    from prism_ray.pipelines.augment import AugmentConfig
+    from prism_ray.distributed.augment_old import augment
 
     # One round of a fixed size (accept everything, no over-provisioning): throughput, not quota luck.
     config = AugmentConfig.model_validate(
@@ -136,7 +136,7 @@ def main() -> None:
     if not args.skip_run:
         import ray
 
-        from prism_ray.tiny import build_tiny_family
+        from prism_ray.models.tiny import build_tiny_family
 
         ray.init(num_cpus=max(args.actors), include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:

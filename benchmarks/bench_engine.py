@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor, edit_many
 
 EDITS = [
@@ -32,7 +32,7 @@ EDITS = [
 
 
 def phantom_inputs(n: int, resolution: int, seed: int = 0):
-    from prism_ray.phantom import PhantomAttributes, render_phantom
+    from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
     images, prompts = [], []
     for i in range(n):
@@ -45,7 +45,7 @@ def phantom_inputs(n: int, resolution: int, seed: int = 0):
 
 
 def load_model(args):
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     if not args.sd15_shaped:
         return load_sd_components(args.model, device=args.device)
@@ -59,8 +59,8 @@ def sd15_shaped(device: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from prism_ray.models import SDComponents
-    from prism_ray.tiny import build_tiny_tokenizer
+    from prism_ray.models.loading import SDComponents
+    from prism_ray.models.tiny import build_tiny_tokenizer
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()

@@ -26,7 +26,7 @@ CAPTIONS = ["chest x-ray showing cardiomegaly", "chest x-ray showing pleural eff
 
 
 def write_dataset(root: Path, n: int) -> Path:
-    from prism_ray.storage import write_png, write_table
+    from prism_ray.data.storage import write_png, write_table
 
     rng = np.random.default_rng(0)
     rows = []
@@ -39,8 +39,8 @@ def write_dataset(root: Path, n: int) -> Path:
 
 def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int = 1) -> float:
     """images/s of the core step with torch AdamW, one process (no Ray, no DeepSpeed)."""
-    from prism_ray.models import load_sd_components
-    from prism_ray.training import diffusion_loss, image_latents, make_noise_scheduler, step_generator, text_embeddings
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.training.diffusion import diffusion_loss, image_latents, make_noise_scheduler, step_generator, text_embeddings
 
     torch.set_num_threads(threads)  # as a Ray worker with 1 CPU gets (OMP_NUM_THREADS=1)
     sd = load_sd_components(str(family), device="cpu")
@@ -68,9 +68,9 @@ def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int 
 
 def bench_ray(family: Path, manifest: Path, storage: Path, steps: int, batch: int, workers: int, cached: bool):
     from prism_ray.config import build_config
-    from prism_ray.distributed.train import finetune
-    from prism_ray.finetune_config import FinetuneConfig
-    from prism_ray.storage import read_table
+    from prism_ray.distributed.trainer import finetune
+    from prism_ray.pipelines.finetune import FinetuneConfig
+    from prism_ray.data.storage import read_table
 
     name = f"bench-{'cached' if cached else 'pixels'}-{workers}w"
     config = build_config(
@@ -108,7 +108,7 @@ def main() -> None:
 
     import ray
 
-    from prism_ray.tiny import build_tiny_family
+    from prism_ray.models.tiny import build_tiny_family
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ft-") as tmp:

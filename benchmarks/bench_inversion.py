@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from prism_ray.config import InversionConfig
+from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine import inversion as inv
-from prism_ray.images import decode, encode, preprocess
+from prism_ray.engine.images import decode, encode, preprocess
 
 NO_EARLY_STOP = {"early_stop_epsilon": 0.0, "early_stop_slope": 0.0}
 ARMS: dict[str, dict] = {
@@ -37,7 +37,7 @@ ARMS: dict[str, dict] = {
 
 def phantoms(n: int, resolution: int):
     """n phantoms cycling through finding combinations, with their captions."""
-    from prism_ray.phantom import PhantomAttributes, render_phantom
+    from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
     kinds = [
         (PhantomAttributes(cardiomegaly=True, devices=frozenset({"pacemaker"})), "Cardiomegaly, Support Devices"),
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     sd = load_sd_components(args.model, device="cpu")
     images, prompts = phantoms(args.images, sd.resolution)

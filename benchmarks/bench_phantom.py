@@ -43,12 +43,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from prism_ray.captions import get_adapter
-from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.data.captions import get_adapter
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor
-from prism_ray.phantom import PhantomAttributes, attribute_mask, render_phantom
-from prism_ray.phantom_eval import phantom_intervention
-from prism_ray.phantom_train import PhantomTrainConfig, attributes_from_draws, chexpert_row
+from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom
+from prism_ray.phantom.truth import phantom_intervention
+from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[
 
 def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips):
     """Scores of one arm's images (N, R, R) uint8 against the sources and true counterfactuals."""
-    from prism_ray.metrics import cpg, flip_rate
+    from prism_ray.scoring.metrics import cpg, flip_rate
 
     a, s, t = (x.astype(np.float64) / 255 for x in (arm, src, true))
     err = np.abs(a - t)
@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from prism_ray.classifier import classifier_labels, load_classifier, predict_proba
-    from prism_ray.clip_score import ClipScorer
-    from prism_ray.metrics import LPIPS, flip_rate
-    from prism_ray.models import load_clip, load_sd_components, resolve_model_root
-    from prism_ray.phantom import save_contact_sheet
-    from prism_ray.phantom_eval import classifier_path
+    from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
+    from prism_ray.scoring.clip_score import ClipScorer
+    from prism_ray.scoring.metrics import LPIPS, flip_rate
+    from prism_ray.models.loading import load_clip, load_sd_components, resolve_model_root
+    from prism_ray.phantom.render import save_contact_sheet
+    from prism_ray.phantom.truth import classifier_path
 
     root = resolve_model_root(args.model)
     sd = load_sd_components(str(root), device="cpu")

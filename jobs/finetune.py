@@ -6,8 +6,8 @@ import os
 import ray
 
 from prism_ray.config import load_config
-from prism_ray.distributed.train import finetune
-from prism_ray.finetune_config import FinetuneConfig
+from prism_ray.distributed.trainer import finetune
+from prism_ray.pipelines.finetune import FinetuneConfig
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

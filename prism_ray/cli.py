@@ -22,29 +22,29 @@ class Job:
 JOBS: dict[str, Job] = {
     "demo": Job(
         "end-to-end demo on phantoms: dataset -> fine-tune -> counterfactuals -> filter -> report",
-        "prism_ray.demo:DemoConfig",
-        "prism_ray.demo:run_demo",
+        "prism_ray.pipelines.demo:DemoConfig",
+        "prism_ray.pipelines.demo:run_demo",
     ),
     "finetune": Job(
         "fine-tune the U-Net with Ray Train + DeepSpeed and export a diffusers folder",
-        "prism_ray.finetune_config:FinetuneConfig",
-        "prism_ray.distributed.train:finetune",
+        "prism_ray.pipelines.finetune:FinetuneConfig",
+        "prism_ray.distributed.trainer:finetune",
     ),
     "augment": Job(
         "bulk counterfactual augmentation sets with Ray Data (quota of accepted edits per subgroup)",
-        "prism_ray.augment_config:AugmentConfig",
-        "prism_ray.distributed.augment:augment",
+        "prism_ray.pipelines.augment:AugmentConfig",
+        "prism_ray.distributed.augment_old:augment",
     ),
     "phantom": Job(
         "write a synthetic phantom chest X-ray dataset with ground-truth attributes",
-        "prism_ray.phantom:PhantomJobConfig",
-        "prism_ray.phantom:run_phantom_job",
+        "prism_ray.phantom.render:PhantomJobConfig",
+        "prism_ray.phantom.render:run_phantom_job",
         needs_ray=False,
     ),
     "tiny-family": Job(
         "write a tiny SD-shaped model family (random weights) to a folder",
-        "prism_ray.tiny:TinyFamilyConfig",
-        "prism_ray.tiny:run_tiny_family",
+        "prism_ray.models.tiny:TinyFamilyConfig",
+        "prism_ray.models.tiny:run_tiny_family",
         needs_ray=False,
     ),
 }

@@ -24,7 +24,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """Path of a freshly built tiny SD family (random weights, seed 0)."""
-    from prism_ray.tiny import build_tiny_family
+    from prism_ray.models.tiny import build_tiny_family
 
     return build_tiny_family(tmp_path_factory.mktemp("tiny") / "family")
 
@@ -32,7 +32,7 @@ def tiny_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd(tiny_family):
     """The tiny family loaded on CPU in fp32 through the production loader."""
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     return load_sd_components(str(tiny_family), device="cpu")
 
@@ -47,7 +47,7 @@ def calm_sd(tiny_family):
     """
     import torch
 
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     sd = load_sd_components(str(tiny_family), device="cpu")
     with torch.no_grad():

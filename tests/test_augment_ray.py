@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from prism_ray.augment_config import AugmentConfig
-from prism_ray.distributed.augment import Layout, augment, run_round_inprocess
-from prism_ray.phantom import PhantomDatasetConfig, write_phantom_dataset
-from prism_ray.storage import read_table, write_table
+from prism_ray.pipelines.augment import AugmentConfig
+from prism_ray.distributed.augment_old import Layout, augment, run_round_inprocess
+from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.data.storage import read_table, write_table
 
 pytestmark = pytest.mark.slow
 QUOTAS = {"effusion": 2, "devices": 2, "broken": 1}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "prism_ray" / "assets" / "tiny_phantom"
+SHIPPED = ROOT / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "classifier").exists(), reason="no shipped tiny_phantom family")
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from prism_ray.captions import (
+from prism_ray.data.captions import (
     CHEXPERT_LABELS,
     AdapterConfig,
     CheXpertAdapter,

@@ -1,4 +1,4 @@
-"""Tests for prism_ray.clip_score with a tiny random CLIPModel and a small trained BPE tokenizer."""
+"""Tests for prism_ray.scoring.clip_score with a tiny random CLIPModel and a small trained BPE tokenizer."""
 
 import json
 import string
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from prism_ray.clip_score import CLIP_MEAN, CLIP_STD, ClipScorer, FilterThresholds
+from prism_ray.scoring.clip_score import CLIP_MEAN, CLIP_STD, ClipScorer, FilterThresholds
 
 WORDS = (
     "a chest x-ray of man woman with pacemaker pleural effusion cardiomegaly no finding support devices"
@@ -226,7 +226,7 @@ def test_filter_rejects_sources_that_did_not_invert():
 def test_from_components_uses_the_loader_bundle(clip_model, tokenizer, images):
     from pathlib import Path
 
-    from prism_ray.models import ClipComponents
+    from prism_ray.models.loading import ClipComponents
 
     bundle = ClipComponents(clip_model, tokenizer, 32, Path("."), torch.device("cpu"))
     s = ClipScorer.from_components(bundle)

@@ -2,17 +2,10 @@
 
 import pytest
 
-from prism_ray.config import (
-    BaseConfig,
-    ConfigError,
-    DataConfig,
-    EditConfig,
-    InversionConfig,
-    ModelConfig,
-    build_config,
-    load_config,
-    parse_overrides,
-)
+from prism_ray.config import BaseConfig, ConfigError, build_config, load_config, parse_overrides
+from prism_ray.data.config import DataConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
+from prism_ray.models.config import ModelConfig
 
 
 class JobConfig(BaseConfig):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor, edit_many
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
-from prism_ray.images import encode, preprocess
+from prism_ray.engine.images import encode, preprocess
 
 T = 4  # denoising steps: enough to exercise windows and blend start, cheap on 2 shared cores
 SOURCES = ["a chest x-ray of a male patient", "a chest x-ray showing cardiomegaly", "a chest x-ray"]
@@ -278,8 +278,8 @@ def test_config_windows_are_validated():
 def phantom_inversion():
     """The shipped phantom-trained family and a plain DDIM inversion (T = 8) of one device phantom."""
     from prism_ray.engine.inversion import invert_many
-    from prism_ray.models import load_sd_components
-    from prism_ray.phantom import PhantomAttributes, render_phantom
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
     sd = load_sd_components("tiny", device="cpu")
     image = render_phantom(PhantomAttributes(cardiomegaly=True, devices=frozenset({"pacemaker"})), 7, sd.resolution)

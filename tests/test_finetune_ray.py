@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from prism_ray.config import build_config
-from prism_ray.finetune_config import FinetuneConfig
-from prism_ray.storage import read_table, write_png, write_table
-from prism_ray.training import module_digest
+from prism_ray.pipelines.finetune import FinetuneConfig
+from prism_ray.data.storage import read_table, write_png, write_table
+from prism_ray.training.diffusion import module_digest
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -61,7 +61,7 @@ def make_config(tiny_family, manifest, storage, *overrides) -> FinetuneConfig:
 
 @pytest.fixture(scope="module")
 def first_run(tiny_family, manifest, tmp_path_factory):
-    from prism_ray.distributed.train import finetune
+    from prism_ray.distributed.trainer import finetune
 
     storage = tmp_path_factory.mktemp("runs")
     config = make_config(tiny_family, manifest, storage)
@@ -83,7 +83,7 @@ def test_zero2_run_counts_bad_rows_and_writes_metrics(first_run):
 
 
 def test_export_loads_and_denoises_with_frozen_parts_unchanged(first_run, tiny_sd):
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     _, _, result = first_run
     model = load_sd_components(result.model_path, device="cpu")
@@ -98,9 +98,9 @@ def test_export_loads_and_denoises_with_frozen_parts_unchanged(first_run, tiny_s
 
 
 def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, manifest):
-    from prism_ray.distributed.train import consolidated_unet_state, finetune
-    from prism_ray.models import load_sd_components
-    from prism_ray.training import state_dict_digest
+    from prism_ray.distributed.trainer import consolidated_unet_state, finetune
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.training.diffusion import state_dict_digest
 
     config, storage, first = first_run
     exported_at_2 = module_digest(load_sd_components(first.model_path, device="cpu").unet)
@@ -130,8 +130,8 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_path):
     """A worker dies hard mid-step 3 (after the step-2 checkpoint); the re-run continues at step 2."""
-    from prism_ray.distributed.train import consolidated_unet_state, finetune
-    from prism_ray.training import state_dict_digest
+    from prism_ray.distributed.trainer import consolidated_unet_state, finetune
+    from prism_ray.training.diffusion import state_dict_digest
 
     killed = make_config(
         tiny_family,

@@ -6,12 +6,12 @@ import sys
 CORE = [
     "prism_ray",
     "prism_ray.config",
-    "prism_ray.storage",
-    "prism_ray.schemas",
-    "prism_ray.models",
-    "prism_ray.tiny",
-    "prism_ray.images",
-    "prism_ray.captions",
+    "prism_ray.data.storage",
+    "prism_ray.data.schemas",
+    "prism_ray.models.loading",
+    "prism_ray.models.tiny",
+    "prism_ray.engine.images",
+    "prism_ray.data.captions",
     "prism_ray.engine.scheduler",
     "prism_ray.engine.types",
 ]
@@ -19,11 +19,11 @@ OPTIONAL_CORE = [
     "prism_ray.engine.inversion",
     "prism_ray.engine.attention",
     "prism_ray.engine.editor",
-    "prism_ray.metrics",
-    "prism_ray.clip_score",
-    "prism_ray.phantom",
-    "prism_ray.training",
-    "prism_ray.deepspeed_config",
+    "prism_ray.scoring.metrics",
+    "prism_ray.scoring.clip_score",
+    "prism_ray.phantom.render",
+    "prism_ray.training.diffusion",
+    "prism_ray.pipelines.deepspeed_config",
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_ray.config import InversionConfig
+from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine import inversion as inv
 from prism_ray.engine.errors import ItemError
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
@@ -163,9 +163,9 @@ def test_null_text_on_trained_family_meets_the_reconstruction_target():
     lr 1e-2 ten Adam steps do not reach the target (1.75e-3). Measured here: DDIM 0.145, NTI 3.7e-4;
     more phantoms and settings in BENCHMARKS.md (the reference early-stop rule at lr 5e-2: 8.8e-4).
     """
-    from prism_ray.images import encode, preprocess
-    from prism_ray.models import load_sd_components
-    from prism_ray.phantom import PhantomAttributes, render_phantom
+    from prism_ray.engine.images import encode, preprocess
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
     sd = load_sd_components("tiny", device="cpu")
     image = render_phantom(PhantomAttributes(cardiomegaly=True, devices=frozenset({"pacemaker"})), seed=7)

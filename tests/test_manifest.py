@@ -2,9 +2,9 @@
 
 import pyarrow as pa
 
-from prism_ray.config import DataConfig
-from prism_ray.manifest import read_sources
-from prism_ray.storage import write_table
+from prism_ray.data.config import DataConfig
+from prism_ray.data.manifest import read_sources
+from prism_ray.data.storage import write_table
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Support Devices"]
 

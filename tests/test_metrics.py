@@ -1,11 +1,11 @@
-"""Tests for prism_ray.metrics: L1, LPIPS, CPG and flip rates on known values."""
+"""Tests for prism_ray.scoring.metrics: L1, LPIPS, CPG and flip rates on known values."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from prism_ray.metrics import (
+from prism_ray.scoring.metrics import (
     LPIPS,
     cpg,
     flip_rate,

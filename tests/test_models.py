@@ -6,7 +6,7 @@ import fsspec
 import pytest
 import torch
 
-from prism_ray.models import load_clip, load_sd_components, resolve_model_root
+from prism_ray.models.loading import load_clip, load_sd_components, resolve_model_root
 
 
 def test_tiny_family_layout(tiny_family):

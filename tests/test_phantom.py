@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prism_ray.phantom import (
+from prism_ray.phantom.render import (
     CHEXPERT_LABELS,
     PhantomAttributes,
     PhantomDatasetConfig,

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from prism_ray.quota import (
+from prism_ray.pipelines.quota import (
     PlannerPolicy,
     SlotPool,
     attempts_needed,

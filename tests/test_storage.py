@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from prism_ray.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
-from prism_ray.storage import ImageReadError, read_image, read_table, write_png, write_table
+from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.data.storage import ImageReadError, read_image, read_table, write_png, write_table
 
 
 def _manifest():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ray.classifier import CLASSIFIER_LABELS, classifier_labels, load_classifier, predict_proba
-from prism_ray.phantom import PhantomAttributes, render_phantom
-from prism_ray.phantom_train import attribute_vector, chexpert_row
+from prism_ray.models.classifier import CLASSIFIER_LABELS, classifier_labels, load_classifier, predict_proba
+from prism_ray.phantom.render import PhantomAttributes, render_phantom
+from prism_ray.phantom.family import attribute_vector, chexpert_row
 
-SHIPPED = Path(__file__).resolve().parents[1] / "prism_ray" / "assets" / "tiny_phantom"
+SHIPPED = Path(__file__).resolve().parents[1] / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped tiny_phantom family")
 
 # Fresh subjects: render seeds far from the training (< 2^30) and held-out (2^30..2^31) ranges.
@@ -40,7 +40,7 @@ def phantoms():
 
 
 def test_loads_through_production_loaders():
-    from prism_ray.models import load_clip, load_sd_components
+    from prism_ray.models.loading import load_clip, load_sd_components
 
     sd = load_sd_components("tiny", device="cpu")  # "tiny" resolves to the shipped folder
     assert sd.root.resolve() == SHIPPED.resolve()
@@ -72,8 +72,8 @@ PSNR_TARGET_DB = 30.0
 
 
 def _round_trip_psnr(images: np.ndarray) -> float:
-    from prism_ray.images import decode, encode, preprocess
-    from prism_ray.models import load_sd_components
+    from prism_ray.engine.images import decode, encode, preprocess
+    from prism_ray.models.loading import load_sd_components
 
     sd = load_sd_components(str(SHIPPED), device="cpu")
     recon = decode(sd.vae, encode(sd.vae, preprocess(list(images), 64)))[..., 0].astype(np.float64) / 255
@@ -86,9 +86,9 @@ def test_vae_round_trip_psnr_target(phantoms):
 
 
 def test_clip_ranks_the_right_caption_first(phantoms):
-    from prism_ray.captions import get_adapter
-    from prism_ray.clip_score import ClipScorer
-    from prism_ray.models import load_clip
+    from prism_ray.data.captions import get_adapter
+    from prism_ray.scoring.clip_score import ClipScorer
+    from prism_ray.models.loading import load_clip
 
     images, _ = phantoms
     adapter = get_adapter("chexpert")
@@ -104,10 +104,10 @@ def test_clip_ranks_the_right_caption_first(phantoms):
 
 def test_samples_follow_their_captions():
     """One DDIM sample (50 steps, guidance 7.5) per caption, judged by the shipped classifier."""
-    from prism_ray.captions import get_adapter
-    from prism_ray.images import decode
-    from prism_ray.models import load_sd_components
-    from prism_ray.phantom_train import sample_latents
+    from prism_ray.data.captions import get_adapter
+    from prism_ray.engine.images import decode
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.phantom.family import sample_latents
 
     sd = load_sd_components(str(SHIPPED), device="cpu")
     adapter = get_adapter("chexpert")
@@ -125,12 +125,12 @@ def test_noise_mask_finds_the_devices():
     (measured ~3x: precision 0.47, share 0.16) and it covers most of them (measured 0.85)."""
     import torch.nn.functional as F
 
-    from prism_ray.config import InversionConfig
+    from prism_ray.engine.settings import InversionConfig
     from prism_ray.engine.inversion import invert_many
     from prism_ray.engine.noise_mask import noise_difference_masks
     from prism_ray.engine.text import encode_prompts
-    from prism_ray.models import load_sd_components
-    from prism_ray.phantom import attribute_mask
+    from prism_ray.models.loading import load_sd_components
+    from prism_ray.phantom.render import attribute_mask
 
     sd = load_sd_components("tiny", device="cpu")
     subjects = [(PhantomAttributes(cardiomegaly=True, devices=frozenset(d)), seed) for d, seed in ((("pacemaker",), 1), (("ecg", "tube"), 2))]

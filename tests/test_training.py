@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prism_ray.config import ConfigError, build_config
-from prism_ray.deepspeed_config import build_deepspeed_config, check_resources
-from prism_ray.finetune_config import FinetuneConfig
-from prism_ray.training import (
+from prism_ray.pipelines.deepspeed_config import build_deepspeed_config, check_resources
+from prism_ray.pipelines.finetune import FinetuneConfig
+from prism_ray.training.diffusion import (
     diffusion_loss,
     export_diffusers,
     make_noise_scheduler,
@@ -140,7 +140,7 @@ def _fixed_batch(sd, n=2):
 
 
 def test_loss_decreases_and_frozen_parts_stay_bit_identical(tiny_family):
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     sd = load_sd_components(str(tiny_family), device="cpu")  # a private copy: we train its U-Net
     vae_before, text_before = module_digest(sd.vae), module_digest(sd.text_encoder)
@@ -164,7 +164,7 @@ def test_loss_decreases_and_frozen_parts_stay_bit_identical(tiny_family):
 
 def test_v_prediction_target_and_cached_latents_match_the_pixel_path(tiny_sd):
     images, captions = _fixed_batch(tiny_sd)
-    from prism_ray.training import image_latents
+    from prism_ray.training.diffusion import image_latents
 
     z = image_latents(tiny_sd.vae, images)
     ctx = text_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, captions)
@@ -181,7 +181,7 @@ def test_v_prediction_target_and_cached_latents_match_the_pixel_path(tiny_sd):
 
 
 def test_sample_latents_differ_from_mean(tiny_sd):
-    from prism_ray.training import image_latents
+    from prism_ray.training.diffusion import image_latents
 
     images, _ = _fixed_batch(tiny_sd)
     mean = image_latents(tiny_sd.vae, images, "mean")
@@ -191,7 +191,7 @@ def test_sample_latents_differ_from_mean(tiny_sd):
 
 
 def test_prepare_examples_flags_bad_rows(tmp_path):
-    from prism_ray.storage import write_png
+    from prism_ray.data.storage import write_png
 
     write_png(np.full((80, 96), 128, np.uint8), str(tmp_path / "ok.png"))
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -212,7 +212,7 @@ def test_prepare_examples_flags_bad_rows(tmp_path):
 
 
 def test_export_loads_and_sampling_runs(tiny_family, tiny_sd, tmp_path):
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     state = {k: v + 0.01 for k, v in tiny_sd.unet.state_dict().items()}
     out = export_diffusers(tiny_family, state, str(tmp_path / "export"), metadata={"step": 3})
@@ -225,7 +225,7 @@ def test_export_loads_and_sampling_runs(tiny_family, tiny_sd, tmp_path):
 
 def test_core_imports_without_ray_or_deepspeed():
     code = (
-        "import sys, prism_ray.training, prism_ray.deepspeed_config, prism_ray.finetune_config;"
+        "import sys, prism_ray.training.diffusion, prism_ray.pipelines.deepspeed_config, prism_ray.pipelines.finetune;"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

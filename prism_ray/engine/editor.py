@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from prism_ray.config import EditConfig, InversionConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine import seq_aligner
 from prism_ray.engine.attention import (
     AttentionController,
@@ -34,7 +34,7 @@ from prism_ray.engine.noise_mask import noise_difference_masks
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
-from prism_ray.images import decode
+from prism_ray.engine.images import decode
 
 STAGE = "edit"  # the errors table's stage for everything that fails in here
 
@@ -42,8 +42,8 @@ BlendWords = tuple[Sequence[str], Sequence[str]]  # (source-prompt words, edit-p
 
 
 def _edit_words(source: str, edit: str) -> list[str]:
-    """Words of `edit` not in `source` (prism_ray.captions.edit_words, imported lazily to keep this light)."""
-    from prism_ray.captions import edit_words
+    """Words of `edit` not in `source` (prism_ray.data.captions.edit_words, imported lazily to keep this light)."""
+    from prism_ray.data.captions import edit_words
 
     return edit_words(source, edit)
 

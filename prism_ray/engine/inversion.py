@@ -26,12 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from prism_ray.config import InversionConfig
+from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine.errors import ItemError
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts, null_embedding
 from prism_ray.engine.types import InversionResult
-from prism_ray.images import encode, preprocess
+from prism_ray.engine.images import encode, preprocess
 
 STAGE = "invert"  # the errors table's stage for everything that fails in here
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prism_ray.config import Window, window_bounds
+from prism_ray.engine.settings import Window, window_bounds
 
 
 def trajectory_points(num_steps: int, window: Window, samples: int) -> list[int]:

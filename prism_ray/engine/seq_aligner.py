@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from prism_ray.config import Window, window_bounds
+from prism_ray.engine.settings import Window, window_bounds
 
 MAX_TOKENS = 77  # CLIP context length; every mapper is MAX_TOKENS wide
 

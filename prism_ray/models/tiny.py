@@ -204,7 +204,7 @@ def _diffusers_version() -> str:
 
 def tiny_family_path(cache_dir: Path, seed: int = TINY_SEED) -> Path:
     """The shipped trained tiny family if the package carries one, else a random one built once."""
-    shipped = Path(__file__).parent / "assets" / "tiny_phantom"
+    shipped = Path(__file__).resolve().parents[1] / "phantom" / "assets" / "tiny_phantom"
     if (shipped / "model_index.json").exists():
         return shipped
     target = cache_dir / f"tiny-random-{seed}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from prism_ray.config import ConfigError
-from prism_ray.finetune_config import FinetuneConfig
+from prism_ray.pipelines.finetune import FinetuneConfig
 
 # DeepSpeed names of our `train.lr_schedule` values ("constant" = no scheduler section).
 LR_SCHEDULERS = {"warmup": "WarmupLR", "warmup_decay": "WarmupDecayLR"}

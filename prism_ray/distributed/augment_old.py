@@ -1,7 +1,7 @@
 """`augment` job: quota-exact, resumable counterfactual augmentation sets per subgroup on Ray Data actors.
 
 Pipeline, per round (see `augment`):
-  manifest -> select + caption sources (driver, metadata only) -> plan the round's slots (prism_ray.quota)
+  manifest -> select + caption sources (driver, metadata only) -> plan the round's slots (prism_ray.pipelines.quota)
   -> tasks (one per source: invert once, edit many) -> Ray Data: repartition -> map_batches(AugmentWorker,
   ActorPoolStrategy) -> each actor writes PNGs, then its ledger part -> only metadata reaches the driver.
 After the last round the driver trims every subgroup to its quota and finalises the output.
@@ -44,9 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prism_ray.augment_config import AugmentConfig
-from prism_ray.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
-from prism_ray.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.pipelines.augment import AugmentConfig
+from prism_ray.pipelines.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
+from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
 
 log = logging.getLogger("prism_ray.augment")
 
@@ -129,7 +129,7 @@ class AugmentWorker:
     def __init__(self, config: AugmentConfig):
         import torch
 
-        from prism_ray.models import load_sd_components
+        from prism_ray.models.loading import load_sd_components
 
         self.config = config
         self.layout = Layout.of(config.output)
@@ -143,9 +143,9 @@ class AugmentWorker:
         self.results_hash = config.results_hash()
         self.batches_done = 0
         if config.mode == "counterfactual":
-            from prism_ray.clip_score import ClipScorer
+            from prism_ray.scoring.clip_score import ClipScorer
             from prism_ray.engine.editor import Editor
-            from prism_ray.models import load_clip
+            from prism_ray.models.loading import load_clip
 
             clip = load_clip(m.clip_path or m.path, device=m.device, cache_dir=m.cache_dir)
             self.scorer = ClipScorer.from_components(clip)
@@ -172,7 +172,7 @@ class AugmentWorker:
 
     def _read(self, tasks: list[dict], out: _Outcome) -> list[tuple[dict, str, np.ndarray]]:
         """(task, source_id, pixels) for every readable source; the others become 'read' errors."""
-        from prism_ray.storage import ImageReadError, decode_image, read_image_bytes
+        from prism_ray.data.storage import ImageReadError, decode_image, read_image_bytes
 
         start = time.perf_counter()
         good = []
@@ -209,8 +209,8 @@ class AugmentWorker:
         return items, errors
 
     def _process_counterfactuals(self, tasks: list[dict]) -> _Outcome:
-        from prism_ray.images import preprocess
-        from prism_ray.metrics import l1
+        from prism_ray.engine.images import preprocess
+        from prism_ray.scoring.metrics import l1
 
         out = _Outcome()
         sources = self._read(tasks, out)
@@ -350,7 +350,7 @@ class AugmentWorker:
     # -- writing --------------------------------------------------------------------------
 
     def _write_png(self, image: np.ndarray, row: dict, task: dict, edit: dict, out: _Outcome) -> None:
-        from prism_ray.storage import write_png
+        from prism_ray.data.storage import write_png
 
         start = time.perf_counter()
         key = Layout.image_key(row["subgroup"], row["cf_id"])
@@ -386,7 +386,7 @@ class AugmentWorker:
         return [self._error(task, stage, reason, edit) for edit in task["edits"]]
 
     def _write_ledger(self, tasks: list[dict], out: _Outcome) -> None:
-        from prism_ray.storage import write_table
+        from prism_ray.data.storage import write_table
 
         # Named by the batch's tasks: a retried batch overwrites its own part instead of adding one.
         name = _digest("batch", *sorted(t["task_id"] for t in tasks)) + ".parquet"
@@ -401,7 +401,7 @@ class AugmentWorker:
             return
         import fsspec
 
-        from prism_ray.storage import makedirs
+        from prism_ray.data.storage import makedirs
 
         makedirs(self.layout.uri("_ledger"))
         try:  # exclusive create: of all actors that get here, exactly one dies, once per output
@@ -456,8 +456,8 @@ class Sources:
 
 
 def load_sources(config: AugmentConfig) -> Sources:
-    from prism_ray.manifest import read_sources, select_rows
-    from prism_ray.storage import read_table
+    from prism_ray.data.manifest import read_sources, select_rows
+    from prism_ray.data.storage import read_table
 
     if config.mode == "samples":
         return Sources({g.name: [] for g in config.subgroups}, {}, {}, [])
@@ -533,7 +533,7 @@ def _read_parts(fs, folder: str) -> tuple[list[dict], list[str]]:
 
 
 def load_state(layout: Layout, results_hash: str) -> LedgerState:
-    from prism_ray.storage import exists, read_table
+    from prism_ray.data.storage import exists, read_table
 
     fs, root = layout.fs()
     rows = read_table(layout.manifest).to_pylist() if exists(layout.manifest) else []
@@ -566,7 +566,7 @@ def build_tasks(
     config: AugmentConfig, progress: dict[str, SubgroupProgress], sources: Sources, round_index: int
 ) -> tuple[list[dict], list[dict]]:
     """Planned slots -> tasks (one per source, all its edits of this round) + caption errors."""
-    from prism_ray.captions import get_adapter
+    from prism_ray.data.captions import get_adapter
 
     h = config.results_hash()
     planned = [slot for state in progress.values() for slot in state.planned]
@@ -687,7 +687,7 @@ def run_round_inprocess(config: AugmentConfig, tasks: list[dict], tally: Tally) 
 
 def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], extra_errors: list[dict]) -> dict:
     """Trim to quotas, write manifest + errors, then drop consumed ledger parts and orphan PNGs."""
-    from prism_ray.storage import write_table
+    from prism_ray.data.storage import write_table
 
     state = load_state(layout, config.results_hash())
     quotas = {g.name: g.quota for g in config.subgroups}
@@ -743,7 +743,7 @@ def augment(config: AugmentConfig, *, runner=None) -> dict:
     `runner(config, tasks, tally)` executes one round; default: the Ray Data pipeline
     (`run_round_ray`, needs `ray.init` first, as the CLI does).
     """
-    from prism_ray.storage import makedirs
+    from prism_ray.data.storage import makedirs
 
     runner = runner or run_round_ray
     started, t0 = _now(), time.perf_counter()
@@ -858,7 +858,7 @@ def augment(config: AugmentConfig, *, runner=None) -> dict:
 
 
 def _write_driver_errors(layout: Layout, errors: list[dict], round_index: int) -> None:
-    from prism_ray.storage import write_table
+    from prism_ray.data.storage import write_table
 
     name = _digest("driver", round_index, *sorted(e["slot_id"] for e in errors)) + ".parquet"
     write_table(rows_to_table(errors, ERROR_SCHEMA), layout.ledger("errors", name))

@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from prism_ray.config import DataConfig
-from prism_ray.deepspeed_config import build_deepspeed_config, check_resources
-from prism_ray.finetune_config import FinetuneConfig
-from prism_ray.schemas import ERROR_SCHEMA, TRAIN_METRICS_SCHEMA, rows_to_table
-from prism_ray.storage import join_uri, read_table, write_png, write_table
-from prism_ray.training import (
+from prism_ray.data.config import DataConfig
+from prism_ray.pipelines.deepspeed_config import build_deepspeed_config, check_resources
+from prism_ray.pipelines.finetune import FinetuneConfig
+from prism_ray.data.schemas import ERROR_SCHEMA, TRAIN_METRICS_SCHEMA, rows_to_table
+from prism_ray.data.storage import join_uri, read_table, write_png, write_table
+from prism_ray.training.diffusion import (
     caption_source,
     configure_unet,
     diffusion_loss,
@@ -75,7 +75,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from prism_ray.models import resolve_model_root
+    from prism_ray.models.loading import resolve_model_root
 
     ds_config = build_deepspeed_config(config)
     if not ray.is_initialized():
@@ -243,7 +243,7 @@ class EncodeLatents:
     """Ray Data actor: frozen VAE + text encoder loaded once; pixels + captions -> cached latents + context."""
 
     def __init__(self, config: FinetuneConfig):
-        from prism_ray.models import load_sd_components
+        from prism_ray.models.loading import load_sd_components
 
         device = "cuda" if config.compute.use_gpu else "cpu"
         self.sd = load_sd_components(config.model.path, device=device, dtype=config.model.dtype, cache_dir=config.model.cache_dir)
@@ -298,7 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from prism_ray.models import load_sd_components
+    from prism_ray.models.loading import load_sd_components
 
     t = config.train
     ctx = ray.train.get_context()

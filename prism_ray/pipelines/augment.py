@@ -9,8 +9,12 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from prism_ray.captions import parse_interventions
-from prism_ray.config import BaseConfig, DataConfig, EditConfig, FilterConfig, InversionConfig, ModelConfig
+from prism_ray.data.captions import parse_interventions
+from prism_ray.config import BaseConfig
+from prism_ray.data.config import DataConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
+from prism_ray.models.config import ModelConfig
+from prism_ray.scoring.filter import FilterConfig
 
 SelectorValue = Union[bool, int, float, str]
 
@@ -23,7 +27,7 @@ class SubgroupConfig(BaseConfig):
 
     `selector`: manifest column -> value (or a list of allowed values); all must match; empty
     selects every row. Numbers compare by value (1 matches a CheXpert 1.0).
-    `interventions`: one edit each, in the compact form of `prism_ray.captions` ("Support
+    `interventions`: one edit each, in the compact form of `prism_ray.data.captions` ("Support
     Devices=0"; "a=1; b=0" for an edit that changes two attributes at once).
     `prompt`: the text-to-image prompt of `mode: samples` (the paper's "SD samples" arm).
     """
@@ -75,7 +79,7 @@ class SamplingConfig(BaseConfig):
 
 
 class PlannerConfig(BaseConfig):
-    """How rounds are sized (see prism_ray.quota): attempts = remaining / p_hat * over_provision."""
+    """How rounds are sized (see prism_ray.pipelines.quota): attempts = remaining / p_hat * over_provision."""
 
     over_provision: float = Field(1.2, ge=1.0, le=10.0, description="safety factor on a round's attempts")
     initial_acceptance: float = Field(0.5, gt=0.0, le=1.0, description="acceptance prior before any result")

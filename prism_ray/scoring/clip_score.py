@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prism_ray.config import FilterConfig
+from prism_ray.scoring.filter import FilterConfig
 
 # OpenAI CLIP's image normalisation (the same for ViT-B/32 and ViT-L/14).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,7 +58,7 @@ class ClipScorer:
 
     @classmethod
     def from_components(cls, clip: Any, **kwargs: Any) -> ClipScorer:
-        """From a `prism_ray.models.ClipComponents` (model, tokenizer, image_size, device)."""
+        """From a `prism_ray.models.loading.ClipComponents` (model, tokenizer, image_size, device)."""
         return cls(clip.model, clip.tokenizer, image_size=clip.image_size, device=clip.device, **kwargs)
 
     # -- preprocessing ------------------------------------------------------------------

@@ -112,7 +112,7 @@ def resolve_model_root(path: str, cache_dir: str | Path | None = None) -> Path:
     """Turn a local path, an fsspec URI or a hub id into a local diffusers folder."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if path == TINY:
-        from prism_ray.tiny import tiny_family_path
+        from prism_ray.models.tiny import tiny_family_path
 
         return tiny_family_path(cache)
     if "://" in path and not path.startswith("file://"):

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from prism_ray.config import BaseConfig, EditConfig, FilterConfig, InversionConfig
+from prism_ray.config import BaseConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
+from prism_ray.scoring.filter import FilterConfig
 
 
 class DemoConfig(BaseConfig):
@@ -47,11 +49,11 @@ def _say(step: str, message: str) -> None:
 
 def run_demo(config: DemoConfig) -> Path:
     """Run the whole mission on phantoms and return the report folder."""
-    from prism_ray.augment_config import AugmentConfig
-    from prism_ray.distributed.augment import augment
-    from prism_ray.distributed.train import finetune
-    from prism_ray.finetune_config import FinetuneConfig
-    from prism_ray.phantom import PhantomDatasetConfig, write_phantom_dataset
+    from prism_ray.pipelines.augment import AugmentConfig
+    from prism_ray.distributed.augment_old import augment
+    from prism_ray.distributed.trainer import finetune
+    from prism_ray.pipelines.finetune import FinetuneConfig
+    from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
 
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,10 +114,10 @@ def run_demo(config: DemoConfig) -> Path:
 def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_root: str) -> Path:
     """Contact sheet (source | counterfactual | true counterfactual | |difference|) + markdown summary;
     `model_root` is the family whose shipped classifier (if any) scores the edits."""
-    from prism_ray.models import resolve_model_root
-    from prism_ray.phantom import save_contact_sheet
-    from prism_ray.phantom_eval import classifier_path, gray, score_against_truth, true_cf_for
-    from prism_ray.storage import join_uri, read_image, read_table
+    from prism_ray.models.loading import resolve_model_root
+    from prism_ray.phantom.render import save_contact_sheet
+    from prism_ray.phantom.truth import classifier_path, gray, score_against_truth, true_cf_for
+    from prism_ray.data.storage import join_uri, read_image, read_table
 
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
     classifier = classifier_path(resolve_model_root(model_root))
     clf = None
     if classifier is not None:
-        from prism_ray.classifier import classifier_labels, load_classifier, predict_proba
+        from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
 
         clf = load_classifier(classifier)
         heads = classifier_labels(clf)
@@ -157,7 +159,7 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
             "no_edit_error_to_true_cf": float(scores.source_to_true.mean()),
         }
         if clf is not None:
-            from prism_ray.phantom_eval import TARGET_HEAD
+            from prism_ray.phantom.truth import TARGET_HEAD
 
             p_src = predict_proba(clf, np.stack([gray(x) for x in src]))
             p_cf = predict_proba(clf, np.stack([gray(x) for x in cfs]))

@@ -1,9 +1,9 @@
 """Train the tiny model family (VAE, CLIP, base U-Net, attribute classifier) on seeded phantom chest X-rays.
 
-`python -m prism_ray.phantom_train --out prism_ray/assets/tiny_phantom [--seed 0]` renders a balanced
+`python -m prism_ray.phantom.family --out prism_ray/phantom/assets/tiny_phantom [--seed 0]` renders a balanced
 phantom training set in memory (no planted biases), trains the four models in order, measures them
 on a held-out split rendered from disjoint seeds, and writes a diffusers-layout folder (plus `clip/`,
-`classifier/`, `metrics.json` and a README) that loads through `prism_ray.models` unchanged.
+`classifier/`, `metrics.json` and a README) that loads through `prism_ray.models.loading` unchanged.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prism_ray.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
+from prism_ray.models.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
 from prism_ray.config import BaseConfig
-from prism_ray.phantom import CHEXPERT_LABELS, PhantomAttributes, render_phantom
+from prism_ray.phantom.render import CHEXPERT_LABELS, PhantomAttributes, render_phantom
 
 # Reference betas (ALGORITHM.md section 2): the U-Net is trained on the schedule it is sampled with.
 BETA_START, BETA_END, TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
@@ -129,7 +129,7 @@ def attributes_from_draws(d: np.ndarray, age: int, config: PhantomTrainConfig) -
 
 def render_split(config: PhantomTrainConfig, n: int, stream: int) -> PhantomSplit:
     """n balanced subjects; `stream` 0 = train, 1 = held-out (disjoint render-seed ranges)."""
-    from prism_ray.captions import get_adapter
+    from prism_ray.data.captions import get_adapter
 
     adapter = get_adapter("chexpert")
     rng = np.random.default_rng([config.seed, stream])
@@ -246,7 +246,7 @@ def _psnr_from_mse(mse: float) -> float:
 def build_clip(tokenizer, resolution: int):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-    from prism_ray.tiny import tiny_text_config
+    from prism_ray.models.tiny import tiny_text_config
 
     text_config = tiny_text_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
     vision = CLIPVisionConfig(
@@ -264,7 +264,7 @@ def build_clip(tokenizer, resolution: int):
 
 def _clip_pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8-valued float (N, 1, R, R) in [-1, 1] -> CLIP-normalised (N, 3, R, R), as ClipScorer does."""
-    from prism_ray.clip_score import CLIP_MEAN, CLIP_STD
+    from prism_ray.scoring.clip_score import CLIP_MEAN, CLIP_STD
 
     x = (images + 1.0) / 2.0
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -343,7 +343,7 @@ def _text_tower_state(clip, text_encoder) -> dict[str, torch.Tensor]:
 def build_unet(resolution: int, cross_attention_dim: int = 32):
     from diffusers import UNet2DConditionModel
 
-    # Same blocks as prism_ray.tiny: cross-attention at 16^2 and 8^2 plus the mid block.
+    # Same blocks as prism_ray.models.tiny: cross-attention at 16^2 and 8^2 plus the mid block.
     return UNet2DConditionModel(
         sample_size=resolution // 4,
         in_channels=4,
@@ -480,9 +480,9 @@ def train_classifier(config: PhantomTrainConfig, train: PhantomSplit, device: to
 
 
 def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_encoder, vae, unet, clip, classifier) -> tuple[dict, np.ndarray]:
-    from prism_ray.captions import get_adapter
-    from prism_ray.clip_score import ClipScorer
-    from prism_ray.images import decode, encode, preprocess
+    from prism_ray.data.captions import get_adapter
+    from prism_ray.scoring.clip_score import ClipScorer
+    from prism_ray.engine.images import decode, encode, preprocess
 
     metrics: dict = {}
     # VAE round trip through the method's own conventions (images.py), PSNR on [0, 1].
@@ -544,7 +544,7 @@ def save_family(out: Path, tokenizer, text_encoder, vae, unet, clip, classifier)
     from diffusers import DDIMScheduler
 
     from prism_ray.engine.scheduler import REFERENCE_DDIM
-    from prism_ray.tiny import save_sd_tokenizer, write_model_index
+    from prism_ray.models.tiny import save_sd_tokenizer, write_model_index
 
     out.mkdir(parents=True, exist_ok=True)
     save_sd_tokenizer(tokenizer, out / "tokenizer")
@@ -636,9 +636,9 @@ def _limits(m: dict) -> str:
 
 
 def train_family(config: PhantomTrainConfig) -> dict:
-    from prism_ray.models import resolve_device
-    from prism_ray.phantom import save_contact_sheet
-    from prism_ray.tiny import build_tiny_tokenizer
+    from prism_ray.models.loading import resolve_device
+    from prism_ray.phantom.render import save_contact_sheet
+    from prism_ray.models.tiny import build_tiny_tokenizer
 
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -678,7 +678,7 @@ def train_family(config: PhantomTrainConfig) -> dict:
     save_family(out, tokenizer, text_encoder, vae, unet, clip, classifier)
     save_contact_sheet(list(samples[..., 0]), str(out / "samples.png"), ncols=config.eval_samples_per_caption)
     (out / "metrics.json").write_text(json.dumps({"config": config.model_dump(mode="json"), "metrics": metrics, "timings": timings}, indent=2))
-    command = "python -m prism_ray.phantom_train --out " + str(config.out) + ("" if config.seed == 0 else f" --seed {config.seed}")
+    command = "python -m prism_ray.phantom.family --out " + str(config.out) + ("" if config.seed == 0 else f" --seed {config.seed}")
     write_readme(out, config, metrics, timings, command)
     print(json.dumps(metrics, indent=2), flush=True)
     print(f"[done] {timings['total_s'] / 60:.1f} min; family written to {out} ({_folder_size(out) / 1e6:.1f} MB)", flush=True)

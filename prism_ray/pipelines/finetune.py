@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from prism_ray.config import BaseConfig, DataConfig, ModelConfig
+from prism_ray.config import BaseConfig
+from prism_ray.data.config import DataConfig
+from prism_ray.models.config import ModelConfig
 
 
 class TrainConfig(BaseConfig):

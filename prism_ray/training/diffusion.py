@@ -170,7 +170,7 @@ def caption_source(columns: Sequence[str], adapter_name: str, adapter_options: M
     """A `row -> caption` function: the manifest's `caption` column if present, else the dataset adapter."""
     if CAPTION_COLUMN in columns:
         return lambda row: row.get(CAPTION_COLUMN)
-    from prism_ray.captions import get_adapter
+    from prism_ray.data.captions import get_adapter
 
     return get_adapter(adapter_name, **dict(adapter_options)).caption
 
@@ -188,7 +188,7 @@ def prepare_examples(
     Missing/corrupt images, empty captions and rows the caption policy rejects are reported per row
     (zero pixels, empty caption) so that the caller can count and skip them.
     """
-    from prism_ray.storage import ImageReadError, read_image, resolve_uri
+    from prism_ray.data.storage import ImageReadError, read_image, resolve_uri
 
     out = []
     blank = np.zeros((3, resolution, resolution), np.uint8)
@@ -215,7 +215,7 @@ def prepare_examples(
 
 def _to_training_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (3, R, R): the method's square crop + resize, kept as bytes to move cheaply."""
-    from prism_ray.images import preprocess
+    from prism_ray.engine.images import preprocess
 
     x = preprocess([image], resolution)[0]  # (3, R, R) in [-1, 1]
     return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -241,7 +241,7 @@ def sample_images(
 ) -> np.ndarray:
     """A few deterministic DDIM steps with classifier-free guidance -> uint8 (N, R, R, 3) for the prompts."""
     from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
-    from prism_ray.images import decode
+    from prism_ray.engine.images import decode
 
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from prism_ray.captions import CHEXPERT_LABELS  # the manifest's label columns: one source of truth
+from prism_ray.data.captions import CHEXPERT_LABELS  # the manifest's label columns: one source of truth
 
 DeviceKind = Literal["pacemaker", "tube", "ecg"]
 DEVICE_KINDS: tuple[str, ...] = ("pacemaker", "tube", "ecg")

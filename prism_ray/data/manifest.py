@@ -8,9 +8,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prism_ray.captions import RowRejected, get_adapter
-from prism_ray.config import DataConfig
-from prism_ray.storage import read_table, resolve_uri
+from prism_ray.data.captions import RowRejected, get_adapter
+from prism_ray.data.config import DataConfig
+from prism_ray.data.storage import read_table, resolve_uri
 
 
 @dataclass(frozen=True)

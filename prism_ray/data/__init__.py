@@ -1,0 +1,1 @@
+"""Inputs: storage, schemas, manifests, caption adapters and interventions."""

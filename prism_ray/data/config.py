@@ -1,0 +1,19 @@
+"""A job's input manifest and how its labels become captions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from prism_ray.config import BaseConfig
+class DataConfig(BaseConfig):
+    """Input manifest and how its labels become captions."""
+
+    manifest: str = Field(..., min_length=1, description="Parquet or CSV manifest, any fsspec URI")
+    image_column: str = "image_uri"
+    image_root: str | None = Field(None, description="prefix for relative image URIs")
+    adapter: str = "chexpert"
+    adapter_options: dict[str, Any] = Field(default_factory=dict)
+    split: str | None = Field(None, description="keep rows whose 'split' column equals this")
+    limit: int | None = Field(None, ge=1)

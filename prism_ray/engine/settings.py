@@ -1,0 +1,90 @@
+"""The method's knobs: DDIM + null-text inversion and prompt-to-prompt editing (reference defaults)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from prism_ray.config import BaseConfig
+class InversionConfig(BaseConfig):
+    """DDIM + null-text inversion knobs; defaults reproduce ALGORITHM.md section 2-4."""
+
+    method: Literal["null_text", "ddim", "negative_prompt", "direct"] = "null_text"
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    num_inner_steps: int = Field(10, ge=0)
+    learning_rate: float = Field(1e-2, gt=0.0)
+    lr_decay_steps: float = Field(100.0, gt=0.0, description="lr = learning_rate * (1 - i / lr_decay_steps)")
+    early_stop_epsilon: float = Field(1e-5, ge=0.0)
+    early_stop_slope: float = Field(2e-5, ge=0.0, description="threshold = epsilon + i * slope")
+    batch_size: int = Field(4, ge=1, description="images inverted together")
+    allow_tf32: bool = Field(False, description="TF32 matmuls/convolutions during inversion; change NTI numerics")
+
+
+Window = float | tuple[float, float]
+
+
+def window_bounds(window: Window) -> tuple[float, float]:
+    """ALGORITHM.md window -> (start, end) fractions: f means [0, f); (a, b) means [a, b). ValueError if out of range."""
+    start, end = (0.0, float(window)) if isinstance(window, (int, float)) else (float(window[0]), float(window[1]))
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"window {window!r}: expected a fraction in [0, 1] or [start, end] with 0 <= start <= end <= 1")
+    return start, end
+
+
+def _check_window(window: Window) -> Window:
+    window_bounds(window)
+    return window
+
+
+class EditConfig(BaseConfig):
+    """Prompt-to-prompt settings; PRISM defaults: Refine + Reweight x2, cross 0.8, self 0.5.
+
+    Windows (ALGORITHM.md section 5): a fraction f controls steps [0, f); a pair [a, b] steps
+    [a*T, b*T). `cross_replace_steps` may also be a per-word table, e.g. `{default_: 0.8, Devices: 0.4}`:
+    the word's window replaces the default on its tokens in every edit prompt that contains it.
+    """
+
+    controller: Literal["refine", "replace", "none"] = "refine"
+    reweight: float | None = Field(2.0, gt=0.0, description="edit-word equalizer; None = off")
+    cross_replace_steps: Window | dict[str, Window] = Field(0.8, description="window, or {default_: window, word: window}")
+    self_replace_steps: Window = Field(0.5, description="self-attention replacement window")
+    local_blend: bool = False
+    blend_mask: Literal["attention", "noise"] = Field(
+        "attention",
+        description="attention: P2P's cross-attention mask of the changed words; noise: DiffEdit-style "
+        "|eps(edit) - eps(source)| along the inversion trajectory (for U-Nets with diffuse attention)",
+    )
+    blend_threshold: float = Field(0.3, ge=0.0, le=1.0, description="attention mask threshold (reference 0.3)")
+    blend_start: float = Field(0.2, ge=0.0, le=1.0, description="blend applies after step int(start*T)")
+    noise_mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="noise mask threshold (DiffEdit: 0.5)")
+    noise_mask_quantile: float = Field(0.95, gt=0.0, le=1.0, description="the map is divided by this quantile (1 = max)")
+    noise_mask_window: Window = Field((0.1, 0.9), description="trajectory span sampled, 0 = image, 1 = z_T")
+    noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
+    self_attention_max_queries: int = Field(32 * 32, ge=1)
+    edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the editing pass's U-Net calls under autocast (bfloat16/float16 on a GPU for speed); "
+        "inversion always runs in fp32, latents and scheduler steps stay fp32",
+    )
+
+    @field_validator("self_replace_steps", "noise_mask_window")
+    @classmethod
+    def _plain_window(cls, value: Window) -> Window:
+        return _check_window(value)
+
+    @field_validator("cross_replace_steps")
+    @classmethod
+    def _cross_windows(cls, value: Window | dict[str, Window]) -> Window | dict[str, Window]:
+        if not isinstance(value, dict):
+            return _check_window(value)
+        for word, window in value.items():
+            if not word or (word != "default_" and " " in word.strip()):
+                raise ValueError(f"word {word!r}: expected one word (or 'default_')")
+            try:
+                _check_window(window)
+            except ValueError as err:
+                raise ValueError(f"word {word!r}: {err}") from None
+        return value

@@ -1,0 +1,1 @@
+"""Model loading, the one tiny-architecture factory, the classifier protocol."""

@@ -1,0 +1,1 @@
+"""Synthetic phantom chest X-rays: renderer, datasets, ground truth, the tiny-family trainer."""

@@ -1,0 +1,1 @@
+"""CLIP scores, the accept filter, metrics."""

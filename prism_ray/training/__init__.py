@@ -1,0 +1,1 @@
+"""Diffusion training step and callbacks."""

@@ -1,15 +1,14 @@
-"""Typed job configs: YAML files plus `--set key=value` overrides, validated, hashable."""
+"""Config machinery: BaseConfig, ConfigError, YAML files merged + `--set key=value` overrides, validated."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
-import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -87,16 +86,29 @@ def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str
         raise ConfigError(_format_error(err)) from None
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """Load a YAML file (optional) and apply `key=value` overrides."""
+def load_config(
+    cls: type[C], paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> C:
+    """Merge YAML files in order (a later file wins, section by section), then `key=value` overrides.
+
+    Job parameters and compute/launch settings live in separate files
+    (`--config configs/augment_sd15.yaml --config configs/compute/gpu.yaml`).
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     data: dict = {}
-    if path is not None:
+    for path in paths:
         try:
             text = Path(path).read_text()
         except OSError as err:
             raise ConfigError(f"config file '{path}': {err.strerror}") from None
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}': not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': top level must be a mapping")
+        data = _merge(data, loaded)
     return build_config(cls, data, overrides)
-

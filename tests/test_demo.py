@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from prism_ray.engine.settings import InversionConfig
-from prism_ray.pipelines.demo import SUBGROUPS, DemoConfig, run_demo
+from prism_ray.pipelines.demo import SUBGROUPS, DemoConfig, run as run_demo
 
 
 def test_demo_end_to_end(ray_local, tmp_path):

@@ -34,6 +34,10 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         pa.field("slot_id", pa.string()),
         pa.field("attempt_rank", pa.int64()),
         pa.field("sample_seed", pa.int64()),
+        # in_quota: part of the subgroup's exact quota set (the sequential prefix, see pipelines.quota);
+        # beyond_quota: finished after the quota was met, kept, counts first if the quota is raised;
+        # set_aside: finished for a subgroup/selector/intervention this run's config no longer has.
+        pa.field("quota_status", pa.string()),
     ]
 )
 

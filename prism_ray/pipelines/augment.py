@@ -1,10 +1,16 @@
-"""Config of the `augment` job: subgroups with quotas of accepted counterfactuals, on a Ray actor pool."""
+"""`augment` job: quota-exact, resumable counterfactual augmentation sets per subgroup (no Ray here)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -14,7 +20,16 @@ from prism_ray.config import BaseConfig
 from prism_ray.data.config import DataConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.models.config import ModelConfig
+from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.faults import fault_point
+from prism_ray.pipelines.counterfactuals import BatchReport, CounterfactualStep, is_transient
+from prism_ray.pipelines.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
+from prism_ray.results.layout import Layout, digest
+from prism_ray.results.ledger import check_config_hash, commit, read_state, write_part
+from prism_ray.results.summary import RunIncomplete, write_summary
 from prism_ray.scoring.filter import FilterConfig
+
+log = logging.getLogger("prism_ray.augment")
 
 SelectorValue = Union[bool, int, float, str]
 
@@ -79,30 +94,33 @@ class SamplingConfig(BaseConfig):
 
 
 class PlannerConfig(BaseConfig):
-    """How rounds are sized (see prism_ray.pipelines.quota): attempts = remaining / p_hat * over_provision."""
+    """How rounds are sized (see pipelines.quota): remaining / p_hat * over_provision + a binomial margin."""
 
-    over_provision: float = Field(1.2, ge=1.0, le=10.0, description="safety factor on a round's attempts")
+    over_provision: float = Field(1.0, ge=1.0, le=10.0, description="factor on a round's expected attempts")
+    margin_sigmas: float = Field(
+        1.0, ge=0.0, le=10.0, description="standard deviations of extra attempts once p_hat is measured (round 2 on)"
+    )
     initial_acceptance: float = Field(0.5, gt=0.0, le=1.0, description="acceptance prior before any result")
     prior_weight: float = Field(2.0, ge=0.0, description="pseudo-attempts behind the prior")
     min_acceptance: float = Field(0.05, gt=0.0, le=1.0, description="floor of the estimate (caps a round)")
-    max_rounds: int = Field(5, ge=1)
+    max_rounds: int = Field(10, ge=1, description="rounds are cheap: the actor pool lives for the job")
     max_attempts_per_round: int | None = Field(None, ge=1, description="cap on one round's attempts")
 
 
-class ComputeConfig(BaseConfig):
+class ActorPoolConfig(BaseConfig):
     """Where and how wide the job runs (not part of the results hash)."""
 
-    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size (one model copy each)")
+    num_actors: int = Field(1, ge=1, description="long-lived actors, one model copy each, for the whole job")
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
-    batch_size: int = Field(4, ge=1, description="sources per map_batches call (inverted together)")
+    batch_size: int = Field(4, ge=1, description="sources per batch (inverted together)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per actor; default: its CPUs")
+    max_retries: int = Field(
+        2, ge=0, description="retries of a batch after a transient error (OOM, storage) or a lost actor"
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="non-secret env for the actors (e.g. AWS_ENDPOINT_URL); credentials: the cluster's",
-    )
-    kill_actor_once_after_batches: int | None = Field(
-        None, ge=0, description="fault injection: an actor exits hard once, after this many finished batches"
     )
 
 
@@ -120,7 +138,7 @@ class AugmentConfig(BaseConfig):
     output: str = Field(..., min_length=1, description="output folder, any fsspec URI")
     seed: int = Field(0, ge=0, lt=2**63, description="source order and sample generators")
     planner: PlannerConfig = PlannerConfig()
-    compute: ComputeConfig = ComputeConfig()
+    compute: ActorPoolConfig = ActorPoolConfig()
 
     @model_validator(mode="after")
     def _check_subgroups(self) -> AugmentConfig:
@@ -134,10 +152,18 @@ class AugmentConfig(BaseConfig):
                 raise ValueError(f"subgroups.{g.name}.interventions: counterfactual mode needs at least one")
             if self.mode == "samples" and not (g.prompt and g.prompt.strip()):
                 raise ValueError(f"subgroups.{g.name}.prompt: samples mode needs a prompt")
+        if self.mode == "counterfactual" and self.model.dtype != "float32":
+            # Null-text inversion optimises embeddings through the U-Net and DDIM inversion
+            # accumulates error step by step: both need fp32 weights.
+            raise ValueError(
+                f"model.dtype: inversion needs float32 weights, got {self.model.dtype}; "
+                "use edit.compute_dtype=bfloat16 for a faster editing pass"
+            )
         return self
 
-    def results_hash(self) -> str:
-        """Hash of everything that changes an attempt's pixels or its accept decision.
+    def results_hash(self, weights_digest: str = "") -> str:
+        """Hash of everything that changes an attempt's pixels or its accept decision, including
+        the model weights (`models.loading.weights_digest`), not only where they are.
 
         Quotas, selectors, planner and compute settings are left out on purpose: extending a
         quota or adding actors must keep the ids of finished work, so a re-run skips it.
@@ -147,10 +173,454 @@ class AugmentConfig(BaseConfig):
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
         data_keys = ("image_column", "image_root", "adapter", "adapter_options")
         data = dump["data"] and {k: dump["data"][k] for k in data_keys}
-        keep = {"model": model, "data": data, "mode": self.mode, "seed": self.seed}
+        keep = {"model": model, "weights": weights_digest, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
             keep.update(inversion=dump["inversion"], edit=dump["edit"], filter=dump["filter"])
         else:
             keep.update(sampling=dump["sampling"])
         canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# --- the job ---------------------------------------------------------------------------------
+# Per round: select + caption sources (driver, metadata only) -> plan the round's slots
+# (pipelines.quota) -> tasks (one per source: invert once, edit many) -> the runner feeds them to
+# long-lived steps (pipelines.counterfactuals; in Ray actors by default) -> each step writes PNGs,
+# then its ledger part -> only per-slot outcomes reach the driver. After the last round the
+# driver marks every finished row in_quota / beyond_quota / set_aside and commits the manifest.
+#
+# Output layout under `output` (results.layout.Layout):
+#   images/<subgroup>/<cf_id>.png   every finished attempt, accepted or rejected by the filter
+#   manifest.parquet                 one row per finished attempt (COUNTERFACTUAL_SCHEMA), with quota_status
+#   errors.parquet                   one row per failure (ERROR_SCHEMA): source, stage, reason
+#   run_summary.json                 counts, acceptance, throughput, stage timings, model loads per actor
+#   _ledger/rows|errors/*.parquet    finished work not yet committed (one part per batch)
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def _selector_mask(table, subgroup: SubgroupConfig):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    for column, values in subgroup.selector_values().items():
+        if column not in table.column_names:
+            raise ValueError(f"subgroups.{subgroup.name}.selector: manifest has no column {column!r}")
+        col = table.column(column)
+        try:
+            value_set = pa.array(values).cast(col.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+            field = f"subgroups.{subgroup.name}.selector.{column}"
+            raise ValueError(f"{field}: {values!r} does not fit the column type {col.type}: {err}") from None
+        mask = pc.and_(mask, pc.fill_null(pc.is_in(col, value_set=value_set), False))
+    return mask
+
+
+@dataclass
+class Sources:
+    """Captioned candidate sources per subgroup (driver-side metadata, no pixels)."""
+
+    by_subgroup: dict[str, list[str]]
+    caption: dict[str, str] = field(default_factory=dict)  # uri -> source prompt
+    row: dict[str, dict] = field(default_factory=dict)  # uri -> manifest row (for edit captions)
+    errors: list[dict] = field(default_factory=list)
+
+
+def load_sources(config: AugmentConfig) -> Sources:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from prism_ray.data.manifest import read_sources, select_rows
+    from prism_ray.data.storage import read_table
+
+    out = Sources({g.name: [] for g in config.subgroups})
+    if config.mode == "samples":
+        return out
+    table = select_rows(read_table(config.data.manifest), config.data)
+    masks = {g.name: _selector_mask(table, g) for g in config.subgroups}
+    union = pa.array(np.zeros(table.num_rows, dtype=bool))
+    for mask in masks.values():
+        union = pc.or_(union, mask)
+    member = {name: np.asarray(pc.filter(mask, union)) for name, mask in masks.items()}
+    sources, row_errors = read_sources(config.data, table.filter(union))
+    for s in sources:
+        out.caption.setdefault(s.image_uri, s.caption)
+        out.row.setdefault(s.image_uri, s.row)
+        for name in out.by_subgroup:
+            if member[name][s.index]:
+                out.by_subgroup[name].append(s.image_uri)
+    out.errors = [dict(e.as_row(), subgroup=None, slot_id=None) for e in row_errors]
+    return out
+
+
+def make_pools(config: AugmentConfig, sources: Sources, results_hash: str) -> list[SlotPool]:
+    common = dict(results_hash=results_hash, seed=config.seed)
+    if config.mode == "samples":
+        return [SlotPool(g.name, prompt=g.prompt, filtered=False, **common) for g in config.subgroups]
+    return [
+        SlotPool(g.name, sources=sources.by_subgroup[g.name], edits=g.interventions, **common)
+        for g in config.subgroups
+    ]
+
+
+def build_tasks(
+    config: AugmentConfig, progress: dict[str, SubgroupProgress], sources: Sources, round_index: int,
+    results_hash: str,
+) -> tuple[list[dict], list[dict]]:
+    """Planned slots -> tasks (one per source, all its edits of this round) + caption errors."""
+    from prism_ray.data.captions import get_adapter
+
+    planned = [slot for state in progress.values() for slot in state.planned]
+    errors: list[dict] = []
+    if config.mode == "samples":
+        tasks = []
+        for slot in planned:
+            seed = int(digest("sample-seed", config.seed, slot.subgroup, slot.sample_index, size=15), 16)
+            edit = dict(slot_id=slot.slot_id, subgroup=slot.subgroup, prompt=slot.edit,
+                        sample_index=slot.sample_index, sample_seed=seed, rank=slot.rank)
+            tasks.append({"task_id": slot.slot_id, "edits": [edit]})
+        return tasks, errors
+    adapter = get_adapter(config.data.adapter, **config.data.adapter_options)
+    by_source: dict[str, list[Slot]] = defaultdict(list)
+    for slot in planned:
+        by_source[slot.source].append(slot)
+    tasks = []
+    for uri, slots in by_source.items():
+        source_prompt = sources.caption[uri]
+        edits = []
+        for slot in slots:
+            try:
+                edit_prompt = adapter.edit_caption(sources.row[uri], slot.edit)
+                if edit_prompt == source_prompt:
+                    raise ValueError(f"intervention {slot.edit!r} leaves the caption unchanged")
+            except ValueError as err:
+                errors.append(dict(source_uri=uri, slot_id=slot.slot_id, stage="caption", reason=str(err),
+                                   subgroup=slot.subgroup, config_hash=results_hash, created_at=_now()))
+                continue
+            edits.append(dict(slot_id=slot.slot_id, subgroup=slot.subgroup, intervention=slot.edit,
+                              edit_prompt=edit_prompt, rank=slot.rank))
+        if edits:
+            task_id = digest("task", round_index, uri, *sorted(e["slot_id"] for e in edits))
+            tasks.append(dict(task_id=task_id, source_uri=uri, source_prompt=source_prompt, edits=edits))
+    return tasks, errors
+
+
+def batches(tasks: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
+    """Tasks in batches of at most `batch_size`, smaller when a round is small, so every worker has work."""
+    size = max(1, min(batch_size, math.ceil(len(tasks) / max(workers, 1))))
+    return [tasks[i : i + size] for i in range(0, len(tasks), size)]
+
+
+@dataclass
+class Finished:
+    """What an output folder holds now: finished rows by slot (PNG present), errors, ledger parts."""
+
+    rows: dict[str, dict]
+    errors: list[dict]
+    parts: list[str]
+    images: set[str]
+    rows_without_png: int = 0  # rows whose PNG is gone: not done, planned again
+
+    def done(self, pools: list[SlotPool]) -> dict[str, dict[str, bool]]:
+        """subgroup -> {slot_id: accepted} of the finished attempts that belong to its pool as configured."""
+        by_name = {p.subgroup: p for p in pools}
+        out: dict[str, dict[str, bool]] = defaultdict(dict)
+        for sid, row in self.rows.items():
+            pool = by_name.get(row["subgroup"])
+            if pool is not None and pool.contains(sid, row.get("attempt_rank")):
+                out[row["subgroup"]][sid] = bool(row["accepted"])
+        return out
+
+    def failed(self) -> tuple[set[str], set[str]]:
+        """(failed slot ids, failed source URIs): never planned again."""
+        slots, srcs = set(), set()
+        for e in self.errors:
+            if e.get("slot_id"):
+                slots.add(e["slot_id"])
+            elif e.get("source_uri") and e["stage"] in ("read", "invert"):
+                srcs.add(e["source_uri"])
+        return slots - set(self.rows), srcs
+
+
+def _dedupe_errors(errors: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for e in errors:
+        key = (e.get("source_uri"), e.get("slot_id"), e["stage"], e["reason"], e.get("subgroup"))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def load_finished(layout: Layout, results_hash: str) -> Finished:
+    state = read_state(layout)
+    check_config_hash(state.rows + state.errors, results_hash, layout.root)
+    finished = Finished({}, _dedupe_errors(state.errors), state.parts, state.images)
+    for row in state.rows:  # committed rows first: a re-done slot keeps its first result
+        if row["slot_id"] in finished.rows:
+            continue
+        if Layout.image_key(row["subgroup"], row["cf_id"]) not in state.images:
+            finished.rows_without_png += 1
+            continue
+        finished.rows[row["slot_id"]] = row
+    return finished
+
+
+def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], results_hash: str,
+             extra_errors: list[dict]) -> dict:
+    """Mark every finished row in_quota / beyond_quota / set_aside and commit manifest + errors."""
+    finished = load_finished(layout, results_hash)
+    quotas = {g.name: g.quota for g in config.subgroups}
+    done = finished.done(pools)
+    status: dict[str, str] = {}
+    per_group = {}
+    for pool in pools:
+        mine = done.get(pool.subgroup, {})
+        kept, accepted = kept_prefix(pool, quotas[pool.subgroup], mine)
+        status.update({s.slot_id: "in_quota" for s in kept})
+        beyond = [sid for sid in mine if sid not in status]
+        status.update({sid: "beyond_quota" for sid in beyond})
+        per_group[pool.subgroup] = {
+            "quota": quotas[pool.subgroup],
+            "accepted": accepted,
+            "rejected": len(kept) - accepted,
+            "beyond_quota": len(beyond),
+            "beyond_quota_accepted": sum(mine[sid] for sid in beyond),
+        }
+    set_aside: Counter = Counter()
+    rows = []
+    for sid, row in finished.rows.items():
+        row = dict(row, quota_status=status.get(sid, "set_aside"))
+        if row["quota_status"] == "set_aside":
+            set_aside[row["subgroup"]] += 1
+        rows.append(row)
+    if set_aside:
+        log.warning("kept, set aside (their subgroup, selector or interventions changed): %s", dict(set_aside))
+    errors = _dedupe_errors(finished.errors + extra_errors)
+    commit(layout, rows_to_table(rows, COUNTERFACTUAL_SCHEMA), rows_to_table(errors, ERROR_SCHEMA), finished.parts)
+    return {
+        "subgroups": per_group,
+        "set_aside": dict(set_aside),
+        "rows": len(rows),
+        "errors": len(errors),
+        "rows_without_png": finished.rows_without_png,
+        "pngs_without_rows": len(finished.images - {Layout.image_key(r["subgroup"], r["cf_id"]) for r in rows}),
+    }
+
+
+class Tally:
+    """Per-subgroup accepted/rejected/error counts and stage seconds, fed by the batch reports."""
+
+    def __init__(self, names: list[str]):
+        self.counts = {n: Counter() for n in names}
+        self.seconds: Counter = Counter()
+        self.sources = 0
+
+    def add(self, report: BatchReport) -> None:
+        for subgroup, outcome in report.outcomes.values():
+            self.counts[subgroup][outcome] += 1
+        self.sources += report.sources
+        self.seconds.update(report.seconds)
+
+    def line(self) -> str:
+        return " | ".join(
+            f"{name}: {c['accepted']} accepted / {c['accepted'] + c['rejected']} attempted ({c['error']} errors)"
+            for name, c in self.counts.items()
+        )
+
+    def total(self, outcome: str) -> int:
+        return sum(c[outcome] for c in self.counts.values())
+
+
+# --- runners ---------------------------------------------------------------------------------
+
+
+class InProcessRunner:
+    """The job's steps in this process, without Ray: one step (models loaded once), batch retries
+    on transient errors as the Ray runner does. For debugging and the tests of the job itself."""
+
+    def __init__(self, step_factory, compute: ActorPoolConfig, engine=None):
+        self.step = step_factory(engine=engine) if engine is not None else step_factory()
+        self.compute = compute
+        self.retries = 0
+
+    def map(self, work: list[list[dict]], on_report) -> None:
+        for batch in work:
+            for attempt in range(self.compute.max_retries + 1):
+                try:
+                    report = self.step(batch)
+                    break
+                except Exception as err:
+                    if not is_transient(err):
+                        raise  # a bug: crash with its traceback
+                    if attempt == self.compute.max_retries:
+                        raise RuntimeError(
+                            f"batch of {len(batch)} tasks failed {attempt + 1} times, last with "
+                            f"{type(err).__name__}: {err}"
+                        ) from err
+                    self.retries += 1
+                    log.warning("transient %s on a batch (try %d): %s", type(err).__name__, attempt + 1, err)
+            on_report(report)
+
+    def stats(self) -> dict:
+        return {"model_loads_per_actor": [self.step.model_loads], "batch_retries": self.retries,
+                "actor_restarts": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def in_process(step_factory, compute: ActorPoolConfig, engine=None) -> InProcessRunner:
+    return InProcessRunner(step_factory, compute, engine)
+
+
+def run(config: AugmentConfig, runner=None) -> dict:
+    """Run rounds until every subgroup meets its quota (or runs out of sources); returns the run summary.
+
+    `runner(step_factory, compute)` returns the object that feeds batches to long-lived steps for
+    the whole job (`map`, `stats`, `close`); default: Ray actors (`distributed.rounds.ray_runner`,
+    joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
+    """
+    from prism_ray.data.storage import makedirs
+    from prism_ray.models.loading import resolve_model_root, weights_digest
+
+    if runner is None:
+        from prism_ray.distributed.rounds import ray_runner as runner
+    started, t0 = _now(), time.perf_counter()
+    layout = Layout.of(config.output)
+    if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path
+        config = config.model_copy(update={"output": layout.root})
+    makedirs(layout.root)
+    m = config.model
+    t = time.perf_counter()
+    roots = [resolve_model_root(m.path, m.cache_dir)]
+    if m.clip_path:
+        roots.append(resolve_model_root(m.clip_path, m.cache_dir))
+    model_id = weights_digest(*roots)
+    results_hash = config.results_hash(model_id)
+    sources = load_sources(config)
+    pools = make_pools(config, sources, results_hash)
+    quotas = {g.name: g.quota for g in config.subgroups}
+    policy = PlannerPolicy.from_config(config.planner)
+    driver_seconds = Counter(load_sources=time.perf_counter() - t)
+    extra_errors = [dict(e, config_hash=results_hash, created_at=_now()) for e in sources.errors]
+    tally = Tally(list(quotas))
+    rounds: list[dict] = []
+    progress: dict[str, SubgroupProgress] = {}
+    pool_runner = None
+    try:
+        for round_index in range(config.planner.max_rounds + 1):
+            t = time.perf_counter()
+            finished = load_finished(layout, results_hash)
+            failed_slots, failed_sources = finished.failed()
+            progress = plan_round(pools, quotas, finished.done(pools), failed_slots, failed_sources, policy)
+            tasks, caption_errors = build_tasks(config, progress, sources, round_index, results_hash)
+            driver_seconds["plan"] += time.perf_counter() - t
+            if caption_errors:  # recorded now, so the next plan skips those slots
+                name = digest("driver", round_index, *sorted(e["slot_id"] for e in caption_errors)) + ".parquet"
+                write_part(layout, "errors", name, rows_to_table(caption_errors, ERROR_SCHEMA))
+            if not any(p.status == "running" for p in progress.values()) or round_index == config.planner.max_rounds:
+                break
+            if not tasks:
+                continue  # every planned slot failed its caption: plan again without them
+            if pool_runner is None:  # started once, fed round after round
+                step_factory = partial(CounterfactualStep, config, results_hash, model_id)
+                pool_runner = runner(step_factory, config.compute)
+            n_slots = sum(len(task["edits"]) for task in tasks)
+            log.info("round %d: %d tasks, %d attempts (%s)", round_index + 1, len(tasks), n_slots,
+                     ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
+            t = time.perf_counter()
+            before = {n: Counter(c) for n, c in tally.counts.items()}
+            last = [0.0]
+
+            def on_report(report: BatchReport) -> None:
+                tally.add(report)
+                fault_point("augment.batch_done")
+                if time.monotonic() - last[0] > 5.0:
+                    log.info("  %s", tally.line())
+                    last[0] = time.monotonic()
+
+            pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
+            seconds = time.perf_counter() - t
+            rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,
+                           "seconds": seconds, "subgroups": {n: dict(tally.counts[n] - before[n]) for n in quotas}})
+            log.info("round %d done in %.1fs: %s", round_index + 1, seconds, tally.line())
+        actors = pool_runner.stats() if pool_runner is not None else {}
+    finally:
+        if pool_runner is not None:
+            pool_runner.close()
+
+    t = time.perf_counter()
+    final = finalise(config, layout, pools, results_hash, extra_errors)
+    fault_point("augment.after_commit")
+    driver_seconds["finalise"] += time.perf_counter() - t
+    summary = _summary(config, layout, started, time.perf_counter() - t0, results_hash, model_id,
+                       rounds, progress, final, tally, actors, driver_seconds)
+    write_summary(layout, summary)
+    short = {n: s["shortfall"] for n, s in summary["subgroups"].items() if s["shortfall"]}
+    for name, info in summary["subgroups"].items():
+        log.info("%s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
+                 info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
+                 f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
+    if short or final["rows"] == 0 and sum(quotas.values()):
+        detail = ", ".join(f"{n} short by {k}" for n, k in short.items()) or "no outputs"
+        errors = summary["error_rows"]
+        raise RunIncomplete(
+            f"augment incomplete: {detail} ({final['rows']} rows, {errors} error rows; see {layout.errors})", summary
+        )
+    return summary
+
+
+def _summary(config, layout, started, wall, results_hash, model_id, rounds, progress, final, tally, actors,
+             driver_seconds) -> dict:
+    work_seconds = sum(r["seconds"] for r in rounds)
+    attempts = tally.total("accepted") + tally.total("rejected")
+    subgroups = {}
+    for name, info in final["subgroups"].items():
+        attempted = info["accepted"] + info["rejected"]
+        status = "met" if info["accepted"] >= info["quota"] else progress[name].status
+        subgroups[name] = {
+            **info,
+            "attempted": attempted,
+            "acceptance_rate": info["accepted"] / attempted if attempted else None,
+            "status": "incomplete" if status == "running" else status,  # running at the end: max_rounds
+            "shortfall": max(0, info["quota"] - info["accepted"]),
+            "this_run": dict(tally.counts[name]),
+        }
+    per_second = lambda n: n / work_seconds if work_seconds else None  # noqa: E731
+    return {
+        "job": "augment",
+        "mode": config.mode,
+        "output": layout.root,
+        "config_hash": config.config_hash(),
+        "results_hash": results_hash,
+        "model_weights_digest": model_id,
+        "started_at": started.isoformat(),
+        "wall_seconds": wall,
+        "rounds": rounds,
+        "subgroups": subgroups,
+        "set_aside": final["set_aside"],
+        "manifest_rows": final["rows"],
+        "error_rows": final["errors"],
+        "rows_without_png": final["rows_without_png"],
+        "pngs_without_rows": final["pngs_without_rows"],
+        "attempts_this_run": attempts,
+        "errors_this_run": tally.total("error"),
+        "throughput": {
+            "attempts_per_second": per_second(attempts),
+            "accepted_per_second": per_second(tally.total("accepted")),
+            "sources_per_second": per_second(tally.sources),
+            "round_seconds": work_seconds,
+        },
+        "actors": actors,
+        "actor_stage_seconds": dict(tally.seconds),
+        "driver_stage_seconds": dict(driver_seconds),
+        "compute": config.compute.model_dump(mode="json"),
+    }

@@ -47,13 +47,12 @@ def _say(step: str, message: str) -> None:
     print(f"[demo] {step}: {message}", flush=True)
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Run the whole mission on phantoms and return the report folder."""
-    from prism_ray.pipelines.augment import AugmentConfig
-    from prism_ray.distributed.augment_old import augment
-    from prism_ray.distributed.trainer import finetune
-    from prism_ray.pipelines.finetune import FinetuneConfig
-    from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
+def run(config: DemoConfig, runner=None) -> Path:
+    """Run the whole mission on phantoms and return the report folder (`runner`: the augment job's)."""
+    from prism_ray.pipelines import augment
+    from prism_ray.results.summary import RunIncomplete
+    from prism_ray.pipelines import finetune
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +62,7 @@ def run_demo(config: DemoConfig) -> Path:
     data = write_phantom_dataset(str(out / "data"), PhantomDatasetConfig(n_subjects=config.n_subjects, seed=config.seed))
 
     _say("2/4 fine-tune", f"{config.finetune_steps} steps, {config.finetune_workers} Ray Train workers, ZeRO-{config.finetune_zero_stage}")
-    ft = FinetuneConfig.model_validate(
+    ft = finetune.FinetuneConfig.model_validate(
         {
             "model": {"path": config.model},
             "data": {"manifest": data.manifest_uri, "split": "train"},
@@ -80,11 +79,11 @@ def run_demo(config: DemoConfig) -> Path:
             "run": {"storage_path": str(out / "runs"), "name": "finetune"},
         }
     )
-    tuned = finetune(ft)
+    tuned = finetune.run(ft)
     _say("2/4 fine-tune", f"step {tuned.final_step}, model exported to {tuned.model_path}")
 
-    _say("3/4 counterfactuals", f"{len(SUBGROUPS)} subgroups x {config.quota} accepted, Ray Data actors")
-    aug = AugmentConfig.model_validate(
+    _say("3/4 counterfactuals", f"{len(SUBGROUPS)} subgroups x {config.quota} accepted, Ray actors")
+    aug = augment.AugmentConfig.model_validate(
         {
             "model": {"path": tuned.model_path},
             "data": {"manifest": data.manifest_uri, "split": "test"},
@@ -100,7 +99,10 @@ def run_demo(config: DemoConfig) -> Path:
             "compute": {"num_actors": config.num_actors, "batch_size": 4},
         }
     )
-    summary = augment(aug)
+    try:
+        summary, incomplete = augment.run(aug, runner=runner), None
+    except RunIncomplete as err:  # still report what was made, then end non-zero
+        summary, incomplete = err.summary, err
 
     _say("4/4 report", "scoring against the true counterfactuals")
     # The classifier ships beside the starting family (fine-tuning exports only the diffusers parts).
@@ -108,6 +110,8 @@ def run_demo(config: DemoConfig) -> Path:
     minutes = (time.perf_counter() - t0) / 60
     _say("done", f"{minutes:.1f} min. Counterfactuals: {out / 'counterfactuals'}  Report: {report / 'report.md'}")
     (report / "augment_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if incomplete is not None:
+        raise incomplete
     return report
 
 
@@ -115,13 +119,17 @@ def write_report(out: Path, counterfactuals: str, ground_truth_uri: str, model_r
     """Contact sheet (source | counterfactual | true counterfactual | |difference|) + markdown summary;
     `model_root` is the family whose shipped classifier (if any) scores the edits."""
     from prism_ray.models.loading import resolve_model_root
-    from prism_ray.phantom.render import save_contact_sheet
+    from prism_ray.report.contact_sheet import save_contact_sheet
     from prism_ray.phantom.truth import classifier_path, gray, score_against_truth, true_cf_for
     from prism_ray.data.storage import join_uri, read_image, read_table
 
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    manifest = read_table(join_uri(counterfactuals, "manifest.parquet")).to_pylist()
+    # The quota sets: rows finished beyond a quota (or set aside) are kept in the manifest, not reported here.
+    manifest = [
+        r for r in read_table(join_uri(counterfactuals, "manifest.parquet")).to_pylist()
+        if r.get("quota_status") in (None, "in_quota")
+    ]
     truth = {r["image_uri"]: r for r in read_table(ground_truth_uri).to_pylist()}
     accepted = [r for r in manifest if r["accepted"]]
     lines = ["# prism_ray demo report", "", f"Counterfactual rows: {len(manifest)} ({len(accepted)} accepted by S_CLIP).", ""]

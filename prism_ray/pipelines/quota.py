@@ -9,39 +9,41 @@ So every distinct source is used once before any source is reused, interventions
 evenly within a pass, and a reused source always gets an intervention it has not had. In
 samples mode a slot is a sample index (an unbounded pool).
 
-The contract with the job: the kept rows of a subgroup are the *prefix* of its pool, in rank
+The contract with the job: the *in-quota* rows of a subgroup are the prefix of its pool, in rank
 order, up to and including the quota-th accepted attempt. That is what one sequential worker
-would have produced, whatever the rounds, over-provisioning, batching or crashes were; every
-done attempt after that prefix is surplus and is dropped (rows and PNGs) by the job.
+would have produced, whatever the rounds, over-provisioning, batching or crashes were. Every
+done attempt after that prefix is *beyond quota*: kept (never deleted), and the first to count
+when the quota is raised, because it sits earliest in the order after the prefix.
+
+Round sizing: the first round plans remaining / prior attempts (no margin: a margin on a guess
+only inflates the surplus); later rounds plan remaining / p_hat plus `margin_sigmas` binomial
+standard deviations, so a round rarely falls short and its surplus stays small.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prism_ray.results.layout import digest
+
 Status = Literal["met", "running", "shortfall", "incomplete"]
 
 
-def _digest(*parts: object, size: int = 24) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:size]
-
-
-def slot_id(
+def slot_id_of(
     results_hash: str, subgroup: str, source: str | None, edit: str, sample_index: int | None = None
 ) -> str:
     """Deterministic id of one planned attempt, known before any image is read (for resume)."""
     index = "" if sample_index is None else sample_index
-    return _digest("slot", results_hash, subgroup, source or "", edit, index)
+    return digest("slot", results_hash, subgroup, source or "", edit, index)
 
 
 def source_order(sources: Sequence[str], seed: int, salt: str) -> list[str]:
     """Sources sorted by a seeded hash: deterministic, and stable when rows are added or reordered."""
     unique = list(dict.fromkeys(sources))
-    return sorted(unique, key=lambda s: (_digest("order", seed, salt, s), s))
+    return sorted(unique, key=lambda s: (digest("order", seed, salt, s), s))
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class SlotPool:
     def samples(self) -> bool:
         return self.prompt is not None
 
+    def contains(self, slot_id: str, rank: int | None) -> bool:
+        """Whether a finished attempt belongs to this pool as configured now (selectors and edits may
+        have changed since it was done)."""
+        if self.samples:
+            return rank is not None and 0 <= rank and self[rank].slot_id == slot_id
+        if not hasattr(self, "_ids"):
+            self._ids = {slot_id_of(self.results_hash, self.subgroup, s, e) for s in self.sources for e in self.edits}
+        return slot_id in self._ids
+
     def __len__(self) -> int:
         # Samples are unbounded; a very large length keeps len() and slicing honest.
         return 2**62 if self.samples else len(self.sources) * len(self.edits)
@@ -91,12 +102,12 @@ class SlotPool:
         if not 0 <= rank < len(self):
             raise IndexError(rank)
         if self.samples:
-            sid = slot_id(self.results_hash, self.subgroup, None, self.prompt, rank)
+            sid = slot_id_of(self.results_hash, self.subgroup, None, self.prompt, rank)
             return Slot(self.subgroup, rank, sid, None, self.prompt, rank)
         passes, j = divmod(rank, len(self.sources))
         edit = self.edits[(j + passes) % len(self.edits)]
         source = self.sources[j]
-        sid = slot_id(self.results_hash, self.subgroup, source, edit)
+        sid = slot_id_of(self.results_hash, self.subgroup, source, edit)
         return Slot(self.subgroup, rank, sid, source, edit)
 
     def __iter__(self) -> Iterator[Slot]:
@@ -120,13 +131,19 @@ def estimate_acceptance(
     return min(1.0, max(p, floor))
 
 
-def attempts_needed(remaining: int, acceptance: float, over_provision: float = 1.0) -> int:
-    """Attempts expected to yield `remaining` accepts, times the safety factor; at least `remaining`."""
+def attempts_needed(
+    remaining: int, acceptance: float, over_provision: float = 1.0, margin_sigmas: float = 0.0
+) -> int:
+    """Attempts expected to yield `remaining` accepts at `acceptance`, times `over_provision`,
+    plus `margin_sigmas` standard deviations of the binomial shortfall; at least `remaining`."""
     if remaining <= 0:
         return 0
     if not 0.0 < acceptance <= 1.0:
         raise ValueError(f"acceptance must be in (0, 1], got {acceptance}")
-    return max(remaining, math.ceil(remaining * over_provision / acceptance - 1e-9))
+    expected = remaining * over_provision / acceptance
+    # n attempts give n*p +- sqrt(n*p*(1-p)) accepts; at n ~ remaining/p the spread in attempts is:
+    margin = margin_sigmas * math.sqrt(remaining * (1.0 - acceptance)) / acceptance
+    return max(remaining, math.ceil(expected + margin - 1e-9))
 
 
 # --- state, rounds and trimming --------------------------------------------------------------
@@ -152,7 +169,8 @@ class SubgroupProgress:
 
 @dataclass(frozen=True)
 class PlannerPolicy:
-    over_provision: float = 1.2
+    over_provision: float = 1.0
+    margin_sigmas: float = 1.0
     initial_acceptance: float = 0.5
     prior_weight: float = 2.0
     min_acceptance: float = 0.05
@@ -162,6 +180,7 @@ class PlannerPolicy:
     def from_config(cls, planner) -> PlannerPolicy:
         return cls(
             planner.over_provision,
+            planner.margin_sigmas,
             planner.initial_acceptance,
             planner.prior_weight,
             planner.min_acceptance,
@@ -228,7 +247,9 @@ def plan_round(
                 prior_weight=policy.prior_weight,
                 floor=policy.min_acceptance,
             )
-            want = attempts_needed(quota - accepted, state.acceptance, policy.over_provision)
+            # No margin before any evidence: the prior is a guess, and a margin on it is surplus.
+            sigmas = policy.margin_sigmas if len(kept) else 0.0
+            want = attempts_needed(quota - accepted, state.acceptance, policy.over_provision, sigmas)
         else:
             state.acceptance, want = 1.0, quota - accepted
         for slot in pool:

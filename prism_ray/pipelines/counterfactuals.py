@@ -1,0 +1,302 @@
+"""The per-batch step of counterfactual jobs: read -> invert once -> edit many -> score -> filter -> PNGs + ledger rows.
+
+`CounterfactualStep(config, results_hash)` loads its models once; `step(tasks)` turns a batch of
+tasks (one per source, all its edits) into PNGs and one ledger part, and returns per-slot
+metadata (never pixels). It runs the same in a test process, in `pipelines.augment`'s in-process
+runner and inside a Ray actor (`distributed.actors`).
+
+Exceptions are classified here, at the batch boundary:
+- item errors (`ValueError`: an unreadable image, a caption, NaN latents, an engine `ItemError`)
+  become error rows and the rest of the batch carries on;
+- transient/resource errors (`is_transient`: CUDA OOM, `MemoryError`, storage `OSError`) are
+  raised: no ledger part is written, so the whole batch is retried under the same ids;
+- anything else is a bug and crashes with its traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Protocol
+
+import numpy as np
+
+from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.faults import fault_point
+from prism_ray.results.layout import Layout, digest
+from prism_ray.results.ledger import write_part
+
+log = logging.getLogger("prism_ray.counterfactuals")
+
+STAGES = ("read", "invert", "edit", "score", "write")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying the batch: out of (GPU) memory, or storage trouble other than a missing file."""
+    import torch
+
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False  # the input is wrong, not the storage: an item error where it is read
+    return isinstance(err, (OSError, ConnectionError, TimeoutError))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Edited:
+    """One source's K edits as the engine returns them (input order of `task['edits']`)."""
+
+    index: int  # position in the engine call's input
+    images: np.ndarray  # (K, R, R, 3) uint8
+    scores: dict[str, np.ndarray]  # each (K,): s_clip, clip_image_image, clip_image_text, l1, l1_255, reconstruction_error
+    inversion_seconds: float = 0.0
+    edit_seconds: float = 0.0  # for all K edits
+    score_seconds: float = 0.0
+
+
+class Engine(Protocol):
+    """What the step needs of the method: the real one is `MethodEngine`; tests pass fakes."""
+
+    def counterfactuals(
+        self, pixels: list[np.ndarray], tasks: list[dict]
+    ) -> tuple[list[Edited], list[tuple[int, str, str]]]: ...
+
+    def samples(self, tasks_edits: list[dict]) -> np.ndarray: ...
+
+
+class MethodEngine:
+    """The method on loaded models: null-text inversion + prompt-to-prompt (`engine.editor`), CLIP scores."""
+
+    def __init__(self, config, device: str | None = None):
+        import torch
+
+        from prism_ray.models.loading import load_sd_components
+
+        m = config.model
+        self.config = config
+        self.sd = load_sd_components(m.path, device=device or m.device, dtype=m.dtype, cache_dir=m.cache_dir)
+        if config.mode == "counterfactual":
+            from prism_ray.engine.editor import Editor
+            from prism_ray.models.loading import load_clip
+            from prism_ray.scoring.clip_score import ClipScorer
+
+            clip = load_clip(m.clip_path or m.path, device=self.sd.device, cache_dir=m.cache_dir)
+            self.scorer = ClipScorer.from_components(clip)
+            self.editor = Editor(self.sd, config.edit, config.inversion)
+        torch.backends.cuda.matmul.allow_tf32 = bool(m.allow_tf32)
+
+    def counterfactuals(self, pixels, tasks):
+        from prism_ray.engine.editor import edit_many
+        from prism_ray.engine.images import preprocess
+        from prism_ray.scoring.metrics import l1
+
+        # The engine batches images with the same number of edits K: group by K.
+        by_k: dict[int, list[int]] = defaultdict(list)
+        for i, task in enumerate(tasks):
+            by_k[len(task["edits"])].append(i)
+        out: list[Edited] = []
+        errors: list[tuple[int, str, str]] = []
+        for idx in by_k.values():
+            prompts = [[e["edit_prompt"] for e in tasks[i]["edits"]] for i in idx]
+            got, bad = edit_many(
+                self.editor, [pixels[i] for i in idx], [tasks[i]["source_prompt"] for i in idx], prompts
+            )
+            errors += [(idx[j], stage, reason) for j, stage, reason in bad]
+            for item in got:
+                i = idx[item.index]
+                start = time.perf_counter()
+                # The source as the model saw it (square, model resolution): what L1 and CLIP compare to.
+                x = preprocess([pixels[i]], self.sd.resolution)[0]  # (3, R, R) in [-1, 1]
+                orig = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()  # (R, R, 3)
+                origs = np.repeat(orig[None], len(item.edits), axis=0)  # (K, R, R, 3)
+                try:
+                    scores = self.scorer.score(origs, item.edits, tasks[i]["source_prompt"], item.edit_prompts)
+                except ValueError as err:  # e.g. a prompt the scorer cannot take: these slots only
+                    errors.append((i, "score", str(err)))
+                    continue
+                scores["reconstruction_error"] = np.full(len(item.edits), item.reconstruction_error)
+                scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
+                out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
+                                  time.perf_counter() - start))
+        return out, errors
+
+    def samples(self, edits):
+        import torch
+
+        from prism_ray.engine.sampling import generate_images
+
+        cfg = self.config.sampling
+        # One generator per item, seeded from its slot: a sample does not depend on its batch-mates.
+        generators = [torch.Generator("cpu").manual_seed(e["sample_seed"]) for e in edits]
+        return generate_images(
+            self.sd, [e["prompt"] for e in edits], num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale, generators=generators,
+        )
+
+
+@dataclass
+class BatchReport:
+    """What a batch sends back to the driver: one outcome per planned slot, stage seconds, nothing else."""
+
+    outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # slot_id -> (subgroup, accepted|rejected|error)
+    sources: int = 0
+    seconds: Counter = field(default_factory=Counter)
+
+
+class CounterfactualStep:
+    """Loads the models once; each call is one batch of tasks -> PNGs, then one ledger part."""
+
+    def __init__(self, config, results_hash: str, model_id: str = "", engine: Engine | None = None):
+        self.config = config
+        self.results_hash = results_hash
+        self.model_id = model_id  # digest of the model weights (also part of results_hash)
+        self.layout = Layout.of(config.output)
+        self.model_loads = 0
+        if engine is None:
+            engine = MethodEngine(config)
+            self.model_loads += 1
+        self.engine = engine
+        self.batches = 0
+
+    def __call__(self, tasks: list[dict]) -> BatchReport:
+        rows: list[dict] = []
+        errors: list[dict] = []
+        seconds: Counter = Counter()
+        if self.config.mode == "samples":
+            self._samples(tasks, rows, errors, seconds)
+        else:
+            self._counterfactuals(tasks, rows, errors, seconds)
+        fault_point("step.before_ledger")  # PNGs are written, the ledger part is not
+        # Named by the batch's tasks: a retried batch overwrites its own part instead of adding one.
+        name = digest("batch", *sorted(t["task_id"] for t in tasks)) + ".parquet"
+        if errors:
+            write_part(self.layout, "errors", name, rows_to_table(errors, ERROR_SCHEMA))
+        if rows:
+            write_part(self.layout, "rows", name, rows_to_table(rows, COUNTERFACTUAL_SCHEMA))
+        self.batches += 1
+        verdict = {r["slot_id"]: "accepted" if r["accepted"] else "rejected" for r in rows}
+        report = BatchReport(sources=sum(1 for t in tasks if t.get("source_uri")), seconds=seconds)
+        for task in tasks:
+            for e in task["edits"]:
+                report.outcomes[e["slot_id"]] = (e["subgroup"], verdict.get(e["slot_id"], "error"))
+        return report
+
+    # -- counterfactual mode ----------------------------------------------------------------
+
+    def _read(self, tasks, errors, seconds) -> list[tuple[dict, str, np.ndarray]]:
+        from prism_ray.data.storage import decode_image, read_image_bytes
+
+        start = time.perf_counter()
+        good = []
+        for task in tasks:
+            try:
+                data = read_image_bytes(task["source_uri"])
+                good.append((task, hashlib.sha256(data).hexdigest(), decode_image(data, task["source_uri"])))
+            except ValueError as err:  # ImageReadError: this source only
+                errors.append(self._error(task, "read", getattr(err, "reason", str(err))))
+        seconds["read"] += time.perf_counter() - start
+        return good
+
+    def _counterfactuals(self, tasks, rows, errors, seconds) -> None:
+        sources = self._read(tasks, errors, seconds)
+        if not sources:
+            return
+        start = time.perf_counter()
+        edited, failed = self.engine.counterfactuals([p for _, _, p in sources], [t for t, _, _ in sources])
+        engine_seconds = time.perf_counter() - start
+        score_seconds = sum(e.score_seconds for e in edited)
+        invert_seconds = min(sum(e.inversion_seconds for e in edited), engine_seconds - score_seconds)
+        seconds["invert"] += invert_seconds
+        seconds["edit"] += max(engine_seconds - score_seconds - invert_seconds, 0.0)
+        seconds["score"] += score_seconds
+        for i, stage, reason in failed:
+            task = sources[i][0]
+            # Inversion depends only on the source: every slot of it fails. Later stages fail per slot.
+            errors += [self._error(task, stage, reason)] if stage == "invert" else self._slot_errors(task, stage, reason)
+        for item in edited:
+            task, source_id, _ = sources[item.index]
+            accepted = self.config.filter.accept(item.scores)
+            for k, edit in enumerate(task["edits"]):
+                # Unique per source path and bytes, edit, and results hash (model weights + method config).
+                cf_id = digest("cf", task["source_uri"], source_id, edit["subgroup"], edit["intervention"],
+                               edit["edit_prompt"], self.results_hash)
+                row = {
+                    "cf_id": cf_id,
+                    "slot_id": edit["slot_id"],
+                    "attempt_rank": edit["rank"],
+                    "source_uri": task["source_uri"],
+                    "source_id": source_id,
+                    "subgroup": edit["subgroup"],
+                    "source_prompt": task["source_prompt"],
+                    "edit_prompt": edit["edit_prompt"],
+                    "intervention": edit["intervention"],
+                    **{key: float(item.scores[key][k]) for key in
+                       ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error")},
+                    "accepted": bool(accepted[k]),
+                    "inversion_seconds": item.inversion_seconds,
+                    "edit_seconds": item.edit_seconds / len(task["edits"]),
+                }
+                self._write_png(item.images[k], row, rows, seconds)
+
+    # -- samples mode (the "SD samples" arm: text-to-image, not filtered) -----------------
+
+    def _samples(self, tasks, rows, errors, seconds) -> None:
+        edits = [e for task in tasks for e in task["edits"]]
+        size = self.config.sampling.batch_size
+        for begin in range(0, len(edits), size):
+            chunk = edits[begin : begin + size]
+            start = time.perf_counter()
+            images = self.engine.samples(chunk)  # (B, R, R, 3) uint8
+            seconds["edit"] += time.perf_counter() - start
+            for e, image in zip(chunk, images):
+                row = {
+                    "cf_id": digest("sample", e["subgroup"], e["prompt"], e["sample_seed"], self.results_hash),
+                    "slot_id": e["slot_id"],
+                    "attempt_rank": e["rank"],
+                    "source_uri": "",
+                    "source_id": "",
+                    "subgroup": e["subgroup"],
+                    "source_prompt": "",
+                    "edit_prompt": e["prompt"],
+                    "sample_seed": e["sample_seed"],
+                    "accepted": True,
+                    "edit_seconds": (time.perf_counter() - start) / len(chunk),
+                }
+                self._write_png(image, row, rows, seconds)
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def _write_png(self, image: np.ndarray, row: dict, rows: list[dict], seconds: Counter) -> None:
+        from prism_ray.data.storage import write_png
+
+        start = time.perf_counter()
+        key = Layout.image_key(row["subgroup"], row["cf_id"])
+        write_png(image, self.layout.uri(key))  # a storage error is transient: the batch is retried
+        seconds["write"] += time.perf_counter() - start
+        row.update(image_uri=self.layout.uri(key), model_id=self.model_id, config_hash=self.results_hash,
+                   created_at=_now())
+        rows.append(row)
+
+    def _error(self, task: dict, stage: str, reason: str, edit: dict | None = None) -> dict:
+        """An error row; without `edit` it is about the source (all its slots, every subgroup)."""
+        every = ",".join(sorted({e["subgroup"] for e in task["edits"]}))
+        return {
+            "source_uri": task.get("source_uri") or None,
+            "slot_id": None if edit is None else edit["slot_id"],
+            "stage": stage,
+            "reason": reason,
+            "subgroup": every if edit is None else edit["subgroup"],
+            "config_hash": self.results_hash,
+            "created_at": _now(),
+        }
+
+    def _slot_errors(self, task: dict, stage: str, reason: str) -> list[dict]:
+        return [self._error(task, stage, reason, edit) for edit in task["edits"]]

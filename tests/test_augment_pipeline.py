@@ -1,0 +1,297 @@
+"""The augment job in-process (no Ray) with a deterministic fake engine: every results-protocol rule.
+
+The fake engine stands in for the method (its numerics are tested in test_editor/test_inversion):
+it "edits" by inverting the source and gives S_CLIP 1 to even attempt ranks and 0 to odd ones, so
+the filter (S_CLIP >= 0.1) accepts exactly every other attempt of a subgroup's order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from prism_ray import faults
+from prism_ray.config import ConfigError, build_config
+from prism_ray.data.storage import read_table, write_table
+from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.pipelines import augment
+from prism_ray.pipelines.counterfactuals import Edited
+from prism_ray.results.layout import Layout
+from prism_ray.results.ledger import LedgerError
+from prism_ray.results.summary import RunIncomplete
+
+
+class FakeEngine:
+    """Deterministic method stand-in; `fail` maps a source file name to an exception to raise."""
+
+    def __init__(self, fail: dict[str, BaseException] | None = None):
+        self.fail = fail or {}
+        self.calls = 0
+
+    def counterfactuals(self, pixels, tasks):
+        self.calls += 1
+        out = []
+        for i, (image, task) in enumerate(zip(pixels, tasks)):
+            err = self.fail.get(Path(task["source_uri"]).name)
+            if err is not None:
+                raise err
+            k = len(task["edits"])
+            images = np.repeat((255 - image[:16, :16])[None], k, axis=0)  # (K, 16, 16, 3)
+            zeros = np.zeros(k)
+            s_clip = np.array([1.0 if e["rank"] % 2 == 0 else 0.0 for e in task["edits"]])
+            scores = dict(s_clip=s_clip, clip_image_image=zeros, clip_image_text=zeros, l1=zeros, l1_255=zeros,
+                          reconstruction_error=zeros + 1e-4)
+            out.append(Edited(i, images, scores))
+        return out, []
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("pipeline-data"))
+    return write_phantom_dataset(root, PhantomDatasetConfig(n_subjects=200, resolution=32, seed=3)).manifest_uri
+
+
+def make_config(manifest: str, output, quota: int = 6, **update) -> augment.AugmentConfig:
+    data = {
+        "data": {"manifest": manifest},
+        "subgroups": [
+            {"name": "effusion", "selector": {"Pleural Effusion": 1}, "interventions": ["Pleural Effusion=0"],
+             "quota": quota},
+            {"name": "devices", "selector": {"Support Devices": 1}, "interventions": ["Support Devices=0"],
+             "quota": quota},
+        ],
+        "output": str(output),
+        "compute": {"batch_size": 3},
+    }
+    data.update(update)
+    return build_config(augment.AugmentConfig, data)
+
+
+def run(config, engine=None, **env):
+    """The job in this process with the fake engine; `env` switches fault points on for this call."""
+    faults.reset()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return augment.run(config, runner=lambda factory, compute: augment.in_process(
+            factory, compute, engine=engine or FakeEngine()))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def manifest_rows(output) -> list[dict]:
+    return read_table(Layout.of(str(output)).manifest).to_pylist()
+
+
+def snapshot(output) -> tuple:
+    """What a finished run delivers: the quota sets (rows without timings, their PNG bytes), the
+    error rows, and the ledger parts left (none). Beyond-quota rows are extra work and may differ
+    after an interruption (the re-run plans from a partial acceptance estimate); they are checked
+    to be complete rows with PNGs."""
+    root = Path(output)
+    rows = manifest_rows(output)
+    assert all(Path(r["image_uri"]).exists() for r in rows)
+    quota = [r for r in rows if r["quota_status"] == "in_quota"]
+    kept = sorted((r["cf_id"], r["slot_id"], r["subgroup"], r["accepted"], r["attempt_rank"]) for r in quota)
+    pngs = sorted(Path(r["image_uri"]).read_bytes() for r in quota)
+    errors = sorted((e["source_uri"], e["stage"], e["reason"]) for e in read_table(str(root / "errors.parquet")).to_pylist())
+    parts = sorted(p.name for p in (root / "_ledger").rglob("*.parquet")) if (root / "_ledger").exists() else []
+    return kept, pngs, errors, parts
+
+
+def test_quotas_are_exact_and_the_manifest_marks_the_quota_set(manifest, tmp_path):
+    summary = run(make_config(manifest, tmp_path / "out"))
+    rows = manifest_rows(tmp_path / "out")
+    for name in ("effusion", "devices"):
+        mine = sorted((r for r in rows if r["subgroup"] == name), key=lambda r: r["attempt_rank"])
+        quota_set = [r for r in mine if r["quota_status"] == "in_quota"]
+        assert sum(r["accepted"] for r in quota_set) == 6 == summary["subgroups"][name]["accepted"]
+        # The quota set is the prefix of the attempt order that ends on the 6th accept.
+        assert quota_set == mine[: len(quota_set)] and quota_set[-1]["accepted"]
+        assert summary["subgroups"][name]["status"] == "met"
+    assert summary["actors"]["model_loads_per_actor"] == [0]  # the fake engine loads nothing
+    assert all(Path(r["image_uri"]).exists() for r in rows)
+    assert snapshot(tmp_path / "out")[3] == []  # every ledger part committed
+
+
+def test_first_round_wastes_at_most_ten_percent_at_acceptance_one_half(manifest, tmp_path):
+    summary = run(make_config(manifest, tmp_path / "out", quota=10))
+    first = summary["rounds"][0]["subgroups"]
+    for name, info in summary["subgroups"].items():
+        accepted_first_round = first[name].get("accepted", 0)
+        assert info["beyond_quota_accepted"] <= 0.1 * accepted_first_round, (name, info, first[name])
+
+
+def test_surplus_is_kept_beyond_quota_and_counts_first_when_the_quota_is_raised(manifest, tmp_path):
+    out = tmp_path / "out"
+    over = {"planner": {"over_provision": 2.0}}
+    first = run(make_config(manifest, out, quota=4, **over))
+    beyond = [r for r in manifest_rows(out) if r["quota_status"] == "beyond_quota"]
+    assert beyond and all(Path(r["image_uri"]).exists() for r in beyond)
+    assert sum(i["beyond_quota_accepted"] for i in first["subgroups"].values()) == sum(r["accepted"] for r in beyond)
+    engine = FakeEngine()
+    raised = run(make_config(manifest, out, quota=6, **over), engine=engine)
+    # The surplus (8 accepted of 16 attempts per subgroup) covers a quota of 6: no new attempt, and
+    # the quota set grows over the surplus in attempt order, to the 6th accept (even ranks: rank 10).
+    assert engine.calls == 0 and raised["attempts_this_run"] == 0
+    assert all(i["accepted"] == 6 and i["status"] == "met" for i in raised["subgroups"].values())
+    for r in manifest_rows(out):
+        assert r["quota_status"] == ("in_quota" if r["attempt_rank"] <= 10 else "beyond_quota")
+
+
+@pytest.mark.parametrize("point", [
+    "augment.batch_done=interrupt@2",  # mid-round, between batches
+    "step.before_ledger=interrupt@2",  # a batch's PNGs written, its ledger part not
+    "commit.between=interrupt",  # finalise: manifest switched, errors table not
+    "commit.write=interrupt",  # during the manifest commit (temporary file written, not switched)
+    "augment.after_commit=interrupt",  # after the commit, before the run summary
+])
+def test_a_killed_driver_reruns_to_the_uninterrupted_result(manifest, tmp_path, point):
+    run(make_config(manifest, tmp_path / "straight"))
+    config = make_config(manifest, tmp_path / "killed")
+    with pytest.raises(faults.InjectedFault):
+        run(config, PRISM_RAY_FAULTS=point)
+    run(config)
+    killed, straight = snapshot(tmp_path / "killed"), snapshot(tmp_path / "straight")
+    assert killed[0] and killed == straight
+
+
+def test_enospc_during_the_manifest_commit_leaves_the_previous_manifest_readable(manifest, tmp_path):
+    out = tmp_path / "out"
+    run(make_config(manifest, out, quota=2))
+    before = manifest_rows(out)
+    with pytest.raises(OSError, match="No space left"):
+        run(make_config(manifest, out, quota=4), PRISM_RAY_FAULTS="commit.write=enospc")
+    assert manifest_rows(out) == before  # still the last committed manifest, readable
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # the failed temporary file is gone
+    summary = run(make_config(manifest, out, quota=4))
+    assert all(i["accepted"] == 4 for i in summary["subgroups"].values())
+
+
+def test_an_unreadable_ledger_part_stops_the_job_and_nothing_is_deleted(manifest, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(faults.InjectedFault):
+        run(make_config(manifest, out), PRISM_RAY_FAULTS="commit.write=interrupt")
+    parts = sorted((out / "_ledger" / "rows").glob("*.parquet"))
+    assert parts
+    parts[0].write_bytes(b"PAR1 damaged")
+    files_before = sorted(p for p in out.rglob("*") if p.is_file())
+    with pytest.raises(LedgerError, match=parts[0].name):
+        run(make_config(manifest, out))
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files_before
+
+
+def test_identical_bytes_at_two_paths_get_two_ids(manifest, tmp_path):
+    table = read_table(manifest)
+    rows = table.filter(pa.compute.equal(table["Pleural Effusion"], 1.0)).slice(0, 1).to_pylist()
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(Path(rows[0]["image_uri"]).read_bytes())
+    twin = dict(rows[0], image_uri=str(copy), subject_id="twin")
+    dup_manifest = str(tmp_path / "dup.parquet")
+    write_table(pa.Table.from_pylist(rows + [twin], schema=table.schema), dup_manifest)
+    config = make_config(dup_manifest, tmp_path / "out", quota=2,
+                         filter={"s_clip_min": -1.0})  # accept both
+    config = config.model_copy(update={"subgroups": config.subgroups[:1]})
+    run(config)
+    got = manifest_rows(tmp_path / "out")
+    assert len(got) == 2 and got[0]["source_id"] == got[1]["source_id"]  # same bytes
+    assert len({r["cf_id"] for r in got}) == 2 and len({r["image_uri"] for r in got}) == 2
+
+
+def test_an_injected_oom_is_retried_not_an_error_row(manifest, tmp_path):
+    summary = run(make_config(manifest, tmp_path / "out"), PRISM_RAY_FAULTS="step.before_ledger=oom@1")
+    assert summary["actors"]["batch_retries"] == 1
+    assert summary["error_rows"] == 0 and all(i["status"] == "met" for i in summary["subgroups"].values())
+
+
+def test_transient_errors_past_the_retries_fail_the_job_naming_the_cause(manifest, tmp_path):
+    import torch
+
+    engine = FakeEngine({name: torch.OutOfMemoryError("CUDA out of memory") for name in
+                         [Path(r["image_uri"]).name for r in read_table(manifest).to_pylist()]})
+    with pytest.raises(RuntimeError, match="failed 3 times.*OutOfMemoryError"):
+        run(make_config(manifest, tmp_path / "out"), engine=engine)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_a_programming_error_crashes_instead_of_becoming_error_rows(manifest, tmp_path):
+    names = [Path(r["image_uri"]).name for r in read_table(manifest).to_pylist()]
+    engine = FakeEngine({name: TypeError("unsupported operand") for name in names})
+    with pytest.raises(TypeError, match="unsupported operand"):
+        run(make_config(manifest, tmp_path / "out"), engine=engine)
+    assert engine.calls == 1  # not retried
+
+
+@pytest.mark.parametrize("change", ["renamed", "dropped", "narrowed", "new_intervention"])
+def test_changed_subgroups_never_delete_finished_work(manifest, tmp_path, change):
+    out = tmp_path / "out"
+    run(make_config(manifest, out, quota=3))
+    before = {r["cf_id"]: r for r in manifest_rows(out)}
+    config = make_config(manifest, out, quota=3)
+    groups = [g.model_dump() for g in config.subgroups]
+    if change == "renamed":
+        groups[0]["name"] = "effusion_v2"
+    elif change == "dropped":
+        groups = groups[1:]
+    elif change == "narrowed":
+        groups[0]["selector"] = {"Pleural Effusion": 1, "Sex": "Female"}
+    else:
+        groups[0]["interventions"] = ["Pleural Effusion=0", "Cardiomegaly=1"]
+    summary = run(build_config(augment.AugmentConfig, {**config.model_dump(), "subgroups": groups}))
+    after = {r["cf_id"]: r for r in manifest_rows(out)}
+    assert set(before) <= set(after)  # every finished row is still there ...
+    assert all(Path(r["image_uri"]).exists() for r in before.values())  # ... with its PNG
+    set_aside = [r for r in after.values() if r["quota_status"] == "set_aside"]
+    if change in ("renamed", "dropped"):
+        assert {r["subgroup"] for r in set_aside} == {"effusion"}
+        assert summary["set_aside"] == {"effusion": len(set_aside)}
+    if change == "narrowed":
+        assert all(r["subgroup"] == "effusion" for r in set_aside)
+    assert all(i["status"] == "met" for i in summary["subgroups"].values())
+
+
+def test_a_shortfall_and_zero_outputs_end_the_run_incomplete(manifest, tmp_path):
+    with pytest.raises(RunIncomplete, match="effusion short by") as info:
+        run(make_config(manifest, tmp_path / "short", quota=1000))
+    assert info.value.summary["subgroups"]["effusion"]["status"] == "shortfall"
+    assert (tmp_path / "short" / "run_summary.json").exists() and (tmp_path / "short" / "manifest.parquet").exists()
+
+    table = read_table(manifest)
+    broken = table.slice(0, 4).to_pylist()
+    for i, row in enumerate(broken):
+        row["image_uri"] = str(tmp_path / f"missing-{i}.png")
+        row["Pleural Effusion"] = 1.0
+    bad_manifest = str(tmp_path / "bad.parquet")
+    write_table(pa.Table.from_pylist(broken, schema=table.schema), bad_manifest)
+    config = make_config(bad_manifest, tmp_path / "none", quota=1)
+    config = config.model_copy(update={"subgroups": config.subgroups[:1]})
+    with pytest.raises(RunIncomplete, match="0 rows, 4 error rows"):
+        run(config)
+
+
+def test_the_cli_exits_non_zero_on_a_shortfall(manifest, tmp_path, capsys, monkeypatch):
+    from prism_ray import cli
+
+    def fake_run(config, runner=None):
+        return run(config)
+
+    monkeypatch.setitem(cli.JOBS, "augment", cli.Job("", "prism_ray.pipelines.augment:AugmentConfig",
+                                                      f"{__name__}:_cli_fake_run"))
+    globals()["_cli_fake_run"] = fake_run
+    config = tmp_path / "job.yaml"
+    config.write_text(make_config(manifest, tmp_path / "out", quota=1000).to_yaml())
+    assert cli.main(["augment", "--config", str(config)]) == 3
+    assert "augment incomplete: effusion short by" in capsys.readouterr().err
+
+
+def test_inversion_needs_fp32_weights_at_config_load(manifest, tmp_path):
+    with pytest.raises(ConfigError, match="model.dtype"):
+        make_config(manifest, tmp_path, model={"dtype": "bfloat16"})

@@ -7,7 +7,7 @@ The capacity estimate answers "how many GPU-hours for 4 subgroups x 2,500 accept
 
     attempts    = subgroups * quota / acceptance  (the kept prefix; surplus adds at most over_provision - 1)
     per attempt = t_invert + t_edit               (one intervention per subgroup: 1 inversion, 1 edit)
-    GPU-hours = attempts * per_attempt / 3600 + rounds * actors * model_load / 3600
+    GPU-hours = attempts * per_attempt / 3600 + actors * model_load / 3600   (the pool lives for the job)
 
 t_invert + K * t_edit comes from `--gpu-seconds-per-source` (seconds for null-text inversion + K edits
 of one 512^2 source on one GPU, from benchmarks/bench_engine.py --sd15-shaped on the GPU; default: the
@@ -49,7 +49,7 @@ def capacity(args, acceptance: float) -> dict:
     worst_surplus = attempts * (args.over_provision - 1)  # at most one over-provisioned round is wasted
     per_attempt = t_invert + t_edit
     work_s = attempts * per_attempt
-    overhead_s = args.rounds * args.gpu_actors * args.model_load_seconds
+    overhead_s = args.gpu_actors * args.model_load_seconds  # models load once per actor per job
     return {
         "acceptance": acceptance,
         "attempts": round(attempts),
@@ -65,7 +65,7 @@ def _rounded(values: dict) -> dict:
 
 
 def make_data(root: Path, n: int) -> str:
-    from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 
     config = PhantomDatasetConfig(n_subjects=n, resolution=64, seed=3)
     return write_phantom_dataset(str(root / "data"), config).manifest_uri
@@ -73,7 +73,7 @@ def make_data(root: Path, n: int) -> str:
 
 def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
     from prism_ray.pipelines.augment import AugmentConfig
-    from prism_ray.distributed.augment_old import augment
+    from prism_ray.pipelines.augment import run as augment
 
     # One round of a fixed size (accept everything, no over-provisioning): throughput, not quota luck.
     config = AugmentConfig.model_validate(
@@ -96,6 +96,7 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
     wall = time.perf_counter() - start
     attempts = summary["attempts_this_run"]
     busy = sum(summary["actor_stage_seconds"].values())
+    per_attempt = {k: v / attempts for k, v in summary["actor_stage_seconds"].items()} if attempts else {}
     round_s = summary["throughput"]["round_seconds"]
     return {
         "actors": actors,
@@ -105,8 +106,10 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
         "attempts_per_second": round(attempts / round_s, 3),
         # Per actor-second of work, i.e. without actor start-up and model loading.
         "steady_attempts_per_second": round(attempts / (busy / actors), 3),
-        "actor_seconds_per_attempt": _rounded(summary["actor_seconds_per_attempt"]),
-        # Round wall time not spent in an actor's stages: actor start + model load + scheduling.
+        "actor_seconds_per_attempt": _rounded(per_attempt),
+        "model_loads_per_actor": summary["actors"]["model_loads_per_actor"],
+        # Round wall time not spent in an actor's stages: actor start + model load + scheduling
+        # (paid once per job: the pool lives for every round).
         "startup_seconds": round(round_s - busy / actors, 1),
     }
 
@@ -126,7 +129,6 @@ def main() -> None:
     ap.add_argument("--gpu-inner-steps", type=float, default=10.0, help="mean NTI inner steps (early stop)")
     ap.add_argument("--subgroups", type=int, default=4)
     ap.add_argument("--over-provision", type=float, default=1.2)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gpu-actors", type=int, default=8)
     ap.add_argument("--model-load-seconds", type=float, default=30.0)
     args = ap.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
     result["capacity_sd15_512"] = {
         "assumptions": {k: getattr(args, k) for k in (
             "gpu_seconds_per_source", "gpu_edits", "gpu_inner_steps", "subgroups", "over_provision",
-            "rounds", "gpu_actors", "model_load_seconds")},
+            "gpu_actors", "model_load_seconds")},
         "estimates": [capacity(args, p) for p in (0.25, 0.5, 0.75)],
     }
     print(json.dumps(result, indent=2))

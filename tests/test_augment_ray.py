@@ -1,4 +1,4 @@
-"""The augment job on a local Ray, tiny family: exact quotas, resume, a killed actor, bad files, s3://."""
+"""The augment job on a local Ray, tiny family: exact quotas, resume, a killed actor, an OOM, bad files, s3://."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from prism_ray.pipelines.augment import AugmentConfig
-from prism_ray.distributed.augment_old import Layout, augment, run_round_inprocess
-from prism_ray.phantom.render import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.pipelines.augment import AugmentConfig, in_process
+from prism_ray.pipelines.augment import run as augment_run
+from prism_ray.results.layout import Layout
+from prism_ray.results.summary import RunIncomplete
+from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 from prism_ray.data.storage import read_table, write_table
 
 pytestmark = pytest.mark.slow
@@ -52,7 +54,14 @@ SUBGROUPS = [
 ]
 
 
-def _config(tiny_family, manifest: str, output: str, **compute) -> AugmentConfig:
+def augment(config: AugmentConfig, runner=None) -> dict:
+    """The job; the `broken` subgroup can never meet its quota, so every run ends incomplete."""
+    with pytest.raises(RunIncomplete, match="broken short by 1") as info:
+        augment_run(config, runner=runner)
+    return info.value.summary
+
+
+def _config(tiny_family, manifest: str, output: str, planner: dict | None = None, **compute) -> AugmentConfig:
     return AugmentConfig.model_validate(
         {
             "model": {"path": str(tiny_family), "device": "cpu"},
@@ -64,6 +73,7 @@ def _config(tiny_family, manifest: str, output: str, **compute) -> AugmentConfig
             # round, resume and faults; rejection bookkeeping is covered by tests/test_quota.py.
             "filter": {"s_clip_min": S_CLIP_MIN},
             "output": output,
+            "planner": planner or {},
             "compute": {"batch_size": 2, **compute},
         }
     )
@@ -73,15 +83,18 @@ def _config(tiny_family, manifest: str, output: str, **compute) -> AugmentConfig
 def reference(tiny_family, manifest, tmp_path_factory):
     """The same job with the worker in this process (no Ray): the numbers the Ray runs must reproduce."""
     out = str(tmp_path_factory.mktemp("augment-ref") / "out")
-    return augment(_config(tiny_family, manifest, out), runner=run_round_inprocess), out
+    return augment(_config(tiny_family, manifest, out), runner=in_process), out
 
 
 @pytest.fixture(scope="module")
 def ray_run(ray_local, tiny_family, manifest, tmp_path_factory):
-    """Two CPU actors; one of them is killed after its first batch (PNGs written, ledger not)."""
-    out = str(tmp_path_factory.mktemp("augment-ray") / "out")
-    config = _config(tiny_family, manifest, out, num_actors=2, kill_actor_once_after_batches=1)
-    return config, augment(config), out
+    """Two CPU actors over several small rounds; one batch raises an OOM once (retried), and one actor
+    is killed once after writing a batch's PNGs and before its ledger part (Ray restarts it)."""
+    out = tmp_path_factory.mktemp("augment-ray")
+    env = {"PRISM_RAY_FAULTS": "step.start=oom,step.before_ledger=exit", "PRISM_RAY_FAULTS_ONCE": str(out / "faults")}
+    config = _config(tiny_family, manifest, str(out / "out"), planner={"max_attempts_per_round": 3},
+                     num_actors=2, env_vars=env)
+    return config, augment(config), str(out / "out")
 
 
 def _manifest(out: str) -> pa.Table:
@@ -94,16 +107,19 @@ def _check_outputs(out: str, summary: dict) -> pa.Table:
     ids = [r["cf_id"] for r in rows]
     assert len(ids) == len(set(ids)) and len({r["slot_id"] for r in rows}) == len(rows)
     for name in ("effusion", "devices"):
-        mine = [r for r in rows if r["subgroup"] == name]
+        mine = [r for r in rows if r["subgroup"] == name and r["quota_status"] == "in_quota"]
         accepted = sum(r["accepted"] for r in mine)
         assert accepted == QUOTAS[name] == summary["subgroups"][name]["accepted"]
-        # Rows = the attempt order's prefix up to the quota-th accept: accepted + the rejects before it.
+        # The quota set = the attempt order's prefix up to the quota-th accept: accepted + the rejects before it.
         assert len(mine) == accepted + summary["subgroups"][name]["rejected"]
         ranks = sorted(r["attempt_rank"] for r in mine)
         assert max(mine, key=lambda r: r["attempt_rank"])["accepted"]  # the prefix ends on an accept
         assert ranks == sorted(set(ranks))
-        assert all((r["s_clip"] >= S_CLIP_MIN) == r["accepted"] for r in mine)
-        assert all(np.isfinite(r["reconstruction_error"]) and r["reconstruction_error"] > 0 for r in mine)
+        beyond = [r for r in rows if r["subgroup"] == name and r["quota_status"] == "beyond_quota"]
+        assert all(r["attempt_rank"] > ranks[-1] for r in beyond)  # surplus is kept, after the prefix
+        assert len(beyond) == summary["subgroups"][name]["beyond_quota"]
+    assert all((r["s_clip"] >= S_CLIP_MIN) == r["accepted"] for r in rows)
+    assert all(np.isfinite(r["reconstruction_error"]) and r["reconstruction_error"] > 0 for r in rows)
     broken = summary["subgroups"]["broken"]
     assert broken["status"] == "shortfall" and broken["shortfall"] == 1 and broken["accepted"] == 0
     # Every row's PNG exists and decodes at the model resolution; no PNG without a row.
@@ -136,7 +152,10 @@ def test_reconstruction_error_filter_rejects_every_edit_of_a_bad_inversion(tiny_
             "planner": config.planner.model_copy(update={"max_rounds": 1}),
             "output": str(tmp_path / f"out-{bound}"),
         }
-        augment(config.model_copy(update=update), runner=run_round_inprocess)
+        try:
+            augment_run(config.model_copy(update=update), runner=in_process)
+        except RunIncomplete:
+            assert bound == 0.0  # everything rejected: a shortfall, but every attempt has its row
         rows[bound] = _manifest(update["output"]).to_pylist()
     assert rows[None] and all(r["accepted"] for r in rows[None])  # S_CLIP >= -1 accepts everything
     assert rows[0.0] and not any(r["accepted"] for r in rows[0.0])  # every reconstruction error is > 0
@@ -146,7 +165,13 @@ def test_reconstruction_error_filter_rejects_every_edit_of_a_bad_inversion(tiny_
 def test_ray_meets_quotas_exactly_despite_a_killed_actor(ray_run, reference):
     config, summary, out = ray_run
     table = _check_outputs(out, summary)
-    assert Path(Layout.of(out).fault_marker).exists()  # an actor really died mid-round
+    faults = Path(config.compute.env_vars["PRISM_RAY_FAULTS_ONCE"])
+    assert (faults / "step.before_ledger.fired").exists() and (faults / "step.start.fired").exists()
+    actors = summary["actors"]
+    assert actors["actor_restarts"] == 1 and actors["batch_retries"] == 2  # the lost actor's batch, the OOM's
+    # Models are loaded once per actor for the whole job (the restarted actor loaded them once more).
+    assert len(summary["rounds"]) >= 2 and actors["model_loads_per_actor"] == [1, 1]
+    assert summary["error_rows"] == 2  # only the two bad files: neither fault became an error row
     ref = _manifest(reference[1])
     for name in ("effusion", "devices"):
         assert summary["subgroups"][name]["accepted"] == reference[0]["subgroups"][name]["accepted"]
@@ -211,7 +236,7 @@ def test_s3_on_a_loopback_server(ray_local, tiny_family, tmp_path, monkeypatch):
                 "compute": {"num_actors": 1, "env_vars": env},
             }
         )
-        summary = augment(config)
+        summary = augment_run(config)
         assert summary["subgroups"]["all"]["accepted"] == 1
         rows = read_table("s3://prism-test/augment/manifest.parquet").to_pylist()
         assert len(rows) == 1 and rows[0]["image_uri"].startswith("s3://prism-test/augment/images/all/")
@@ -247,7 +272,7 @@ def test_samples_mode_writes_unfiltered_text_to_image_samples(tiny_family, tmp_p
             "output": str(tmp_path / "samples"),
         }
     )
-    summary = augment(config, runner=run_round_inprocess)
+    summary = augment_run(config, runner=in_process)
     rows = _manifest(str(tmp_path / "samples")).to_pylist()
     assert summary["subgroups"]["cardio"]["accepted"] == 2 and len(rows) == 2
     assert all(r["accepted"] and r["edit_prompt"] == "Chest X-ray showing Cardiomegaly" for r in rows)

@@ -24,3 +24,46 @@ def test_tiny_family_job_writes_a_loadable_folder(tmp_path):
     out = _cli("tiny-family", "--set", f"out={tmp_path / 'fam'}", "--set", "seed=3")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "fam" / "unet" / "config.json").exists()
+
+
+def test_help_does_not_import_the_jobs():
+    code = "import sys; from prism_ray import cli; cli.build_parser(); print('prism_ray.pipelines.augment' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_broken_job_import_is_shown_not_hidden(monkeypatch):
+    import pytest
+
+    from prism_ray import cli
+
+    monkeypatch.setitem(cli.JOBS, "augment", cli.Job("", "prism_ray.no_such_module:Config", "prism_ray.x:run"))
+    with pytest.raises(ModuleNotFoundError, match="prism_ray.no_such_module"):
+        cli.main(["augment", "--print-config"])
+
+
+def test_config_files_merge_in_order_and_set_wins(tmp_path):
+    job, compute = tmp_path / "job.yaml", tmp_path / "compute.yaml"
+    job.write_text("out: a\nseed: 1\nresolution: 32\n")
+    compute.write_text("seed: 2\n")
+    out = _cli("tiny-family", "--config", str(job), "--config", str(compute), "--set", "resolution=48", "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert "seed: 2" in out.stdout and "resolution: 48" in out.stdout and "out: a" in out.stdout
+
+
+def test_every_job_has_a_one_line_entrypoint_and_tiny_configs_load():
+    from pathlib import Path
+
+    from prism_ray import cli
+    from prism_ray.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    for name, job in cli.JOBS.items():
+        script = repo / "jobs" / f"{name.replace('-', '_')}.py"
+        assert f'main(["{name}", *sys.argv[1:]])' in script.read_text(), script
+    for path in sorted((repo / "configs").glob("*_*.yaml")):
+        name = path.stem.rsplit("_", 1)[0]
+        compute = sorted((repo / "configs" / "compute").glob(f"{name}_*.yaml"))
+        for extra in [None, *compute]:
+            files = [path] + ([extra] if extra else [])
+            load_config(cli._load(cli.JOBS[name].config), files)  # validates, or raises naming the field

@@ -1,45 +1,49 @@
-"""The core imports without Ray or DeepSpeed (DESIGN.md layers; STYLE.md rule 1)."""
+"""Layering: only prism_ray/distributed/ imports Ray or DeepSpeed, and its files stay short adapters."""
 
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
-CORE = [
-    "prism_ray",
-    "prism_ray.config",
-    "prism_ray.data.storage",
-    "prism_ray.data.schemas",
-    "prism_ray.models.loading",
-    "prism_ray.models.tiny",
-    "prism_ray.engine.images",
-    "prism_ray.data.captions",
-    "prism_ray.engine.scheduler",
-    "prism_ray.engine.types",
-]
-OPTIONAL_CORE = [
-    "prism_ray.engine.inversion",
-    "prism_ray.engine.attention",
-    "prism_ray.engine.editor",
-    "prism_ray.scoring.metrics",
-    "prism_ray.scoring.clip_score",
-    "prism_ray.phantom.render",
-    "prism_ray.training.diffusion",
-    "prism_ray.pipelines.deepspeed_config",
-]
+import prism_ray
+
+PACKAGE = Path(prism_ray.__file__).parent
 
 
-def test_core_does_not_import_ray_or_deepspeed():
+def _modules() -> list[str]:
+    names = []
+    for info in pkgutil.walk_packages([str(PACKAGE)], prefix="prism_ray."):
+        if not info.name.startswith("prism_ray.distributed") and ".assets" not in info.name:
+            names.append(info.name)
+    return names
+
+
+def test_everything_outside_distributed_imports_without_ray_or_deepspeed():
+    modules = ["prism_ray", *_modules()]
+    assert "prism_ray.pipelines.augment" in modules and "prism_ray.results.ledger" in modules
     code = f"""
-import importlib, importlib.util, sys
-for name in {CORE!r}:
+import importlib, sys
+for name in {modules!r}:
     importlib.import_module(name)
-for name in {OPTIONAL_CORE!r}:
-    if importlib.util.find_spec(name) is not None:
-        importlib.import_module(name)
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "deepspeed"))
-print(",".join(bad))
+print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "deepspeed"))))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"core pulled in: {out.stdout.strip()}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"the core pulled in: {out.stdout.strip()}"
+
+
+def test_only_distributed_sources_mention_ray_or_deepspeed_imports():
+    import re
+
+    pattern = re.compile(r"^\s*(import|from)\s+(ray|deepspeed)(\.|\s|$)", re.M)
+    outside = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if "distributed" not in p.parts and pattern.search(p.read_text())]
+    assert outside == []
+
+
+def test_distributed_adapters_are_short():
+    long = {p.name: n for p in (PACKAGE / "distributed").glob("*.py") if (n := len(p.read_text().splitlines())) >= 250}
+    assert long == {}
 
 
 def test_importing_the_package_is_light():

@@ -132,3 +132,28 @@ def test_round_budget_is_shared_between_subgroups():
     progress = plan_round(pools, {"a": 6, "b": 2}, {}, set(), set(), policy)
     assert sum(len(p.planned) for p in progress.values()) == 5
     assert len(progress["a"].planned) > len(progress["b"].planned) >= 1
+
+
+def test_margin_is_binomial_and_only_after_evidence():
+    # 10 more accepts at p = 0.5: 20 expected attempts + 1 sigma: sqrt(10 * 0.5) / 0.5 = 4.47 -> 25.
+    assert attempts_needed(10, 0.5, 1.0, margin_sigmas=1.0) == 25
+    assert attempts_needed(10, 0.5, 1.0, margin_sigmas=0.0) == 20
+    pool = _pool(sources=[f"img{i}" for i in range(200)])
+    policy = PlannerPolicy(margin_sigmas=2.0, initial_acceptance=0.5, prior_weight=0.0)
+    first = plan_round([pool], {"g": 10}, {"g": {}}, set(), set(), policy)["g"]
+    assert len(first.planned) == 20  # no margin on the prior
+    done = {s.slot_id: s.rank % 2 == 0 for s in first.planned[:10]}  # 5 of 10 accepted so far
+    second = plan_round([pool], {"g": 10}, {"g": done}, set(), set(), policy)["g"]
+    assert second.acceptance == 0.5 and len(second.planned) == attempts_needed(5, 0.5, 1.0, 2.0) == 17  # 10 + 2 * sqrt(2.5) / 0.5
+
+
+def test_first_round_surplus_is_small_at_the_prior_rate():
+    """At the true rate equal to the prior, the first round over-delivers by chance only (no margin)."""
+    pool = _pool(sources=[f"img{i}" for i in range(2000)])
+    surplus = []
+    for seed in range(20):
+        rng = random.Random(seed)
+        first = plan_round([pool], {"g": 200}, {"g": {}}, set(), set(), PlannerPolicy())["g"]
+        accepted = sum(rng.random() < 0.5 for _ in first.planned)
+        surplus.append(max(0, accepted - 200) / accepted)
+    assert sum(surplus) / len(surplus) < 0.05  # ~ E[max(0, Bin(400, .5) - 200)] / 200 = 2 %

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from prism_ray.pipelines.counterfactuals import is_transient
 
@@ -58,34 +59,51 @@ class ActorPool:
         self.max_retries = max_retries
         self.retries = 0
         self.lost_actors = 0
+        self.dead: set[int] = set()
 
     def map(self, work: list[list], on_result: Callable[[Any], None]) -> None:
         queue = deque((i, 0) for i in range(len(work)))  # (batch index, attempt)
-        idle = deque(range(len(self.actors)))
-        pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (actor, batch, attempt)
+        idle = deque(i for i in range(len(self.actors)) if i not in self.dead)
+        # ref -> (actor, batch, attempt); batch None marks a probe of a restarting actor
+        pending: dict[ray.ObjectRef, tuple[int, int | None, int]] = {}
         while queue or pending:
             while queue and idle:
                 b, attempt = queue.popleft()
                 actor = idle.popleft()
                 pending[self.actors[actor].__call__.remote(work[b])] = (actor, b, attempt)
+            if not pending:
+                raise RuntimeError(f"every actor of the pool died ({len(self.dead)}); the job cannot go on")
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor, b, attempt = pending.pop(ref)
-            idle.append(actor)
             try:
                 result = ray.get(ref)
+            except ActorUnavailableError:  # lost mid-batch and restarting, or a probe during the restart
+                if b is not None:
+                    self.lost_actors += 1
+                    self._retry(queue, b, attempt, "actor lost (restarting)", None)
+                time.sleep(0.5)
+                pending[self.actors[actor].stats.remote()] = (actor, None, 0)
+                continue
             except RayActorError as err:  # the process died (OOM kill, lost node): Ray restarts it
+                if b is None:  # a probe: the actor is gone for good
+                    self.dead.add(actor)
+                    continue
                 self.lost_actors += 1
                 self._retry(queue, b, attempt, f"actor lost ({err.__class__.__name__})", err)
+                pending[self.actors[actor].stats.remote()] = (actor, None, 0)  # back in use once restarted
                 continue
             except RayTaskError as err:
                 cause = err.cause
                 if not is_transient(cause):
                     raise  # a bug or a wrong setting: the remote traceback says where
                 self._retry(queue, b, attempt, f"{type(cause).__name__}: {cause}", err)
+                idle.append(actor)
                 continue
-            on_result(result)
+            idle.append(actor)
+            if b is not None:
+                on_result(result)
 
-    def _retry(self, queue: deque, b: int, attempt: int, reason: str, err: BaseException) -> None:
+    def _retry(self, queue: deque, b: int, attempt: int, reason: str, err: BaseException | None) -> None:
         if attempt >= self.max_retries:
             raise RuntimeError(f"a batch failed {attempt + 1} times, last: {reason}") from err
         self.retries += 1
@@ -93,7 +111,7 @@ class ActorPool:
         queue.append((b, attempt + 1))
 
     def stats(self) -> dict:
-        per_actor = ray.get([a.stats.remote() for a in self.actors])
+        per_actor = ray.get([a.stats.remote() for i, a in enumerate(self.actors) if i not in self.dead])
         return {
             "model_loads_per_actor": [s["model_loads"] for s in per_actor],
             "batches_per_actor": [s["batches"] for s in per_actor],

@@ -167,6 +167,7 @@ class CounterfactualStep:
         self.batches = 0
 
     def __call__(self, tasks: list[dict]) -> BatchReport:
+        fault_point("step.start")
         rows: list[dict] = []
         errors: list[dict] = []
         seconds: Counter = Counter()

@@ -1,6 +1,7 @@
 """The tiny family is a complete SD-shaped diffusers folder that loads through the production loader."""
 
 import json
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -75,3 +76,18 @@ def test_missing_or_bad_model_paths(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_sd_components(str(tmp_path / "half"), device="cpu")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped tiny_phantom family")
+def test_random_family_has_the_shipped_architecture(tiny_family):
+    """One architecture (models.tiny's factories): the random test family differs from the trained one only in weights."""
+    for part in ("unet", "vae", "text_encoder", "clip", "scheduler"):
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        ours, shipped = (json.loads((root / part / name).read_text()) for root in (tiny_family, SHIPPED))
+        for config in (ours, shipped):
+            for key in ("_diffusers_version", "transformers_version", "scaling_factor"):  # VAE scale: trained = 1/std
+                config.pop(key, None)
+        assert ours == shipped, part

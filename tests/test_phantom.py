@@ -10,17 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prism_ray.phantom.render import (
-    CHEXPERT_LABELS,
-    PhantomAttributes,
-    PhantomDatasetConfig,
-    attribute_mask,
-    render_phantom,
-    save_contact_sheet,
-    subject_attributes,
-    true_counterfactual,
-    write_phantom_dataset,
-)
+from prism_ray.data.captions import CHEXPERT_LABELS
+from prism_ray.phantom.dataset import PhantomDatasetConfig, subject_attributes, write_phantom_dataset
+from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom, true_counterfactual
+from prism_ray.report.contact_sheet import save_contact_sheet
 
 # (attribute whose mask must contain the change, intervention, source attributes)
 INTERVENTIONS = [

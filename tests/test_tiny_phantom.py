@@ -105,16 +105,16 @@ def test_clip_ranks_the_right_caption_first(phantoms):
 def test_samples_follow_their_captions():
     """One DDIM sample (50 steps, guidance 7.5) per caption, judged by the shipped classifier."""
     from prism_ray.data.captions import get_adapter
-    from prism_ray.engine.images import decode
+    from prism_ray.engine.sampling import generate_images
     from prism_ray.models.loading import load_sd_components
-    from prism_ray.phantom.family import sample_latents
 
     sd = load_sd_components(str(SHIPPED), device="cpu")
     adapter = get_adapter("chexpert")
     combos = [(c, e, d) for c in (False, True) for e in (False, True) for d in (False, True)]
     prompts = [adapter.caption(chexpert_row(PhantomAttributes(cardiomegaly=c, pleural_effusion=e, devices=frozenset({"tube"} if d else ()))))
                for c, e, d in combos]
-    samples = decode(sd.vae, sample_latents(sd.unet, sd.tokenizer, sd.text_encoder, prompts, seed=5))
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(len(prompts))]
+    samples = generate_images(sd, prompts, num_inference_steps=50, guidance_scale=7.5, generators=generators)
     got = predict_proba(load_classifier(SHIPPED, device="cpu"), samples)[:, :3] > 0.5  # cardiomegaly, effusion, devices
     assert (got == np.array(combos)).mean() >= 0.8
 

@@ -31,7 +31,8 @@ from prism_ray.engine.attention import (
 from prism_ray.engine.errors import ItemError
 from prism_ray.engine.inversion import invert_many, relative_squared_error
 from prism_ray.engine.noise_mask import noise_difference_masks
-from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.sampling import sample_latents
+from prism_ray.engine.scheduler import make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
 from prism_ray.engine.images import decode
@@ -217,33 +218,39 @@ class Editor:
         text: torch.Tensor,
         controller: AttentionController | None,
         state: ControlState,
-        steps: DDIMSteps,
     ) -> torch.Tensor:
         """All branches from z_T to z_0. text (N * (K + 1), 77, D) image-major -> latents (N, K + 1, C, h, w)."""
         unet, device = self.sd.unet, self.sd.device
-        dtype = next(unet.parameters()).dtype
         n = inversion.latents.shape[1]
         b = text.shape[0] // n  # K + 1 branches per image
-        scale = self.inversion_config.guidance_scale
-        x = inversion.z_T.to(device, torch.float32)[:, None].repeat(1, b, 1, 1, 1)  # (N, K + 1, C, h, w)
-        text = text.to(device, dtype)
+        x_T = inversion.z_T.to(device, torch.float32)[:, None].repeat(1, b, 1, 1, 1)  # (N, K + 1, C, h, w)
         residuals = None if inversion.residuals is None else inversion.residuals.to(device, torch.float32)
+
+        def begin(i: int) -> None:
+            state.step = i  # the controller's processors read the step during this U-Net call
+
+        def end(i: int, z: torch.Tensor) -> torch.Tensor:
+            x = z.view_as(x_T)
+            if controller is not None:
+                x = controller.step_callback(x, state)
+            if residuals is not None:  # direct inversion: after the callback, source branch only
+                x = x.clone()
+                x[:, 0] += residuals[i]
+            return x.flatten(0, 1)
+
         with controlled(unet, controller, state) if controller is not None else nullcontext():
-            for i, t in enumerate(steps.timesteps.tolist()):
-                state.step = i
-                uncond = inversion.uncond_embeddings[i].to(device, dtype).repeat_interleave(b, 0)  # (N * (K + 1), 77, D)
-                z = x.flatten(0, 1)
-                with self.autocast():
-                    eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, text])).sample
-                eps_u, eps_c = eps.float().chunk(2)
-                z = steps.prev_step(eps_u + scale * (eps_c - eps_u), t, z)
-                x = z.view_as(x)
-                if controller is not None:
-                    x = controller.step_callback(x, state)
-                if residuals is not None:  # direct inversion: after the callback, source branch only
-                    x = x.clone()
-                    x[:, 0] += residuals[i]
-        return x
+            z = sample_latents(
+                unet,
+                text,
+                inversion.uncond_embeddings,  # (T, N, 77, D): each image's row serves its K + 1 branches
+                x_T.flatten(0, 1),
+                len(inversion.timesteps),
+                self.inversion_config.guidance_scale,
+                autocast_dtype=getattr(torch, self.config.compute_dtype),
+                on_step_begin=begin,
+                on_step_end=end,
+            )
+        return z.view_as(x_T)
 
     def edit(
         self,
@@ -270,8 +277,7 @@ class Editor:
         if n and (k == 0 or any(len(e) != k for e in edit_prompts)):
             raise ValueError(f"edit_prompts: every image needs the same number (>= 1) of edits, got {[len(e) for e in edit_prompts]}")
         num_steps = len(inversion.timesteps)
-        steps = DDIMSteps(make_ddim_scheduler(num_steps))
-        if not torch.equal(steps.timesteps.cpu(), inversion.timesteps.cpu()):
+        if not torch.equal(make_ddim_scheduler(num_steps).timesteps.cpu(), inversion.timesteps.cpu()):
             raise ValueError("inversion.timesteps: not the reference DDIM grid for its number of steps")
 
         errors: list[ItemError] = []
@@ -302,7 +308,7 @@ class Editor:
             chunk_plans = [plans[j] for j in chunk]
             controller = self.controller(chunk_plans, num_steps, latent_size, self.noise_masks(sub, text, chunk_plans))
             state = ControlState()
-            x = self.denoise(sub, text.flatten(0, 1), controller, state, steps)
+            x = self.denoise(sub, text.flatten(0, 1), controller, state)
             elapsed = time.perf_counter() - start
             # How well each source inverted: the unedited source branch vs its encoded latent.
             rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device)).tolist()

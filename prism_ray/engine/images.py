@@ -7,6 +7,22 @@ import torch
 import torch.nn.functional as F
 
 
+def to_model_pixels(pixels: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8-valued pixels, any layout ((N, H, W, C), (N, C, H, W), (N, H, W)) -> float32 in [-1, 1], same shape.
+
+    `x / 127.5 - 1` (ALGORITHM.md section 1). NumPy input is copied, so read-only arrays (as Ray
+    hands out) are fine.
+    """
+    if isinstance(pixels, torch.Tensor):
+        return pixels.to(device).float() / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).to(device) / 127.5 - 1.0
+
+
+def from_model_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [-1, 1], any layout -> uint8 tensor, same shape: (x / 2 + 0.5).clamp(0, 1), round to 8 bits."""
+    return ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def center_square(image: np.ndarray, offsets: tuple[int, int, int, int] = (0, 0, 0, 0)) -> np.ndarray:
     """Crop (left, right, top, bottom) offsets, then the centred square of the remainder."""
     left, right, top, bottom = offsets
@@ -32,20 +48,34 @@ def preprocess(images: list[np.ndarray] | np.ndarray, resolution: int, offsets=(
             # Antialiased bicubic, as PIL's LANCZOS-like resize of the reference, without PIL round-trips.
             x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False)
             x = x.round().clamp(0, 255)
-        out.append(x / 127.5 - 1.0)
+        out.append(to_model_pixels(x))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
+def vae_latent_moments(vae, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, R, R) in [-1, 1] -> (mean, std) of the latent posterior, both times the VAE scaling factor.
+
+    `batch_size` bounds the encoder's activation memory for large N (None: one call).
+    """
+    step = batch_size or max(1, len(images))
+    means, stds = [], []
+    for chunk in [images[i : i + step] for i in range(0, len(images), step)] or [images]:
+        posterior = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    scale = vae.config.scaling_factor
+    return torch.cat(means) * scale, torch.cat(stds) * scale
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1] -> latents: the posterior *mean* times the VAE scaling factor."""
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean * vae.config.scaling_factor
+    return vae_latent_moments(vae, images, batch_size)[0]
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Latents -> uint8 (N, R, R, 3): decode, (x / 2 + 0.5).clamp(0, 1), round to 8 bits."""
-    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    x = (x.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # (N, 3, R, R)
+    return from_model_pixels(x).permute(0, 2, 3, 1).cpu().numpy()

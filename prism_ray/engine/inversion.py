@@ -28,6 +28,7 @@ import torch
 
 from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine.errors import ItemError
+from prism_ray.engine.sampling import sample_latents
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.text import encode_prompts, null_embedding
 from prism_ray.engine.types import InversionResult
@@ -247,15 +248,24 @@ def direct_invert(
 
 @torch.no_grad()
 def reconstruct(unet, steps: DDIMSteps, result: InversionResult, guidance_scale: float = 7.5) -> torch.Tensor:
-    """The unedited source branch: guided denoising from z_T with the stored contexts -> z_0 (N, C, h, w)."""
-    z = result.z_T
-    for i in range(len(steps.timesteps)):
-        t = int(steps.timesteps[i])
-        eps = guided_eps(unet, z, t, result.uncond_embeddings[i], result.cond_embeddings, guidance_scale)
-        z = steps.prev_step(eps, t, z)
-        if result.residuals is not None:
-            z = z + result.residuals[i]  # direct inversion: source branch only
-    return z
+    """The unedited source branch: guided denoising from z_T with the stored contexts -> z_0 (N, C, h, w).
+
+    `steps` is the reference grid the inversion ran on (`make_steps`); only its length is read.
+    """
+    residuals = result.residuals
+
+    def add_residual(i: int, z: torch.Tensor) -> torch.Tensor:
+        return z + residuals[i].to(z.device)  # direct inversion: source branch only
+
+    return sample_latents(
+        unet,
+        result.cond_embeddings,
+        result.uncond_embeddings,  # (T, N, 77, D)
+        result.z_T,
+        len(steps.timesteps),
+        guidance_scale,
+        on_step_end=None if residuals is None else add_residual,
+    )
 
 
 def relative_squared_error(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
+
+# SD v1.5's noise schedule: DDPM training and DDIM sampling/inversion use these same betas.
+NUM_TRAIN_TIMESTEPS = 1000
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 REFERENCE_DDIM = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
+    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+    **SD_BETAS,
     clip_sample=False,
     set_alpha_to_one=False,  # the "final" alpha is alpha_bar at t=0
     steps_offset=1,
@@ -21,6 +23,11 @@ def make_ddim_scheduler(num_inference_steps: int = 50, **overrides) -> DDIMSched
     scheduler = DDIMScheduler(**{**REFERENCE_DDIM, **overrides})
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
+
+
+def make_ddpm_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
+    """The training-time (DDPM) schedule with the same betas the DDIM sampler uses."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **SD_BETAS)
 
 
 class DDIMSteps:

@@ -9,9 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import Field
-
-from prism_ray.config import BaseConfig
 
 # Words of every caption template and common edit prompts; each becomes a single token so that
 # prompt-to-prompt word -> token mapping behaves as with the real CLIP vocabulary.
@@ -27,6 +24,7 @@ ink artifacts artifact skin lesion photo radiograph frontal lateral view older y
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 TINY_SEED = 0
+TINY_VAE_CHANNELS = (16, 32, 32)
 
 
 def build_tiny_tokenizer(words: list[str] | None = None):
@@ -73,7 +71,11 @@ def save_sd_tokenizer(tokenizer, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def tiny_text_config(vocab_size: int, eos_token_id: int, bos_token_id: int):
+# --- the architecture: one factory per component, defaults = the shipped tiny_phantom family ---------
+
+
+def tiny_text_config(*, vocab_size: int, bos_token_id: int, eos_token_id: int):
+    """CLIP text tower, width 32: SD's text encoder and the filter CLIP's text side."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -90,6 +92,70 @@ def tiny_text_config(vocab_size: int, eos_token_id: int, bos_token_id: int):
     )
 
 
+def tiny_vae(
+    *,
+    resolution: int = 64,
+    block_out_channels: tuple[int, int, int] = TINY_VAE_CHANNELS,
+    scaling_factor: float = 0.18215,
+):
+    """AutoencoderKL with 3 blocks (x4 down: 64 -> 16 latents), 4 latent channels, fully convolutional.
+
+    `scaling_factor`: SD's by default; the trained family stores 1 / std of its training latents.
+    """
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(16, block_out_channels[0]),
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+        mid_block_add_attention=False,  # fully convolutional: trains on crops, decodes any size
+    )
+
+
+def tiny_unet(*, resolution: int = 64, cross_attention_dim: int = 32):
+    """UNet2DConditionModel with cross-attention at two resolutions (16^2, 8^2 for 64 px) plus the mid block."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=resolution // 4,  # the VAE downsamples x4
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        # diffusers reads `attention_head_dim` as the number of heads (SD1.5's 8 heads over 320+
+        # channels). Here 2 heads of 16/32 channels: 8 heads of 4/8 channels trained 1.9x slower on CPU
+        # (scaled-dot-product attention dominated the step) for no use to a model this small.
+        attention_head_dim=2,
+        norm_num_groups=32,
+    )
+
+
+def tiny_clip(text_config, *, resolution: int = 64):
+    """The filter CLIP: `text_config`'s text tower (as CLIP ViT-L/14's is SD1.5's) + a 3-layer ViT, patch 8."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=resolution,
+        patch_size=8,
+        projection_dim=32,
+    )
+    return CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
+
+
 def build_tiny_family(
     out_dir: str | Path,
     *,
@@ -99,11 +165,10 @@ def build_tiny_family(
 ) -> Path:
     """Write a diffusers-layout SD folder (random weights) plus a matching `clip/` filter model.
 
-    Shapes: images `resolution`^2, VAE with 3 blocks (x4 downsampling), U-Net with cross-attention
-    at two resolutions plus the mid block, text width 32; the same files real SD v1.5 has.
+    The architecture of the shipped trained family (`tiny_*` above) with random weights; the same
+    files real SD v1.5 has.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionConfig
+    from transformers import CLIPTextModel
 
     if resolution % 16:
         raise ValueError(f"resolution {resolution}: must be a multiple of 16")
@@ -112,71 +177,31 @@ def build_tiny_family(
     torch.manual_seed(seed)
 
     tokenizer = build_tiny_tokenizer(words)
-    save_sd_tokenizer(tokenizer, out / "tokenizer")
-    text_config = tiny_text_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+    text_config = tiny_text_config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     text_encoder = CLIPTextModel(text_config).eval()
-    text_encoder.save_pretrained(out / "text_encoder")
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=resolution,
-        scaling_factor=0.18215,
-    )
-    vae.save_pretrained(out / "vae")
-
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_config.hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    unet.save_pretrained(out / "unet")
-
-    # The reference DDIM settings (ALGORITHM.md section 2); SD1.5 ships the same betas.
-    DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(out / "scheduler")
-
-    # Filter CLIP: same text tower as the SD text encoder (as CLIP ViT-L/14 is for SD1.5).
-    clip_config = CLIPConfig(
-        text_config=text_config.to_dict(),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=resolution,
-            patch_size=8,
-            projection_dim=32,
-        ).to_dict(),
-        projection_dim=32,
-    )
-    clip = CLIPModel(clip_config).eval()
-    clip.text_model.load_state_dict(text_encoder.state_dict())
-    clip.save_pretrained(out / "clip")
-    save_sd_tokenizer(tokenizer, out / "clip")
-
-    write_model_index(out)
+    vae = tiny_vae(resolution=resolution)
+    unet = tiny_unet(resolution=resolution, cross_attention_dim=text_config.hidden_size)
+    clip = tiny_clip(text_config, resolution=resolution).eval()
+    clip.text_model.load_state_dict(text_encoder.state_dict())  # one text tower, as for the trained family
+    save_family_folder(out, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, clip=clip)
     return out
+
+
+def save_family_folder(out: Path, *, tokenizer, text_encoder, vae, unet, clip) -> None:
+    """Write SD v1.5's folder layout (reference DDIM scheduler, model_index.json) plus `clip/`, fp32 safetensors."""
+    from diffusers import DDIMScheduler
+
+    from prism_ray.engine.scheduler import REFERENCE_DDIM
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_sd_tokenizer(tokenizer, out / "tokenizer")
+    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet), ("clip", clip)):
+        module.to("cpu").save_pretrained(out / name, safe_serialization=True)
+    save_sd_tokenizer(tokenizer, out / "clip")
+    DDIMScheduler(**REFERENCE_DDIM).save_pretrained(out / "scheduler")  # ALGORITHM.md section 2
+    write_model_index(out)
 
 
 def write_model_index(out: Path) -> None:
@@ -219,17 +244,3 @@ def tiny_family_path(cache_dir: Path, seed: int = TINY_SEED) -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-class TinyFamilyConfig(BaseConfig):
-    """`prism-ray tiny-family`: where to write a random-weight tiny family."""
-
-    out: str = Field(..., min_length=1, description="output folder")
-    seed: int = Field(TINY_SEED, ge=0)
-    resolution: int = Field(64, ge=16, le=1024, multiple_of=16)
-
-
-def run_tiny_family(config: TinyFamilyConfig) -> Path:
-    path = build_tiny_family(config.out, seed=config.seed, resolution=config.resolution)
-    print(f"tiny family written to {path}")
-    return path

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prism_ray.models.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
 from prism_ray.config import BaseConfig
-from prism_ray.phantom.render import CHEXPERT_LABELS, PhantomAttributes, render_phantom
+from prism_ray.data.captions import CHEXPERT_LABELS
+from prism_ray.engine.images import to_model_pixels, vae_latent_moments
+from prism_ray.engine.scheduler import NUM_TRAIN_TIMESTEPS, make_ddpm_scheduler
+from prism_ray.models.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
+from prism_ray.models.tiny import TINY_VAE_CHANNELS, tiny_clip, tiny_text_config, tiny_unet, tiny_vae
+from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
-# Reference betas (ALGORITHM.md section 2): the U-Net is trained on the schedule it is sampled with.
-BETA_START, BETA_END, TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
 CAPTION_LABELS = ("cardiomegaly", "pleural_effusion", "support_devices")  # what a CheXpert caption states
 
 
@@ -51,7 +53,7 @@ class PhantomTrainConfig(BaseConfig):
     p_ecg: float = Field(0.3, ge=0, le=1)
     p_female: float = Field(0.5, ge=0, le=1)
     # (a) VAE
-    vae_channels: tuple[int, int, int] = (16, 32, 32)
+    vae_channels: tuple[int, int, int] = TINY_VAE_CHANNELS
     # Whole images, not crops: GroupNorm statistics of a 32x32 crop differ from the whole image's, and
     # crop training generalised worse to whole images at equal pixels per step (held-out PSNR 21.5 vs
     # 26.6 dB after 500 steps of 32 crops vs 8 whole images).
@@ -146,8 +148,8 @@ def render_split(config: PhantomTrainConfig, n: int, stream: int) -> PhantomSpli
 
 
 def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, R, R) -> float (N, 1, R, R) in [-1, 1] (images.py convention, before the gray -> RGB copy)."""
-    return torch.from_numpy(images).to(device)[:, None].float() / 127.5 - 1.0
+    """uint8 (N, R, R) -> float (N, 1, R, R) in [-1, 1]; the models' 3 channels are an `expand` of it where needed."""
+    return to_model_pixels(images, device)[:, None]
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -179,27 +181,10 @@ class _Log:
 # (a) VAE
 
 
-def build_vae(config: PhantomTrainConfig):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,  # x4 down: 64 -> 16, as the tiny family
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=min(16, config.vae_channels[0]),
-        sample_size=config.resolution,
-        mid_block_add_attention=False,  # fully convolutional: trains on crops, decodes any size
-    )
-
-
 def train_vae(config: PhantomTrainConfig, train: PhantomSplit, device: torch.device):
     """L1 + MSE reconstruction with a small KL term; scaling factor = 1 / std of the training latents."""
     torch.manual_seed(config.seed)
-    vae = build_vae(config).to(device).train()
+    vae = tiny_vae(resolution=config.resolution, block_out_channels=config.vae_channels).to(device).train()
     x = _pixels(train.images, device)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(config.seed + 1)
@@ -222,17 +207,12 @@ def train_vae(config: PhantomTrainConfig, train: PhantomSplit, device: torch.dev
         opt.step()
         log(step, loss=loss.item(), l1=l1.item(), psnr=_psnr_from_mse(mse.item() / 4))  # [-1,1] -> [0,1]
     vae.eval().requires_grad_(False)
-    latents = encode_means(vae, x)  # (N, 4, r, r), unscaled
+    vae.register_to_config(scaling_factor=1.0)  # measure the raw latents first
+    latents = vae_latent_moments(vae, x.expand(-1, 3, -1, -1), batch_size=256)[0]  # (N, 4, r, r), unscaled
     scaling = 1.0 / float(latents.std())
     vae.register_to_config(scaling_factor=scaling)
     print(f"[vae] scaling_factor = 1/std(latents) = {scaling:.5f}", flush=True)
     return vae, latents * scaling
-
-
-@torch.no_grad()
-def encode_means(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Posterior means of (N, 1, R, R) images in [-1, 1] (no scaling)."""
-    return torch.cat([vae.encode(x[i : i + batch].expand(-1, 3, -1, -1)).latent_dist.mean for i in range(0, len(x), batch)])
 
 
 def _psnr_from_mse(mse: float) -> float:
@@ -244,22 +224,10 @@ def _psnr_from_mse(mse: float) -> float:
 
 
 def build_clip(tokenizer, resolution: int):
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
-
-    from prism_ray.models.tiny import tiny_text_config
-
-    text_config = tiny_text_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=resolution,
-        patch_size=8,
-        projection_dim=32,
+    text_config = tiny_text_config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
-    return CLIPModel(config), text_config
+    return tiny_clip(text_config, resolution=resolution), text_config
 
 
 def _clip_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -340,27 +308,6 @@ def _text_tower_state(clip, text_encoder) -> dict[str, torch.Tensor]:
 # (c) base U-Net
 
 
-def build_unet(resolution: int, cross_attention_dim: int = 32):
-    from diffusers import UNet2DConditionModel
-
-    # Same blocks as prism_ray.models.tiny: cross-attention at 16^2 and 8^2 plus the mid block.
-    return UNet2DConditionModel(
-        sample_size=resolution // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        # diffusers reads `attention_head_dim` as the number of heads (SD1.5's 8 heads over 320+
-        # channels). Here 2 heads of 16/32 channels: 8 heads of 4/8 channels trained 1.9x slower on CPU
-        # (scaled-dot-product attention dominated the step) for no use to a model this small.
-        attention_head_dim=2,
-        norm_num_groups=32,
-    )
-
-
 def train_unet(
     config: PhantomTrainConfig,
     latents: torch.Tensor,
@@ -372,18 +319,16 @@ def train_unet(
     """DDPM epsilon-MSE on scaled VAE latents; frozen text encoder; empty caption with `caption_dropout`."""
     import copy
 
-    from diffusers import DDPMScheduler
-
     from prism_ray.engine.text import encode_prompts
 
     torch.manual_seed(config.seed + 4)
-    unet = build_unet(config.resolution, text_encoder.config.hidden_size).to(device).train()
+    unet = tiny_unet(resolution=config.resolution, cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     vocab = [""] + sorted(set(captions))  # index 0 = the empty caption
     context = encode_prompts(tokenizer, text_encoder.to(device), vocab)  # (V, 77, D), text encoder frozen
     target = torch.tensor([vocab.index(c) for c in captions], device=device)
-    ddpm = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="scaled_linear")
-    alphas = ddpm.alphas_cumprod.to(device)  # (1000,)
+    # The betas the U-Net is sampled with (ALGORITHM.md section 2).
+    alphas = make_ddpm_scheduler().alphas_cumprod.to(device)  # (1000,)
     latents = latents.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(config.seed + 5)
@@ -392,7 +337,7 @@ def train_unet(
         _set_lr(opt, _lr(step, config.unet_steps, config.unet_lr))
         b = config.unet_batch
         idx = torch.randint(len(latents), (b,), generator=g).to(device)
-        t = torch.randint(TRAIN_TIMESTEPS, (b,), generator=g).to(device)
+        t = torch.randint(NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(device)
         noise = torch.randn((b, *latents.shape[1:]), generator=g).to(device)
         drop = (torch.rand(b, generator=g) < config.caption_dropout).to(device)
         cond = context[torch.where(drop, torch.zeros_like(idx), target[idx])]  # (B, 77, D)
@@ -422,26 +367,6 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None) -> torch.Tensor
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
-
-
-@torch.no_grad()
-def sample_latents(unet, tokenizer, text_encoder, prompts: list[str], seed: int, steps: int = 50, guidance: float = 7.5):
-    """Classifier-free-guided DDIM (eta = 0) from N(0, I), with the reference scheduler."""
-    from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
-    from prism_ray.engine.text import encode_prompts
-
-    device = next(unet.parameters()).device
-    ddim = DDIMSteps(make_ddim_scheduler(steps))
-    cond = encode_prompts(tokenizer, text_encoder, prompts)  # (N, 77, D)
-    uncond = encode_prompts(tokenizer, text_encoder, [""]).expand_as(cond)
-    context = torch.cat([uncond, cond])
-    size = unet.config.sample_size
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn((len(prompts), unet.config.in_channels, size, size), generator=g).to(device)
-    for t in ddim.timesteps:
-        eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample.chunk(2)
-        z = ddim.prev_step(eps_u + guidance * (eps_c - eps_u), int(t), z)
-    return z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +408,7 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
     from prism_ray.data.captions import get_adapter
     from prism_ray.scoring.clip_score import ClipScorer
     from prism_ray.engine.images import decode, encode, preprocess
+    from prism_ray.engine.sampling import text_to_latents
 
     metrics: dict = {}
     # VAE round trip through the method's own conventions (images.py), PSNR on [0, 1].
@@ -516,8 +442,12 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
         row.update({"Cardiomegaly": c, "Pleural Effusion": e, "Support Devices": d, "No Finding": float(not (c or e))})
         prompts += [adapter.caption(row)] * config.eval_samples_per_caption
         wanted += [[c, e, d]] * config.eval_samples_per_caption
+    generators = [torch.Generator().manual_seed(config.seed + 100 + i) for i in range(len(prompts))]
     z = torch.cat([
-        sample_latents(unet, tokenizer, text_encoder, prompts[i : i + 64], config.seed + 100 + i, config.eval_steps, config.eval_guidance)
+        text_to_latents(
+            unet, tokenizer, text_encoder, prompts[i : i + 64], generators=generators[i : i + 64],
+            num_inference_steps=config.eval_steps, guidance_scale=config.eval_guidance,
+        )
         for i in range(0, len(prompts), 64)
     ])
     samples = decode(vae, z)  # (N, R, R, 3) uint8
@@ -541,18 +471,10 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
 
 
 def save_family(out: Path, tokenizer, text_encoder, vae, unet, clip, classifier) -> None:
-    from diffusers import DDIMScheduler
+    from prism_ray.models.tiny import save_family_folder
 
-    from prism_ray.engine.scheduler import REFERENCE_DDIM
-    from prism_ray.models.tiny import save_sd_tokenizer, write_model_index
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_sd_tokenizer(tokenizer, out / "tokenizer")
-    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet), ("clip", clip), ("classifier", classifier)):
-        module.to("cpu").save_pretrained(out / name, safe_serialization=True)
-    save_sd_tokenizer(tokenizer, out / "clip")
-    DDIMScheduler(**REFERENCE_DDIM).save_pretrained(out / "scheduler")
-    write_model_index(out)
+    save_family_folder(out, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, clip=clip)
+    classifier.to("cpu").save_pretrained(out / "classifier", safe_serialization=True)
 
 
 def _folder_size(out: Path) -> int:
@@ -565,13 +487,13 @@ def write_readme(out: Path, config: PhantomTrainConfig, metrics: dict, timings: 
     sample = ", ".join(f"{k} {v:.1%}" for k, v in m["sample_attribute_accuracy"].items())
     text = f"""# tiny_phantom — the trained tiny model family
 
-SD-shaped models trained from scratch on seeded phantom chest X-rays (`prism_ray/phantom.py`), so the
+SD-shaped models trained from scratch on seeded phantom chest X-rays (`prism_ray/phantom/render.py`), so the
 demo runs the real method on meaningful weights without downloading SD v1.5 or CLIP. Everything here
 is rebuilt from seeds by
 
     {command}
 
-(`prism_ray/phantom_train.py`; config in `metrics.json`). Folder layout as SD v1.5's (`tokenizer/`,
+(`prism_ray/phantom/family.py`; config in `metrics.json`). Folder layout as SD v1.5's (`tokenizer/`,
 `text_encoder/`, `vae/`, `unet/`, `scheduler/`, `model_index.json`) plus `clip/` (the filter CLIP; its
 text tower *is* `text_encoder/`) and `classifier/` (a multi-label ResNet, heads
 {", ".join(CLASSIFIER_LABELS)}). All weights are fp32 safetensors.
@@ -637,7 +559,7 @@ def _limits(m: dict) -> str:
 
 def train_family(config: PhantomTrainConfig) -> dict:
     from prism_ray.models.loading import resolve_device
-    from prism_ray.phantom.render import save_contact_sheet
+    from prism_ray.report.contact_sheet import save_contact_sheet
     from prism_ray.models.tiny import build_tiny_tokenizer
 
     torch.set_num_threads(config.threads)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from prism_ray.data.captions import parse_interventions
-from prism_ray.phantom.render import PhantomAttributes, subject_attributes, true_counterfactual
+from prism_ray.phantom.dataset import subject_attributes
+from prism_ray.phantom.render import PhantomAttributes, true_counterfactual
 
 # CheXpert label intervention -> phantom attribute change. Removing "Support Devices" removes
 # every device kind, as a radiologist's "without support devices" would.

@@ -15,13 +15,13 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from prism_ray.data.captions import parse_interventions
 from prism_ray.config import BaseConfig
+from prism_ray.data.captions import parse_interventions
 from prism_ray.data.config import DataConfig
-from prism_ray.engine.settings import EditConfig, InversionConfig
-from prism_ray.models.config import ModelConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.faults import fault_point
+from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.counterfactuals import BatchReport, CounterfactualStep, is_transient
 from prism_ray.pipelines.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
 from prism_ray.results.layout import Layout, digest
@@ -48,7 +48,7 @@ class SubgroupConfig(BaseConfig):
     """
 
     name: str
-    selector: dict[str, Union[SelectorValue, list[SelectorValue]]] = Field(default_factory=dict)
+    selector: dict[str, SelectorValue | list[SelectorValue]] = Field(default_factory=dict)
     interventions: list[str] = Field(default_factory=list)
     quota: int = Field(2500, ge=0, description="accepted counterfactuals (samples) to keep, exactly")
     prompt: str | None = None
@@ -515,6 +515,15 @@ def run(config: AugmentConfig, runner=None) -> dict:
     rounds: list[dict] = []
     progress: dict[str, SubgroupProgress] = {}
     pool_runner = None
+    last_line = [0.0]
+
+    def on_report(report: BatchReport) -> None:  # one batch done: count it, show progress every 5 s
+        tally.add(report)
+        fault_point("augment.batch_done")
+        if time.monotonic() - last_line[0] > 5.0:
+            log.info("  %s", tally.line())
+            last_line[0] = time.monotonic()
+
     try:
         for round_index in range(config.planner.max_rounds + 1):
             t = time.perf_counter()
@@ -538,15 +547,6 @@ def run(config: AugmentConfig, runner=None) -> dict:
                      ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
             t = time.perf_counter()
             before = {n: Counter(c) for n, c in tally.counts.items()}
-            last = [0.0]
-
-            def on_report(report: BatchReport) -> None:
-                tally.add(report)
-                fault_point("augment.batch_done")
-                if time.monotonic() - last[0] > 5.0:
-                    log.info("  %s", tally.line())
-                    last[0] = time.monotonic()
-
             pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
             seconds = time.perf_counter() - t
             rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,
@@ -594,7 +594,7 @@ def _summary(config, layout, started, wall, results_hash, model_id, rounds, prog
             "shortfall": max(0, info["quota"] - info["accepted"]),
             "this_run": dict(tally.counts[name]),
         }
-    per_second = lambda n: n / work_seconds if work_seconds else None  # noqa: E731
+    per_second = lambda n: n / work_seconds if work_seconds else None
     return {
         "job": "augment",
         "mode": config.mode,

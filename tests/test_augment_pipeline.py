@@ -295,3 +295,22 @@ def test_the_cli_exits_non_zero_on_a_shortfall(manifest, tmp_path, capsys, monke
 def test_inversion_needs_fp32_weights_at_config_load(manifest, tmp_path):
     with pytest.raises(ConfigError, match="model.dtype"):
         make_config(manifest, tmp_path, model={"dtype": "bfloat16"})
+
+
+def test_a_storage_error_reading_a_source_is_retried_not_written_off(manifest, tmp_path, monkeypatch):
+    from prism_ray.data import storage
+
+    real, calls = storage.read_image_bytes, []
+
+    def flaky(uri):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(uri)
+
+    monkeypatch.setattr(storage, "read_image_bytes", flaky)
+    summary = run(make_config(manifest, tmp_path / "out"))
+    assert summary["actors"]["batch_retries"] == 1 and summary["error_rows"] == 0
+    missing = storage.ImageReadError  # a missing file, by contrast, is the image's fault: an item error
+    with pytest.raises(missing, match="file not found"):
+        real(str(tmp_path / "nope.png"))

@@ -121,14 +121,20 @@ def decode_image(data: bytes, uri: str = "<bytes>") -> np.ndarray:
 
 
 def read_image_bytes(uri: str) -> bytes:
-    """The raw bytes of one image file (for hashing and decoding); raises ImageReadError."""
+    """The raw bytes of one image file (for hashing and decoding).
+
+    Raises ImageReadError (an item error) for a missing, empty or unopenable file; other storage
+    errors propagate as OSError (transient: the caller retries).
+    """
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ImageReadError(uri, "file not found") from None
-    except OSError as err:
-        raise ImageReadError(uri, f"cannot open ({err})") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        raise ImageReadError(uri, f"cannot open ({type(err).__name__}: {err.strerror or err})") from None
+    # Any other OSError (a timeout, a connection reset, a full disk) is the storage's, not the
+    # image's: it propagates so the batch is retried rather than the image written off.
     if not data:
         raise ImageReadError(uri, "empty file")
     return data

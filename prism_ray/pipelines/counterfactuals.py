@@ -95,7 +95,7 @@ class MethodEngine:
 
     def counterfactuals(self, pixels, tasks):
         from prism_ray.engine.editor import edit_many
-        from prism_ray.engine.images import preprocess
+        from prism_ray.engine.images import from_model_pixels, preprocess
         from prism_ray.scoring.metrics import l1
 
         # The engine batches images with the same number of edits K: group by K.
@@ -115,7 +115,7 @@ class MethodEngine:
                 start = time.perf_counter()
                 # The source as the model saw it (square, model resolution): what L1 and CLIP compare to.
                 x = preprocess([pixels[i]], self.sd.resolution)[0]  # (3, R, R) in [-1, 1]
-                orig = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()  # (R, R, 3)
+                orig = from_model_pixels(x).permute(1, 2, 0).numpy()  # (R, R, 3) uint8
                 origs = np.repeat(orig[None], len(item.edits), axis=0)  # (K, R, R, 3)
                 try:
                     scores = self.scorer.score(origs, item.edits, tasks[i]["source_prompt"], item.edit_prompts)

@@ -39,8 +39,14 @@ def write_dataset(root: Path, n: int) -> Path:
 
 def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int = 1) -> float:
     """images/s of the core step with torch AdamW, one process (no Ray, no DeepSpeed)."""
+    from prism_ray.engine.text import encode_prompts
     from prism_ray.models.loading import load_sd_components
-    from prism_ray.training.diffusion import diffusion_loss, image_latents, make_noise_scheduler, step_generator, text_embeddings
+    from prism_ray.training.diffusion import (
+        diffusion_loss,
+        image_latents,
+        make_noise_scheduler,
+        step_generator,
+    )
 
     torch.set_num_threads(threads)  # as a Ray worker with 1 CPU gets (OMP_NUM_THREADS=1)
     sd = load_sd_components(str(family), device="cpu")
@@ -50,14 +56,14 @@ def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int 
     images = torch.rand(batch, 3, sd.resolution, sd.resolution) * 2 - 1
     captions = [CAPTIONS[i % 3] for i in range(batch)]
     z_cached = image_latents(sd.vae, images)
-    ctx_cached = text_embeddings(sd.tokenizer, sd.text_encoder, captions)
+    ctx_cached = encode_prompts(sd.tokenizer, sd.text_encoder, captions)
     rates = []
     for step in range(steps):
         started = time.perf_counter()
         if cached:
             z, ctx = z_cached, ctx_cached
         else:
-            z, ctx = image_latents(sd.vae, images), text_embeddings(sd.tokenizer, sd.text_encoder, captions)
+            z, ctx = image_latents(sd.vae, images), encode_prompts(sd.tokenizer, sd.text_encoder, captions)
         loss = diffusion_loss(sd.unet, scheduler, z, ctx, step_generator(0, 0, step)).loss
         optimizer.zero_grad()
         loss.backward()
@@ -68,9 +74,8 @@ def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int 
 
 def bench_ray(family: Path, manifest: Path, storage: Path, steps: int, batch: int, workers: int, cached: bool):
     from prism_ray.config import build_config
-    from prism_ray.distributed.trainer import finetune
-    from prism_ray.pipelines.finetune import FinetuneConfig
     from prism_ray.data.storage import read_table
+    from prism_ray.pipelines.finetune import FinetuneConfig, run
 
     name = f"bench-{'cached' if cached else 'pixels'}-{workers}w"
     config = build_config(
@@ -90,7 +95,7 @@ def bench_ray(family: Path, manifest: Path, storage: Path, steps: int, batch: in
         },
     )
     started = time.perf_counter()
-    result = finetune(config)
+    result = run(config)
     wall = time.perf_counter() - started
     rows = read_table(f"{result.run_path}/metrics/part-{1:08d}-{steps:08d}.parquet").to_pylist()
     per_worker = statistics.median(r["images_per_second"] for r in rows[2:]) / workers

@@ -1,19 +1,20 @@
-"""Fine-tuning on a real local Ray with real DeepSpeed: 2 workers, ZeRO-2 over gloo, resume, export."""
+"""Fine-tuning on a real local Ray with real DeepSpeed: 2 workers, ZeRO-2 over gloo, resume, kill, export."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+from prism_ray import faults
 from prism_ray.config import build_config
-from prism_ray.pipelines.finetune import FinetuneConfig
 from prism_ray.data.storage import read_table, write_png, write_table
-from prism_ray.training.diffusion import module_digest
+from prism_ray.pipelines.finetune import FinetuneConfig, run
+from prism_ray.training.callbacks import checkpoint_unet_state
+from prism_ray.training.diffusion import module_digest, state_dict_digest
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -61,11 +62,9 @@ def make_config(tiny_family, manifest, storage, *overrides) -> FinetuneConfig:
 
 @pytest.fixture(scope="module")
 def first_run(tiny_family, manifest, tmp_path_factory):
-    from prism_ray.distributed.trainer import finetune
-
     storage = tmp_path_factory.mktemp("runs")
     config = make_config(tiny_family, manifest, storage)
-    return config, storage, finetune(config)
+    return config, storage, run(config)
 
 
 def test_zero2_run_counts_bad_rows_and_writes_metrics(first_run):
@@ -98,13 +97,11 @@ def test_export_loads_and_denoises_with_frozen_parts_unchanged(first_run, tiny_s
 
 
 def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, manifest):
-    from prism_ray.distributed.trainer import consolidated_unet_state, finetune
     from prism_ray.models.loading import load_sd_components
-    from prism_ray.training.diffusion import state_dict_digest
 
     config, storage, first = first_run
     exported_at_2 = module_digest(load_sd_components(first.model_path, device="cpu").unet)
-    checkpoint_at_2 = state_dict_digest(consolidated_unet_state(Path(first.checkpoint_path)))
+    checkpoint_at_2 = state_dict_digest(checkpoint_unet_state(first.checkpoint_path))
     assert checkpoint_at_2 == exported_at_2
 
     # The re-run also switches to cached latents (a data-path choice; the checkpoint is the same).
@@ -116,7 +113,7 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
         "train.cache_latents=true",
         f"run.export_path={storage / 'model-3'}",
     )
-    result = finetune(again)
+    result = run(again)
     assert (result.start_step, result.final_step) == (2, 3)
     assert result.skipped == first.skipped
     events = sorted((storage / "ft" / "events").glob("resume-*.json"))
@@ -128,29 +125,50 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
     assert [m["step"] for m in metrics] == [3]
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_path):
-    """A worker dies hard mid-step 3 (after the step-2 checkpoint); the re-run continues at step 2."""
-    from prism_ray.distributed.trainer import consolidated_unet_state, finetune
-    from prism_ray.training.diffusion import state_dict_digest
+@pytest.fixture
+def ray_with_faults(tmp_path):
+    """A local Ray whose workers see a fault plan: a worker exits hard in step 3, once (a marker file)."""
+    import ray
 
+    def init(**env):
+        # As conftest's `ray_local`, plus `env` for every worker (the environment is fixed at ray.init).
+        env_vars = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | env
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": env_vars},
+        )
+
+    ray.shutdown()
+    init(**{faults.ENV: "finetune.step=exit@3", faults.ONCE_ENV: str(tmp_path / "faults")})
+    yield tmp_path / "faults"
+    ray.shutdown()
+    init()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_path, ray_with_faults):
+    """A worker dies hard in step 3 (after the step-2 checkpoint); the re-run continues at step 2."""
     killed = make_config(
         tiny_family,
         manifest,
         tmp_path,
         "train.max_steps=4",
         "train.validation_every=null",
-        "compute.kill_worker_once_at_step=3",
         "run.export=false",
     )
     with pytest.raises(Exception):
-        finetune(killed)  # max_failures = 0: the run fails with its worker
-    assert (tmp_path / "ft" / "events" / "fault_injected").exists()
+        run(killed)  # max_failures = 0: the run fails with its worker
+    assert (ray_with_faults / "finetune.step.fired").exists()
     checkpoints = sorted((tmp_path / "ft").glob("checkpoint_*"))
-    assert checkpoints, "the step-2 checkpoint must have been persisted before the kill"
-    at_2 = state_dict_digest(consolidated_unet_state(checkpoints[-1]))
+    assert [c.name for c in checkpoints] == ["checkpoint_00000002"], "the step-2 checkpoint, nothing after"
+    at_2 = state_dict_digest(checkpoint_unet_state(str(checkpoints[-1])))
 
     # Same name again (the marker keeps the fault from firing twice): resumes at 2, ends at 4.
-    result = finetune(killed)
+    result = run(killed)
     assert (result.start_step, result.final_step) == (2, 4)
     event = json.loads(sorted((tmp_path / "ft" / "events").glob("resume-*.json"))[-1].read_text())
     assert event["step"] == 2 and event["unet_sha256"] == at_2
+    metrics = read_table(f"{result.run_path}/metrics/part-00000003-00000004.parquet").to_pylist()
+    assert [m["step"] for m in metrics] == [3, 4] and all(np.isfinite(m["loss"]) for m in metrics)

@@ -35,7 +35,7 @@ print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "deep
 def test_only_distributed_sources_mention_ray_or_deepspeed_imports():
     import re
 
-    pattern = re.compile(r"^\s*(import|from)\s+(ray|deepspeed)(\.|\s|$)", re.M)
+    pattern = re.compile(r"^\s*(import|from)\s+(ray|deepspeed)(\.|\s|$)", re.MULTILINE)
     outside = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                if "distributed" not in p.parts and pattern.search(p.read_text())]
     assert outside == []

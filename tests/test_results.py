@@ -95,7 +95,7 @@ def test_an_unreadable_part_raises_naming_it_and_is_kept(tmp_path):
 
 
 def test_storage_errors_are_retried_then_named(tmp_path, monkeypatch):
-    import fsspec.implementations.local as local
+    from fsspec.implementations import local
 
     layout = Layout.of(str(tmp_path))
     write_part(layout, "rows", "a.parquet", table("a"))

@@ -1,4 +1,4 @@
-"""The fine-tuning core without Ray: DeepSpeed config values and errors, the loss, frozen parts, export."""
+"""The fine-tuning core without Ray: DeepSpeed config values and errors, the loss, frozen parts, examples, export."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from prism_ray.config import ConfigError, build_config
+from prism_ray.engine.text import encode_prompts
 from prism_ray.pipelines.deepspeed_config import build_deepspeed_config, check_resources
 from prism_ray.pipelines.finetune import FinetuneConfig
 from prism_ray.training.diffusion import (
     diffusion_loss,
-    export_diffusers,
     make_noise_scheduler,
     module_digest,
-    prepare_examples,
     sample_images,
     step_generator,
-    text_embeddings,
     training_loss,
 )
+from prism_ray.training.examples import prepare_examples
+from prism_ray.training.export import export_diffusers
 
 BASE = {"data": {"manifest": "m.parquet"}, "run": {"storage_path": "/tmp/runs", "name": "t"}}
 
@@ -167,7 +167,7 @@ def test_v_prediction_target_and_cached_latents_match_the_pixel_path(tiny_sd):
     from prism_ray.training.diffusion import image_latents
 
     z = image_latents(tiny_sd.vae, images)
-    ctx = text_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, captions)
+    ctx = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, captions)
     assert ctx.shape == (2, 77, tiny_sd.text_encoder.config.hidden_size)
     for kind in ("epsilon", "v_prediction"):
         s = make_noise_scheduler(kind)
@@ -225,7 +225,8 @@ def test_export_loads_and_sampling_runs(tiny_family, tiny_sd, tmp_path):
 
 def test_core_imports_without_ray_or_deepspeed():
     code = (
-        "import sys, prism_ray.training.diffusion, prism_ray.pipelines.deepspeed_config, prism_ray.pipelines.finetune;"
+        "import sys, prism_ray.training.diffusion, prism_ray.training.callbacks, prism_ray.training.examples,"
+        " prism_ray.training.export, prism_ray.pipelines.deepspeed_config, prism_ray.pipelines.finetune;"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

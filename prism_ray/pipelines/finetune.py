@@ -1,9 +1,15 @@
-"""`FinetuneConfig`: the fine-tuning job (model, data, training knobs, compute, run storage)."""
+"""The fine-tuning job without Ray: its config, the rows to train on, the run's plan, export and result."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
@@ -14,11 +20,15 @@ from prism_ray.models.config import ModelConfig
 class TrainConfig(BaseConfig):
     """Optimisation knobs; defaults are PRISM's (AdamW lr 1e-5, betas (0.9, 0.999), wd 1e-2, eps 1e-8)."""
 
-    max_steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run continues the count)")
+    max_steps: int = Field(
+        1000, ge=1, description="optimizer steps in total (a resumed run continues the count)"
+    )
     micro_batch_size: int = Field(1, ge=1, description="images per worker per forward pass")
     gradient_accumulation_steps: int = Field(1, ge=1)
     global_batch_size: int | None = Field(
-        None, ge=1, description="if set: micro_batch_size x accumulation x workers must equal it (accumulation derived)"
+        None,
+        ge=1,
+        description="if set: micro_batch_size x accumulation x workers must equal it (accumulation derived)",
     )
     learning_rate: float = Field(1e-5, gt=0.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -38,15 +48,21 @@ class TrainConfig(BaseConfig):
         None, description="None = the model's scheduler config (epsilon for SD1.5)"
     )
     num_train_timesteps: int = Field(1000, ge=1)
-    cache_latents: bool = Field(False, description="precompute VAE latents + text embeddings once with Ray Data")
+    cache_latents: bool = Field(
+        False, description="precompute VAE latents + text embeddings once with Ray Data"
+    )
     ema: bool = False
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
     seed: int = Field(0, ge=0)
     log_every: int = Field(1, ge=1, description="steps between metric reports / progress lines")
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (the last step always saves)")
-    validation_every: int | None = Field(None, ge=1, description="steps between validation images; None = off")
+    checkpoint_every: int = Field(
+        500, ge=1, description="steps between checkpoints (the last step always saves)"
+    )
+    validation_every: int | None = Field(
+        None, ge=1, description="steps between validation images; None = off"
+    )
     validation_prompts: list[str] = Field(default_factory=list)
     validation_steps: int = Field(10, ge=1, description="DDIM steps for validation images")
     validation_guidance: float = Field(7.5, ge=0.0)
@@ -59,9 +75,8 @@ class ComputeConfig(BaseConfig):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0, description="leave CPUs free for Ray Data when streaming")
     data_concurrency: int = Field(1, ge=1, description="Ray Data actors for latent caching")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = forever")
-    kill_worker_once_at_step: int | None = Field(
-        None, ge=1, description="fault injection for tests: rank 0 exits hard once, in the middle of this step"
+    max_failures: int = Field(
+        0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = forever"
     )
 
 
@@ -82,3 +97,126 @@ class FinetuneConfig(BaseConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     run: RunStorageConfig
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """What the driver settled before any worker starts; a runner trains from it."""
+
+    run_path: str  # <storage_path>/<name>: checkpoint_*/, metrics/, validation/, errors/, events/, model/
+    storage_path: str  # absolute (Ray wants absolute local paths)
+    model_root: Path  # the resolved local diffusers folder
+    resolution: int  # image side the U-Net was built for
+    rows: pa.Table  # manifest rows to train on (bad ones are only found while reading them)
+    deepspeed: dict  # DeepSpeed's JSON config
+
+    @property
+    def errors_uri(self) -> str:
+        return f"{self.run_path}/errors"
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced."""
+
+    run_path: str
+    final_step: int
+    start_step: int  # > 0 when the run resumed from a checkpoint
+    model_path: str | None  # exported diffusers folder (None if run.export is false)
+    checkpoint_path: str
+    skipped: dict[str, int] = field(default_factory=dict)  # "stage: reason" -> manifest rows skipped
+
+
+# A runner trains from the plan and returns the URI of the final checkpoint folder.
+Runner = Callable[[FinetuneConfig, FinetunePlan], str]
+
+
+def training_rows(data: DataConfig) -> pa.Table:
+    """The manifest rows to train on (`data.split`, `data.limit`); a wrong column or no rows is a ValueError."""
+    from prism_ray.data.storage import read_table
+    from prism_ray.training.examples import caption_source
+
+    table = read_table(data.manifest)
+    if data.image_column not in table.column_names:
+        raise ValueError(f"config field 'data.image_column': manifest has no column {data.image_column!r}")
+    if data.split is not None:
+        if "split" not in table.column_names:
+            raise ValueError("config field 'data.split': manifest has no 'split' column")
+        table = table.filter(pc.equal(table["split"], data.split))
+    if data.limit is not None:
+        table = table.slice(0, data.limit)
+    if table.num_rows == 0:
+        raise ValueError(f"config field 'data.manifest': no rows to train on in {data.manifest!r}")
+    caption_source(table.column_names, data.adapter, data.adapter_options)  # a wrong adapter fails here
+    return table
+
+
+def model_resolution(root: Path) -> int:
+    """Image side of a diffusers folder: U-Net sample size x the VAE's downsampling."""
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def absolute_storage(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
+def plan_run(config: FinetuneConfig) -> FinetunePlan:
+    """Every check the driver can make (DeepSpeed combinations, model, manifest), before any worker starts."""
+    from prism_ray.data.storage import join_uri
+    from prism_ray.models.loading import resolve_model_root
+    from prism_ray.pipelines.deepspeed_config import build_deepspeed_config
+
+    deepspeed = build_deepspeed_config(config)
+    storage_path = absolute_storage(config.run.storage_path)
+    model_root = resolve_model_root(config.model.path, config.model.cache_dir)
+    return FinetunePlan(
+        run_path=join_uri(storage_path, config.run.name),
+        storage_path=storage_path,
+        model_root=model_root,
+        resolution=model_resolution(model_root),
+        rows=training_rows(config.data),
+        deepspeed=deepspeed,
+    )
+
+
+def run(config: FinetuneConfig, runner: Runner | None = None) -> FinetuneResult:
+    """Fine-tune the U-Net on `config.data`, resume by `run.name`, export a diffusers folder.
+
+    `runner` trains (default: Ray Train + DeepSpeed, `prism_ray.distributed.trainer.fit`); the
+    export and the summary of skipped rows happen here, on the driver.
+    """
+    from prism_ray.data.storage import join_uri
+    from prism_ray.training.callbacks import checkpoint_unet_state, read_checkpoint_state
+    from prism_ray.training.examples import skipped_rows
+    from prism_ray.training.export import export_diffusers
+
+    plan = plan_run(config)
+    if runner is None:
+        from prism_ray.distributed.trainer import fit as runner
+    checkpoint = runner(config, plan)
+    state = read_checkpoint_state(checkpoint)
+    model_path = None
+    if config.run.export:
+        model_path = config.run.export_path or join_uri(plan.run_path, "model")
+        weights = checkpoint_unet_state(checkpoint, use_ema=config.train.ema)
+        metadata = {"step": state["step"], "config_hash": config.config_hash(), "ema": config.train.ema}
+        export_diffusers(plan.model_root, weights, model_path, metadata=metadata)
+    skipped = skipped_rows(plan.errors_uri)
+    if skipped:
+        print(f"finetune: skipped {sum(skipped.values())} manifest rows: {skipped}", flush=True)
+    return FinetuneResult(
+        run_path=plan.run_path,
+        final_step=int(state["step"]),
+        start_step=int(state.get("start_step", 0)),
+        model_path=model_path,
+        checkpoint_path=checkpoint,
+        skipped=skipped,
+    )

@@ -1,36 +1,29 @@
-"""The fine-tuning math without Ray or DeepSpeed: latents, text embeddings, the diffusion loss, export."""
+"""The fine-tuning math without Ray or DeepSpeed: schedule, latents, the diffusion loss, U-Net setup, digests."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-# DDPM training schedule of SD1.5 (ALGORITHM.md section 2): same betas as the DDIM sampler.
-TRAIN_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-CAPTION_COLUMN = "caption"
-# Components copied verbatim into an exported model folder (the U-Net is written fresh).
-EXPORT_COPY = ("model_index.json", "tokenizer", "text_encoder", "vae", "scheduler", "clip")
-
+from prism_ray.engine.images import vae_latent_moments
+from prism_ray.engine.text import encode_prompts
 
 # --- schedule and conditioning ---------------------------------------------------------------
 
 
 def make_noise_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000):
-    """DDPM with betas 0.00085 -> 0.012 (scaled_linear) and `num_train_timesteps` steps."""
-    from diffusers import DDPMScheduler
+    """DDPM with SD's betas (`engine.scheduler.SD_BETAS`) and `num_train_timesteps` steps."""
+    from prism_ray.engine.scheduler import make_ddpm_scheduler
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **TRAIN_SCHEDULE)
+    return make_ddpm_scheduler(prediction_type, num_train_timesteps)
 
 
 def model_prediction_type(model_scheduler: Any, override: str | None = None) -> str:
@@ -38,27 +31,6 @@ def model_prediction_type(model_scheduler: Any, override: str | None = None) -> 
     if override is not None:
         return override
     return str(getattr(model_scheduler, "config", {}).get("prediction_type", "epsilon"))
-
-
-@torch.no_grad()
-def text_embeddings(tokenizer, text_encoder, captions: Sequence[str]) -> torch.Tensor:
-    """Captions -> the text encoder's last hidden state (B, 77, D), padded to the model length as SD does."""
-    tokens = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-
-
-@torch.no_grad()
-def latent_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, R, R) in [-1, 1] -> (mean, std) of the latent posterior, both times the scaling factor."""
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    scale = vae.config.scaling_factor
-    return posterior.mean * scale, posterior.std * scale
 
 
 def latents_from_moments(
@@ -77,7 +49,7 @@ def latents_from_moments(
 
 def image_latents(vae, images: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None):
     """Frozen-VAE latents of (N, 3, R, R) images: posterior mean x scaling factor, or a sample."""
-    mean, std = latent_moments(vae, images)
+    mean, std = vae_latent_moments(vae, images)
     return latents_from_moments(mean, std, mode, generator)
 
 
@@ -139,7 +111,7 @@ def training_loss(
 ) -> LossOutput:
     """Full step from pixels: frozen VAE + text encoder, then `diffusion_loss` on `unet` (default sd.unet)."""
     z = image_latents(sd.vae, images, latents, generator)
-    context = text_embeddings(sd.tokenizer, sd.text_encoder, captions)
+    context = encode_prompts(sd.tokenizer, sd.text_encoder, list(captions))
     return diffusion_loss(unet if unet is not None else sd.unet, noise_scheduler, z, context, generator)
 
 
@@ -163,69 +135,6 @@ def configure_unet(unet, *, gradient_checkpointing: bool = False, attention: str
         raise ValueError(f"train.attention {attention!r}: expected sdpa, xformers or eager")
 
 
-# --- rows -> training examples ---------------------------------------------------------------
-
-
-def caption_source(columns: Sequence[str], adapter_name: str, adapter_options: Mapping[str, Any]):
-    """A `row -> caption` function: the manifest's `caption` column if present, else the dataset adapter."""
-    if CAPTION_COLUMN in columns:
-        return lambda row: row.get(CAPTION_COLUMN)
-    from prism_ray.data.captions import get_adapter
-
-    return get_adapter(adapter_name, **dict(adapter_options)).caption
-
-
-def prepare_examples(
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    image_column: str,
-    image_root: str | None,
-    resolution: int,
-    caption_fn,
-) -> list[dict]:
-    """Manifest rows -> {uri, pixels (3, R, R) uint8, caption, error}; a bad row gets an `error`, never raises.
-
-    Missing/corrupt images, empty captions and rows the caption policy rejects are reported per row
-    (zero pixels, empty caption) so that the caller can count and skip them.
-    """
-    from prism_ray.data.storage import ImageReadError, read_image, resolve_uri
-
-    out = []
-    blank = np.zeros((3, resolution, resolution), np.uint8)
-    for row in rows:
-        uri = str(row.get(image_column) or "")
-        example = {"uri": uri, "pixels": blank, "caption": "", "error": ""}
-        try:
-            caption = caption_fn(row)
-            if caption is None or not str(caption).strip():
-                raise ValueError("empty caption")
-            if not uri:
-                raise ImageReadError(uri, "empty image URI")
-            image = read_image(resolve_uri(uri, image_root))
-            x = _to_training_pixels(image, resolution)
-        except ImageReadError as err:
-            example["error"] = f"image: {err.reason}"
-        except ValueError as err:  # empty caption, RowRejected (a ValueError) from the adapter
-            example["error"] = f"caption: {err}"
-        else:
-            example.update(pixels=x, caption=str(caption))
-        out.append(example)
-    return out
-
-
-def _to_training_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (3, R, R): the method's square crop + resize, kept as bytes to move cheaply."""
-    from prism_ray.engine.images import preprocess
-
-    x = preprocess([image], resolution)[0]  # (3, R, R) in [-1, 1]
-    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def pixels_to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, R, R) -> float (N, 3, R, R) in [-1, 1] (`x / 127.5 - 1`, ALGORITHM.md section 1)."""
-    return torch.tensor(np.asarray(pixels)).float() / 127.5 - 1.0  # copies: Ray hands out read-only arrays
-
-
 # --- validation images -----------------------------------------------------------------------
 
 
@@ -239,31 +148,26 @@ def sample_images(
     guidance_scale: float = 7.5,
     seed: int = 0,
 ) -> np.ndarray:
-    """A few deterministic DDIM steps with classifier-free guidance -> uint8 (N, R, R, 3) for the prompts."""
-    from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
-    from prism_ray.engine.images import decode
+    """A few guided DDIM steps of the U-Net being trained -> uint8 (N, R, R, 3); prompt i draws from seed + i."""
+    from prism_ray.engine.sampling import generate_images
 
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    steps = DDIMSteps(make_ddim_scheduler(num_inference_steps))
-    cond = text_embeddings(sd.tokenizer, sd.text_encoder, list(prompts)).to(device, dtype)
-    uncond = text_embeddings(sd.tokenizer, sd.text_encoder, [""] * len(prompts)).to(device, dtype)
-    latent_side = sd.resolution // sd.vae_scale_factor
-    shape = (len(prompts), unet.config.in_channels, latent_side, latent_side)
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     was_training = unet.training
     unet.eval()
     try:
-        for t in steps.timesteps:
-            eps = unet(torch.cat([z, z]).to(dtype), t, torch.cat([uncond, cond])).sample.float()  # (2N, 4, h, w)
-            eps_u, eps_c = eps.chunk(2)
-            z = steps.prev_step(eps_u + guidance_scale * (eps_c - eps_u), int(t), z)
+        return generate_images(
+            sd,
+            list(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generators=generators,
+            unet=unet,
+        )
     finally:
         unet.train(was_training)
-    return decode(sd.vae, z)
 
 
-# --- weights and export ----------------------------------------------------------------------
+# --- weights ----------------------------------------------------------------------------------
 
 
 def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -277,42 +181,3 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def module_digest(module: torch.nn.Module) -> str:
     return state_dict_digest(module.state_dict())
-
-
-def export_diffusers(
-    model_root: str | Path,
-    unet_state_dict: Mapping[str, torch.Tensor],
-    out_uri: str,
-    *,
-    metadata: Mapping[str, Any] | None = None,
-) -> str:
-    """Write a diffusers folder: the original components copied, plus the fine-tuned U-Net (safetensors).
-
-    `out_uri` is a local path or any fsspec URI; the folder loads with `load_sd_components`.
-    """
-    import fsspec
-    from diffusers import UNet2DConditionModel
-
-    root = Path(model_root)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-    missing, unexpected = unet.load_state_dict(dict(unet_state_dict), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"export: U-Net weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with tempfile.TemporaryDirectory(prefix="prism-export-") as tmp:
-        local = Path(tmp) / "model"
-        local.mkdir()
-        for name in EXPORT_COPY:
-            src = root / name
-            if src.is_dir():
-                shutil.copytree(src, local / name, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.ckpt"))
-            elif src.is_file():
-                shutil.copy2(src, local / name)
-        unet.save_pretrained(local / "unet", safe_serialization=True)
-        if metadata:
-            (local / "prism_finetune.json").write_text(json.dumps(dict(metadata), indent=2, default=str))
-        fs, path = fsspec.core.url_to_fs(out_uri)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
-        fs.put(str(local) + "/", path, recursive=True)
-    return out_uri

@@ -68,7 +68,7 @@ class TrainConfig(BaseConfig):
     validation_guidance: float = Field(7.5, ge=0.0)
 
 
-class ComputeConfig(BaseConfig):
+class TrainComputeConfig(BaseConfig):
     """Launch settings (kept apart from the job's knobs): Ray Train workers and failure handling."""
 
     num_workers: int = Field(1, ge=1)
@@ -95,7 +95,7 @@ class FinetuneConfig(BaseConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig)
     run: RunStorageConfig
 
 

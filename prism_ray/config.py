@@ -26,6 +26,9 @@ class BaseConfig(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def check(self) -> None:
+        """Cross-field checks run once at load (`build_config`); raise ConfigError naming the field."""
+
     def config_hash(self) -> str:
         """Stable 16-hex-digit hash of the whole config (goes into every output row)."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -82,9 +85,11 @@ def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str
     """Validate `data` + overrides into `cls`; any problem is one ConfigError line naming the field."""
     merged = _merge(data or {}, parse_overrides(overrides))
     try:
-        return cls.model_validate(merged)
+        config = cls.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    config.check()
+    return config
 
 
 def load_config(

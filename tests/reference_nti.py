@@ -1,4 +1,4 @@
-"""Test oracle: null-text inversion for ONE image, written plainly from ALGORITHM.md (no prism_ray.engine code).
+"""Test oracle: null-text inversion for ONE image, written plainly from docs/method.md §4-§6 (no prism_ray.engine code).
 
 It follows the structure of the google/prompt-to-prompt null-text notebook (Mokady et al. 2023): DDIM
 inversion with the conditional embedding, then per timestep a new Adam on a warm-started unconditional

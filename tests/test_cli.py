@@ -67,3 +67,11 @@ def test_every_job_has_a_one_line_entrypoint_and_tiny_configs_load():
         for extra in [None, *compute]:
             files = [path] + ([extra] if extra else [])
             load_config(cli._load(cli.JOBS[name].config), files)  # validates, or raises naming the field
+
+
+def test_cross_field_checks_run_when_the_config_loads(tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_tiny.yaml"
+    out = _cli("finetune", "--config", str(config), "--set", "train.precision=fp16", "--print-config")
+    assert out.returncode == 2 and "train.precision" in out.stderr and out.stderr.count("\n") == 1

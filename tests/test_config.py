@@ -23,7 +23,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.inversion.guidance_scale == 3.0
     assert cfg.edit.reweight is None
     assert cfg.model.path == "/x"
-    # Reference defaults (ALGORITHM.md) are the defaults.
+    # Reference defaults (docs/method.md §15) are the defaults.
     assert cfg.inversion.num_inference_steps == 50 and cfg.inversion.learning_rate == 1e-2
     assert cfg.edit.cross_replace_steps == 0.8 and cfg.edit.self_replace_steps == 0.5
 

@@ -35,7 +35,7 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 @torch.no_grad()
 def _ddim_inversion(sd, prompts: list[str], direct: bool = False, scale: float = 7.5) -> InversionResult:
-    """A plain DDIM inversion written here (ALGORITHM.md section 3), "" as the unconditional context;
+    """A plain DDIM inversion written here (docs/method.md §5), "" as the unconditional context;
     with `direct`, the per-step residuals of direct inversion (added to the source branch after step i)."""
     steps = DDIMSteps(make_ddim_scheduler(T))
     z = encode(sd.vae, preprocess(_images(len(prompts)), sd.resolution)).float()

@@ -1,4 +1,4 @@
-"""The pyarrow schemas of every table prism_ray writes (DESIGN.md "Data contracts"), in one place."""
+"""The pyarrow schemas of every table prism_ray writes (outputs: docs/results.md, docs/jobs.md), in one place."""
 
 from __future__ import annotations
 

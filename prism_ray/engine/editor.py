@@ -1,4 +1,4 @@
-"""The prompt-to-prompt editing pass (ALGORITHM.md section 5): invert once, edit many, several images per call.
+"""The prompt-to-prompt editing pass (docs/method.md §8-§10): invert once, edit many, several images per call.
 
 For each image the batch is [source, edit_1 .. edit_K], all starting from the inverted z_T; the source
 branch is computed once per step and shared by the K edits. `edit_batch_size` images go through each

@@ -1,4 +1,4 @@
-"""Image pre/post-processing of the method (ALGORITHM.md section 1) and VAE encode/decode."""
+"""Image pre/post-processing of the method (docs/method.md §2) and VAE encode/decode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 def to_model_pixels(pixels: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8-valued pixels, any layout ((N, H, W, C), (N, C, H, W), (N, H, W)) -> float32 in [-1, 1], same shape.
 
-    `x / 127.5 - 1` (ALGORITHM.md section 1). NumPy input is copied, so read-only arrays (as Ray
+    `x / 127.5 - 1` (docs/method.md §2). NumPy input is copied, so read-only arrays (as Ray
     hands out) are fine.
     """
     if isinstance(pixels, torch.Tensor):

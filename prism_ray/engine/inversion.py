@@ -1,4 +1,4 @@
-"""DDIM inversion and the source-reconstruction methods (ALGORITHM.md sections 3-4), batched across images.
+"""DDIM inversion and the source-reconstruction methods (docs/method.md §5-§7), batched across images.
 
 Methods (`InversionConfig.method`), each returning an `InversionResult` for the editing pass:
 - `null_text`: null-text inversion, Mokady et al. 2023 ("Null-text Inversion for Editing Real Images").
@@ -121,7 +121,7 @@ def null_text_invert(
     uncond_init: torch.Tensor,
     config: InversionConfig,
 ) -> InversionResult:
-    """Null-text optimisation (ALGORITHM.md section 4), N images at once.
+    """Null-text optimisation (docs/method.md §6), N images at once.
 
     latents (T + 1, N, C, h, w) from `ddim_invert`; cond (N, 77, D); uncond_init (1 or N, 77, D), the ""
     embedding. The loss is the sum over images of each image's mean MSE, so every image gets exactly its

@@ -1,4 +1,4 @@
-"""The reference DDIM scheduler and its deterministic prev/next steps (ALGORITHM.md section 2)."""
+"""The reference DDIM scheduler and its deterministic prev/next steps (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The method is Hertz et al. 2022, "Prompt-to-Prompt Image Editing with Cross Attention Control"; the
 conventions below (how words are located, the Needleman-Wunsch scores and tie-breaking, the shape of
 the time/word alpha table) follow the google/prompt-to-prompt reference code (`ptp_utils.py`,
-`seq_aligner.py`) so that the numbers match. The code is written from the paper and ALGORITHM.md.
+`seq_aligner.py`) so that the numbers match. The code is written from the paper and docs/method.md §9.
 
 Token positions are those of the 77-token CLIP context: 0 = BOS, words start at 1, EOS after them.
 """
@@ -182,7 +182,7 @@ def equalizer(prompt: str, words: Sequence[str], value: float, tokenizer, max_to
 
 
 def step_window(window: Window, num_rows: int) -> tuple[int, int]:
-    """ALGORITHM.md windows: a fraction f means [0, f); a pair (a, b) means [int(a * T'), int(b * T'))
+    """Windows (docs/method.md §9.2): a fraction f means [0, f); a pair (a, b) means [int(a * T'), int(b * T'))
     with T' = num_rows (T + 1 for the cross-attention alpha table, T for self-attention)."""
     start, end = window_bounds(window)
     return int(start * num_rows), int(end * num_rows)

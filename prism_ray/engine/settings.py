@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from prism_ray.config import BaseConfig
 class InversionConfig(BaseConfig):
-    """DDIM + null-text inversion knobs; defaults reproduce ALGORITHM.md section 2-4."""
+    """DDIM + null-text inversion knobs; defaults reproduce docs/method.md §4-§6."""
 
     method: Literal["null_text", "ddim", "negative_prompt", "direct"] = "null_text"
     num_inference_steps: int = Field(50, ge=1, le=1000)
@@ -26,7 +26,7 @@ Window = float | tuple[float, float]
 
 
 def window_bounds(window: Window) -> tuple[float, float]:
-    """ALGORITHM.md window -> (start, end) fractions: f means [0, f); (a, b) means [a, b). ValueError if out of range."""
+    """A window (docs/method.md §9.2) -> (start, end) fractions: f means [0, f); (a, b) means [a, b). ValueError if out of range."""
     start, end = (0.0, float(window)) if isinstance(window, (int, float)) else (float(window[0]), float(window[1]))
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"window {window!r}: expected a fraction in [0, 1] or [start, end] with 0 <= start <= end <= 1")
@@ -41,7 +41,7 @@ def _check_window(window: Window) -> Window:
 class EditConfig(BaseConfig):
     """Prompt-to-prompt settings; PRISM defaults: Refine + Reweight x2, cross 0.8, self 0.5.
 
-    Windows (ALGORITHM.md section 5): a fraction f controls steps [0, f); a pair [a, b] steps
+    Windows (docs/method.md §9.2): a fraction f controls steps [0, f); a pair [a, b] steps
     [a*T, b*T). `cross_replace_steps` may also be a per-word table, e.g. `{default_: 0.8, Devices: 0.4}`:
     the word's window replaces the default on its tokens in every edit prompt that contains it.
     """

@@ -200,7 +200,7 @@ def save_family_folder(out: Path, *, tokenizer, text_encoder, vae, unet, clip) -
     for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet), ("clip", clip)):
         module.to("cpu").save_pretrained(out / name, safe_serialization=True)
     save_sd_tokenizer(tokenizer, out / "clip")
-    DDIMScheduler(**REFERENCE_DDIM).save_pretrained(out / "scheduler")  # ALGORITHM.md section 2
+    DDIMScheduler(**REFERENCE_DDIM).save_pretrained(out / "scheduler")  # docs/method.md §4
     write_model_index(out)
 
 

@@ -327,7 +327,7 @@ def train_unet(
     vocab = [""] + sorted(set(captions))  # index 0 = the empty caption
     context = encode_prompts(tokenizer, text_encoder.to(device), vocab)  # (V, 77, D), text encoder frozen
     target = torch.tensor([vocab.index(c) for c in captions], device=device)
-    # The betas the U-Net is sampled with (ALGORITHM.md section 2).
+    # The betas the U-Net is sampled with (docs/method.md §4).
     alphas = make_ddpm_scheduler().alphas_cumprod.to(device)  # (1000,)
     latents = latents.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)

@@ -98,6 +98,12 @@ class FinetuneConfig(BaseConfig):
     compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig)
     run: RunStorageConfig
 
+    def check(self) -> None:
+        """DeepSpeed / device combinations that cannot work, caught when the config loads."""
+        from prism_ray.pipelines.deepspeed_config import check_combinations
+
+        check_combinations(self)
+
 
 # --- the run ---------------------------------------------------------------------------------
 

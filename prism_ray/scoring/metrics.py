@@ -117,7 +117,7 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     if path.suffix in (".pth", ".pt", ".bin"):
-        # Never unpickle arbitrary objects from weight files (DESIGN.md: data contracts).
+        # Never unpickle arbitrary objects from weight files: tensors only (weights_only=True).
         return torch.load(str(path), map_location="cpu", weights_only=True)
     raise ValueError(f"unsupported weights format {path.suffix!r} for {path}; use .safetensors or .pth")
 

@@ -75,7 +75,7 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
     from prism_ray.pipelines.augment import AugmentConfig
     from prism_ray.pipelines.augment import run as augment
 
-    # One round of a fixed size (accept everything, no over-provisioning): throughput, not quota luck.
+    # Rounds of a fixed size (accept everything, no over-provisioning): throughput, not quota luck.
     config = AugmentConfig.model_validate(
         {
             "model": {"path": family, "device": "cpu"},
@@ -86,7 +86,8 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
             ],
             "inversion": {"num_inference_steps": args.steps, "num_inner_steps": args.inner},
             "filter": {"s_clip_min": -1.0},
-            "planner": {"initial_acceptance": 1.0, "over_provision": 1.0, "max_rounds": 1},
+            "planner": {"initial_acceptance": 1.0, "over_provision": 1.0, "max_rounds": 20,
+                        "max_attempts_per_round": args.per_round or args.attempts},
             "output": out,
             "compute": {"num_actors": actors, "batch_size": args.batch_size},
         }
@@ -108,6 +109,8 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
         "steady_attempts_per_second": round(attempts / (busy / actors), 3),
         "actor_seconds_per_attempt": _rounded(per_attempt),
         "model_loads_per_actor": summary["actors"]["model_loads_per_actor"],
+        # The pool lives for the job: only the first round pays actor start-up and model loading.
+        "round_seconds_each": [round(r["seconds"], 1) for r in summary["rounds"]],
         # Round wall time not spent in an actor's stages: actor start + model load + scheduling
         # (paid once per job: the pool lives for every round).
         "startup_seconds": round(round_s - busy / actors, 1),
@@ -118,7 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--subjects", type=int, default=24)
-    ap.add_argument("--attempts", type=int, default=24, help="attempts of the single measured round")
+    ap.add_argument("--attempts", type=int, default=24, help="attempts in all")
+    ap.add_argument("--per-round", type=int, default=None, help="attempts per round (default: one round)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--inner", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)

@@ -1,14 +1,17 @@
 """The README's main command, shrunk: phantoms -> Ray Train + DeepSpeed fine-tune -> Ray Data
-counterfactuals with the demo's edit settings -> report against the true counterfactuals."""
+actor counterfactuals with the demo's edit settings -> report against the true counterfactuals."""
 
 from __future__ import annotations
 
 import json
 
 from prism_ray.engine.settings import InversionConfig
+import pytest
+
 from prism_ray.pipelines.demo import SUBGROUPS, DemoConfig, run as run_demo
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(ray_local, tmp_path):
     config = DemoConfig(
         out=str(tmp_path / "demo"),

@@ -16,7 +16,7 @@ from prism_ray.pipelines.finetune import FinetuneConfig, run
 from prism_ray.training.callbacks import checkpoint_unet_state
 from prism_ray.training.diffusion import module_digest, state_dict_digest
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 CAPTIONS = ["chest x-ray showing cardiomegaly", "chest x-ray showing pleural effusion", "chest x-ray"]
 

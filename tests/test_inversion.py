@@ -152,6 +152,7 @@ def test_null_text_reconstruction_beats_ddim(calm_sd):
     assert errors["null_text"] < 1.1 * errors["negative_prompt"]
 
 
+@pytest.mark.slow
 def test_null_text_on_trained_family_meets_the_reconstruction_target():
     """The shipped phantom-trained family, a real phantom, T = 50 (981 ... 1).
 

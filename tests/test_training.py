@@ -237,6 +237,7 @@ def test_shipped_tiny_config_is_valid():
 
     from prism_ray.config import load_config
 
-    config = load_config(FinetuneConfig, Path(__file__).parents[1] / "configs" / "finetune_tiny.yaml")
+    configs = Path(__file__).parents[1] / "configs"
+    config = load_config(FinetuneConfig, [configs / "finetune_tiny.yaml", configs / "compute" / "finetune_cpu.yaml"])
     ds = build_deepspeed_config(config)
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4

@@ -1,4 +1,4 @@
-"""The README's main command, shrunk: phantoms -> Ray Train + DeepSpeed fine-tune -> Ray Data
+"""The README's main command, shrunk: phantoms -> Ray Train + DeepSpeed fine-tune -> Ray
 actor counterfactuals with the demo's edit settings -> report against the true counterfactuals."""
 
 from __future__ import annotations

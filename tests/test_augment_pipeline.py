@@ -314,3 +314,32 @@ def test_a_storage_error_reading_a_source_is_retried_not_written_off(manifest, t
     missing = storage.ImageReadError  # a missing file, by contrast, is the image's fault: an item error
     with pytest.raises(missing, match="file not found"):
         real(str(tmp_path / "nope.png"))
+
+
+def test_the_whole_job_runs_in_process_with_the_real_method_and_without_ray(tmp_path):
+    """The pipeline layer needs no Ray: the shipped tiny family, real inversion/editing/CLIP, in one process."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from prism_ray.config import build_config
+from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.pipelines import augment
+data = write_phantom_dataset({str(tmp_path / 'data')!r}, PhantomDatasetConfig(n_subjects=24, seed=5))
+config = build_config(augment.AugmentConfig, {{
+    "model": {{"device": "cpu"}},
+    "data": {{"manifest": data.manifest_uri}},
+    "subgroups": [{{"name": "devices", "selector": {{"Support Devices": 1}},
+                    "interventions": ["Support Devices=0"], "quota": 2}}],
+    "inversion": {{"num_inference_steps": 3, "num_inner_steps": 1}},
+    "filter": {{"s_clip_min": -1.0}},
+    "output": {str(tmp_path / 'out')!r},
+}})
+summary = augment.run(config, runner=augment.in_process)
+print(summary["subgroups"]["devices"]["accepted"], summary["actors"]["model_loads_per_actor"],
+      sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "deepspeed")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2 [1] []"

@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-import ray
-
+from prism_ray.distributed import init_ray
 from prism_ray.distributed.actors import ActorPool
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def ray_runner(step_factory, compute) -> ActorPool:

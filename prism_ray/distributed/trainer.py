@@ -6,6 +6,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from prism_ray.distributed import init_ray
 from prism_ray.distributed.latents import cache_latents, examples_dataset
 from prism_ray.distributed.train_loop import train_loop_per_worker
 from prism_ray.pipelines.deepspeed_config import check_resources
@@ -19,8 +20,7 @@ def fit(config: FinetuneConfig, plan: FinetunePlan) -> str:
     and the manifest. A worker failure restarts the group from the latest checkpoint
     (`compute.max_failures` times); re-running with the same `run.name` resumes too.
     """
-    if not ray.is_initialized():
-        raise RuntimeError("finetune: call ray.init() first (the prism-ray CLI does)")
+    init_ray()  # joins the cluster of `ray job submit`, else starts a local Ray
     check_resources(config, ray.cluster_resources())
     dataset = examples_dataset(config, plan)
     if config.train.cache_latents:

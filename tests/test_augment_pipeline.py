@@ -343,3 +343,48 @@ print(summary["subgroups"]["devices"]["accepted"], summary["actors"]["model_load
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "2 [1] []"
+
+
+def test_unknown_intervention_attribute_and_impossible_selector_are_one_line_config_errors(manifest, tmp_path):
+    groups = [{"name": "pace", "selector": {"Support Devices": 1}, "interventions": ["Pacemaker=0"], "quota": 1}]
+    with pytest.raises(ConfigError, match=r"subgroups\.pace\.interventions: .*unknown attribute 'Pacemaker'") as err:
+        make_config(manifest, tmp_path, subgroups=groups)
+    assert "\n" not in str(err.value)
+    groups = [{"name": "odd", "selector": {"Support Devices": 2}, "interventions": ["Support Devices=0"], "quota": 1}]
+    with pytest.raises(ConfigError, match=r"subgroups\.odd\.selector: .*'2'"):
+        make_config(manifest, tmp_path, subgroups=groups)
+
+
+def test_a_subgroup_matching_no_row_stops_the_job_naming_it(manifest, tmp_path):
+    groups = [{"name": "nobody", "selector": {"Sex": "Female", "Age": 200}, "interventions": ["Support Devices=0"],
+               "quota": 1}]
+    with pytest.raises(ValueError, match=r"subgroups\.nobody\.selector: .* matches no usable row"):
+        run(make_config(manifest, tmp_path / "out", subgroups=groups))
+
+
+def test_every_input_row_is_accounted_for(manifest, tmp_path):
+    table = read_table(manifest)
+    rows = table.to_pylist()
+    extra = [dict(rows[0]), dict(rows[1], image_uri=str(tmp_path / "missing.png"), **{"Pleural Effusion": 1.0})]
+    bad_manifest = str(tmp_path / "m.csv")
+    import pyarrow.csv as pacsv
+
+    merged = pa.Table.from_pylist(rows + extra, schema=table.schema)
+    pacsv.write_csv(merged, bad_manifest)
+    text = Path(bad_manifest).read_text().splitlines()
+    header = text[0].split(",")
+    col = header.index('"Support Devices"') if '"Support Devices"' in header else header.index("Support Devices")
+    cells = text[3].split(",")
+    cells[col] = "yes"  # one text cell in a label column: that row only
+    text[3] = ",".join(cells)
+    Path(bad_manifest).write_text("\n".join(text) + "\n")
+    with pytest.raises(RunIncomplete) as info:  # quotas beyond the sources: every source is attempted
+        run(make_config(bad_manifest, tmp_path / "out", quota=1000))
+    a = info.value.summary["accounting"]
+    assert a["input_rows"] == len(rows) + 2 and a["duplicate_rows_collapsed"] == 1 and a["rows_with_errors"] == 1
+    assert a["input_rows"] == a["not_selected"] + a["duplicate_rows_collapsed"] + a["rows_with_errors"] + a["sources"]
+    assert a["sources"] == a["sources_with_outputs"] + a["sources_failed"] + a["sources_not_needed"]
+    assert a["sources_failed"] == 1 and a["sources_not_needed"] == 0  # the missing file; all others used
+    errors = read_table(str(tmp_path / "out" / "errors.parquet")).to_pylist()
+    assert any("row 2 " in e["reason"] and "'yes'" in e["reason"] for e in errors)  # the input row, 0-based
+    assert any(e["stage"] == "read" and e["source_uri"].endswith("missing.png") for e in errors)

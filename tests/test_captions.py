@@ -9,7 +9,10 @@ from prism_ray.data.captions import (
     AdapterConfig,
     CheXpertAdapter,
     Intervention,
+    LabelColumn,
     RowRejected,
+    check_interventions,
+    check_selector,
     do,
     edit_words,
     get_adapter,
@@ -405,3 +408,92 @@ def test_edit_words():
     ) == ["80-years", "male"]
     assert edit_words("a b", "a  b b c c") == ["c"]
     assert edit_words(source, source) == []
+
+
+# ---------------------------------------------------------------- label schemas and config checks
+
+
+@pytest.mark.parametrize("value, parsed", [(1, 1.0), ("1.0", 1.0), (" -1 ", -1.0), (0.0, 0.0), ("", None),
+                                           (None, None), (math.nan, None), ("NA", None)])
+def test_finding_cells_that_are_labels(value, parsed):
+    assert LabelColumn("Edema", "finding").parse(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["yes", "True", True, 2, "2", 0.5, "1,0"])
+def test_finding_cells_that_are_not(value):
+    with pytest.raises(ValueError, match=r"^value '.*' not in \{1, 0, -1, blank\}$"):
+        LabelColumn("Edema", "finding").parse(value)
+
+
+def test_chexpert_rejects_booleans_in_finding_columns():
+    # Changed: a Python True used to read as 1. `True` is not one of CheXpert's codes (a manifest
+    # that says True cannot say -1), so rows and manifests now agree that it is a bad value.
+    with pytest.raises(RowRejected, match="value 'True' not in") as info:
+        CheXpertAdapter().caption(chexpert_row(Edema=True))
+    assert info.value.column == "Edema"
+
+
+def test_label_schemas_declare_columns_and_values():
+    assert [(c.name, c.kind) for c in get_adapter("chexpert", labels=["Edema"]).label_schema] == [("Edema", "finding")]
+    mimic = get_adapter("mimic", labels=["Edema"], race_values=["white", "Black"]).label_schema
+    assert [(c.name, c.kind, c.values) for c in mimic] == [
+        ("age", "count", None),
+        ("race", "text", ("white", "Black")),
+        ("sex", "text", ("M", "F", "male", "female")),
+        ("Edema", "finding", None),
+    ]
+    isic = get_adapter("isic").label_schema
+    assert isic[0] == LabelColumn("diagnosis", "text", ("MEL", "NV", "melanoma", "nevus"))
+    assert {c.kind for c in isic[1:]} == {"flag"}
+    template = get_adapter("template", template="{sex}: {findings}", findings=["Edema"]).label_schema
+    assert [(c.name, c.kind) for c in template] == [("sex", "scalar"), ("Edema", "finding")]
+    assert LabelColumn("hair", "flag").parse("TRUE") is True and LabelColumn("age", "count").parse("63.0") == 63
+
+
+def test_mimic_sex_and_race_values():
+    with pytest.raises(RowRejected, match=r"value 'X' not in \{'M', 'F', 'male', 'female', blank\}") as info:
+        get_adapter("mimic").caption(mimic_row(sex="X"))
+    assert info.value.column == "sex"
+    # Race takes any text unless race_values lists it; listed codes still accept their map's words.
+    assert get_adapter("mimic").attributes(mimic_row(race="Pacific Islander"))["race"] == "Pacific Islander"
+    strict = get_adapter("mimic", race_values=["W", "B"], race_map={"W": "white"})
+    assert strict.attributes(mimic_row(race="W"))["race"] == "white"
+    assert strict.edit_caption(mimic_row(race="B"), "race=white").startswith("Chest X-ray of 67-years old white")
+    with pytest.raises(RowRejected, match="race"):
+        strict.caption(mimic_row(race="white-ish"))
+
+
+def test_known_attributes():
+    assert get_adapter("chexpert").known_attributes() == CHEXPERT_LABELS
+    assert get_adapter("mimic", labels=["Edema"]).known_attributes() == ("age", "race", "sex", "Edema")
+    assert get_adapter("isic").known_attributes() == ("disease", "hair", "gel bubbles", "ruler", "ink")
+
+
+def test_check_interventions_names_the_unknown_attribute_and_the_known_ones():
+    check_interventions("chexpert", {}, ["Support Devices=0", "Cardiomegaly=1; Edema=0"])
+    with pytest.raises(ValueError) as info:
+        check_interventions("chexpert", {"labels": ["Edema", "Support Devices"]}, ["Edema=0", "Pacemaker=0"])
+    assert str(info.value) == (
+        "intervention 'Pacemaker=0': unknown attribute 'Pacemaker' for adapter 'chexpert' "
+        "(known: Edema, Support Devices)"
+    )
+    with pytest.raises(ValueError, match=r"^intervention 'sex=X': attribute 'sex': value 'X' not in"):
+        check_interventions("mimic", {}, ["sex=X"])
+    with pytest.raises(ValueError, match="^intervention 'Support Devices=2': attribute 'Support Devices'"):
+        check_interventions("chexpert", {}, ["Support Devices=2"])
+    with pytest.raises(ValueError, match="more than once"):
+        check_interventions("mimic", {}, ["age=80; age=20"])
+    with pytest.raises(ValueError, match="no '='"):
+        check_interventions("mimic", {}, ["age"])
+
+
+def test_check_selector_rejects_values_a_label_column_cannot_hold():
+    check_selector("mimic", {"labels": ["Edema"]}, {"Edema": [1, -1.0], "sex": "M", "split": "anything"})
+    with pytest.raises(ValueError, match=r"^column 'Edema': value '2' not in \{1, 0, -1, blank\}$"):
+        check_selector("chexpert", {}, {"Edema": [1, 2]})
+    with pytest.raises(ValueError, match="column 'Edema': value 'True'"):
+        check_selector("chexpert", {}, {"Edema": True})
+    with pytest.raises(ValueError, match="column 'sex': value 'X'"):
+        check_selector("mimic", {}, {"sex": "X"})
+    with pytest.raises(ValueError, match="blank"):
+        check_selector("chexpert", {}, {"Edema": ""})

@@ -10,6 +10,7 @@ import sys
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -33,11 +34,14 @@ __all__ = [
     "Intervention",
     "IsicAdapter",
     "IsicSettings",
+    "LabelColumn",
     "MimicAdapter",
     "MimicSettings",
     "RowRejected",
     "TemplateAdapter",
     "TemplateSettings",
+    "check_interventions",
+    "check_selector",
     "do",
     "edit_words",
     "get_adapter",
@@ -104,14 +108,35 @@ def _cell(row: Mapping[str, Any], column: str) -> Any:
     return row[column]
 
 
-def _finding_code(value: Any) -> int | None:
-    """CheXpert-style cell -> 1, 0, -1, or None for blank; anything else is a bad value."""
-    if _is_blank(value):
+# Blank spellings of numeric and boolean cells: pyarrow's CSV reader turns these into nulls, and a
+# string column (one odd cell makes pyarrow read every cell as text) must read them the same way.
+_BLANK_TEXT = frozenset({"", "na", "n/a", "nan", "null", "#n/a"})
+_TRUE_TEXT = frozenset({"1", "1.0", "true"})
+_FALSE_TEXT = frozenset({"0", "0.0", "false"})
+
+
+def _is_blank_label(value: Any) -> bool:
+    return _is_blank(value) or (isinstance(value, str) and value.strip().lower() in _BLANK_TEXT)
+
+
+def _not_allowed(value: Any, allowed: str) -> ValueError:
+    return ValueError(f"value {str(value)!r} not in {allowed}")
+
+
+FINDING_VALUES = "{1, 0, -1, blank}"
+FLAG_VALUES = "{true, false, 1, 0, blank}"
+COUNT_VALUES = "{0, 1, 2, ..., blank}"
+
+
+def _finding_code(value: Any) -> float | None:
+    """CheXpert-style cell -> 1.0, 0.0, -1.0, or None for blank; anything else is a bad value.
+
+    Booleans are rejected: a `True` cell is not one of the dataset's codes (it would hide -1).
+    """
+    if _is_blank_label(value):
         return None
-    if isinstance(value, bool):
-        return int(value)
     number: float | None = None
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
         try:
@@ -119,16 +144,14 @@ def _finding_code(value: Any) -> int | None:
         except ValueError:
             number = None
     if number in (1.0, 0.0, -1.0):
-        return int(number)
-    raise ValueError(f"expected 1, 0, -1 or blank, got {value!r}")
+        return number
+    raise _not_allowed(value, FINDING_VALUES)
 
 
-_TRUE_TEXT = {"1", "1.0", "true"}
-_FALSE_TEXT = {"0", "0.0", "false"}
-
-
-def _flag(value: Any) -> bool:
-    """Boolean-column cell (ISIC artifacts; already known not blank) -> bool."""
+def _flag_value(value: Any) -> bool | None:
+    """Boolean-column cell (ISIC artifacts) -> bool, or None for blank."""
+    if _is_blank_label(value):
+        return None
     if isinstance(value, bool):
         return value
     if isinstance(value, numbers.Real) and float(value) in (0.0, 1.0):
@@ -139,7 +162,86 @@ def _flag(value: Any) -> bool:
             return True
         if text in _FALSE_TEXT:
             return False
-    raise ValueError(f"expected a boolean (true/false or 1/0), got {value!r}")
+    raise _not_allowed(value, FLAG_VALUES)
+
+
+def _count_value(value: Any) -> int | None:
+    """Non-negative integer cell (an age) -> int, or None for blank; 63.0 is 63, 63.5 is an error."""
+    if _is_blank_label(value):
+        return None
+    number: int | None = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            number = int(text)
+        elif re.fullmatch(r"[+-]?\d+\.0*", text):
+            number = int(float(text))
+    if number is None or number < 0:
+        raise _not_allowed(value, COUNT_VALUES)
+    return number
+
+
+def _text_value(value: Any, values: tuple[str, ...] | None) -> str | None:
+    """Text cell -> stripped text (one of `values` when given), or None for blank; integer codes read as text."""
+    if _is_blank(value):
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        text = str(int(value))
+    else:
+        text = str(value).strip()
+    if values is not None and text not in values:
+        raise _not_allowed(value, _value_set(values))
+    return text
+
+
+def _value_set(values: Iterable[str]) -> str:
+    return "{" + ", ".join([repr(v) for v in values] + ["blank"]) + "}"
+
+
+LabelKind = Literal["finding", "flag", "count", "text", "scalar"]
+
+
+@dataclass(frozen=True)
+class LabelColumn:
+    """One manifest column an adapter reads and the cells it accepts: the manifest's label schema.
+
+    kind "finding": 1, 0, -1 or blank -> float64 (blank = null), CheXpert's codes;
+    "flag": true/false/1/0 or blank -> bool; "count": a non-negative integer or blank -> int64;
+    "text": text (one of `values` when given) or blank -> string; "scalar": a number or text,
+    kept as read (template placeholders). Blank cells are valid here; the adapter's policy
+    decides what a blank means.
+    """
+
+    name: str
+    kind: LabelKind
+    values: tuple[str, ...] | None = None  # "text" only: the allowed cell values
+
+    @property
+    def allowed(self) -> str:
+        """The accepted cells in words, e.g. "{1, 0, -1, blank}" (for error messages)."""
+        if self.kind == "finding":
+            return FINDING_VALUES
+        if self.kind == "flag":
+            return FLAG_VALUES
+        if self.kind == "count":
+            return COUNT_VALUES
+        if self.kind == "text" and self.values is not None:
+            return _value_set(self.values)
+        return "{any value}"
+
+    def parse(self, value: Any) -> Any:
+        """One cell -> its canonical Python value (None for blank); ValueError "value 'yes' not in {...}"."""
+        if self.kind == "finding":
+            return _finding_code(value)
+        if self.kind == "flag":
+            return _flag_value(value)
+        if self.kind == "count":
+            return _count_value(value)
+        if self.kind == "text":
+            return _text_value(value, self.values)
+        return None if _is_blank(value) else value
 
 
 def _as_int(value: Any) -> int:
@@ -335,6 +437,10 @@ class MimicSettings(_FindingSettings):
     # Codes -> words; values not in a map are kept as given ("white", "Black", ...).
     sex_map: dict[str, str] = Field(default_factory=lambda: {"M": "male", "F": "female"})
     race_map: dict[str, str] = Field(default_factory=dict)
+    # Cell values the sex/race columns may hold; other values reject the row. None: the codes and
+    # words of the map (sex: M, F, male, female), or any text when the map is empty (race).
+    sex_values: tuple[str, ...] | None = None
+    race_values: tuple[str, ...] | None = None
     # Bin edges, e.g. [20, 40, 60, 80]: age is replaced by the lower edge of its bin
     # ([20, 40) -> 20, ..., >= 80 -> 80); ages below the first edge reject the row.
     # None keeps the integer age.
@@ -435,7 +541,7 @@ def _template_fields(template: str) -> list[str]:
 class CaptionAdapter(ABC):
     """Row (column -> value) -> canonical attributes -> caption; interventions act on attributes.
 
-    Subclasses define `Settings`, `label_columns`, `attribute_kinds`, `attributes(row)` and
+    Subclasses define `Settings`, `label_schema`, `attribute_kinds`, `attributes(row)` and
     `_render(attrs)`; everything else (validation, interventions) is shared so that a caption
     and its edit always go through the same template.
     """
@@ -454,8 +560,21 @@ class CaptionAdapter(ABC):
 
     @property
     @abstractmethod
+    def label_schema(self) -> tuple[LabelColumn, ...]:
+        """Manifest columns this adapter reads and the cells each accepts (see LabelColumn)."""
+
+    @property
     def label_columns(self) -> tuple[str, ...]:
         """Manifest columns this adapter reads (check them against a manifest's schema up front)."""
+        return tuple(column.name for column in self.label_schema)
+
+    def known_attributes(self) -> tuple[str, ...]:
+        """Canonical attribute names an intervention may name, in caption order."""
+        return tuple(self.attribute_kinds)
+
+    def _unknown_attribute(self, name: str) -> ValueError:
+        known = ", ".join(self.known_attributes())
+        return ValueError(f"unknown attribute {name!r} for adapter {self.name!r} (known: {known})")
 
     @property
     @abstractmethod
@@ -483,7 +602,7 @@ class CaptionAdapter(ABC):
         kinds = self.attribute_kinds
         for name in attrs:
             if name not in kinds:
-                raise ValueError(f"unknown attribute {name!r}; {self.name} attributes: {list(kinds)}")
+                raise self._unknown_attribute(name)
         canonical: Attributes = {}
         for name in kinds:
             if name not in attrs:
@@ -502,7 +621,7 @@ class CaptionAdapter(ABC):
         for intervention in parse_interventions(interventions):
             name = intervention.attribute
             if name not in kinds:
-                raise ValueError(f"unknown attribute {name!r}; {self.name} attributes: {list(kinds)}")
+                raise self._unknown_attribute(name)
             # Two values for one attribute in one edit would silently depend on list order.
             if name in seen:
                 raise ValueError(f"attribute {name!r} is intervened on more than once")
@@ -510,7 +629,7 @@ class CaptionAdapter(ABC):
             try:
                 edited[name] = self._canonical(name, intervention.value)
             except ValueError as err:
-                raise ValueError(f"intervention on {name!r}: {err}") from None
+                raise ValueError(f"attribute {name!r}: {err}") from None
         return edited
 
     def edit_caption(self, row: Mapping[str, Any], interventions: Any) -> str:
@@ -534,12 +653,12 @@ def _read_findings(row: Mapping[str, Any], labels: Iterable[str], uncertain: str
             if blank == "drop":
                 raise RowRejected(column, "blank label and blank='drop'")
             findings[column] = False
-        elif code == -1:
+        elif code == -1.0:
             if uncertain == "drop":
                 raise RowRejected(column, "uncertain (-1) label and uncertain='drop'")
             findings[column] = uncertain == "present"
         else:
-            findings[column] = code == 1
+            findings[column] = code == 1.0
     return findings
 
 
@@ -547,6 +666,21 @@ def _listed_findings(attrs: Mapping[str, Any], labels: Iterable[str], no_finding
     # In the paper's listing No Finding is just another label; "normal_caption" keeps it out of
     # the list so an otherwise empty row falls through to the normal caption.
     return [label for label in labels if attrs[label] and not (label == NO_FINDING and no_finding == "normal_caption")]
+
+
+def _allowed_codes(values: tuple[str, ...] | None, code_map: Mapping[str, str]) -> tuple[str, ...] | None:
+    """Cell values a mapped text column accepts: `values` if given, else the map's codes and words."""
+    if values is not None:
+        return values
+    return tuple(dict.fromkeys([*code_map, *code_map.values()])) or None
+
+
+def _mapped_code(text: str, values: tuple[str, ...] | None, code_map: Mapping[str, str]) -> str:
+    # The map's words are accepted too, so do(sex=male) reads like do(sex=M).
+    allowed = _allowed_codes(values, code_map)
+    if allowed is not None and text not in allowed and text not in code_map.values():
+        raise _not_allowed(text, _value_set(allowed))
+    return code_map.get(text, text)
 
 
 class CheXpertAdapter(CaptionAdapter):
@@ -557,8 +691,8 @@ class CheXpertAdapter(CaptionAdapter):
     settings: CheXpertSettings
 
     @property
-    def label_columns(self) -> tuple[str, ...]:
-        return self.settings.labels
+    def label_schema(self) -> tuple[LabelColumn, ...]:
+        return tuple(LabelColumn(label, "finding") for label in self.settings.labels)
 
     @property
     def attribute_kinds(self) -> dict[str, AttributeKind]:
@@ -582,9 +716,14 @@ class MimicAdapter(CaptionAdapter):
     settings: MimicSettings
 
     @property
-    def label_columns(self) -> tuple[str, ...]:
+    def label_schema(self) -> tuple[LabelColumn, ...]:
         s = self.settings
-        return (s.age_column, s.race_column, s.sex_column, *s.labels)
+        return (
+            LabelColumn(s.age_column, "count"),
+            LabelColumn(s.race_column, "text", _allowed_codes(s.race_values, s.race_map)),
+            LabelColumn(s.sex_column, "text", _allowed_codes(s.sex_values, s.sex_map)),
+            *(LabelColumn(label, "finding") for label in s.labels),
+        )
 
     @property
     def attribute_kinds(self) -> dict[str, AttributeKind]:
@@ -597,11 +736,9 @@ class MimicAdapter(CaptionAdapter):
         if attribute == "age":
             return self._bin_age(_as_int(value))
         if attribute == "sex":
-            text = _as_text(value)
-            return s.sex_map.get(text, text)
+            return _mapped_code(_as_text(value), s.sex_values, s.sex_map)
         if attribute == "race":
-            text = _as_text(value)
-            return s.race_map.get(text, text)
+            return _mapped_code(_as_text(value), s.race_values, s.race_map)
         return super()._canonical(attribute, value)
 
     def _bin_age(self, age: int) -> int:
@@ -646,9 +783,13 @@ class IsicAdapter(CaptionAdapter):
     settings: IsicSettings
 
     @property
-    def label_columns(self) -> tuple[str, ...]:
+    def label_schema(self) -> tuple[LabelColumn, ...]:
         s = self.settings
-        return (s.disease_column, *s.artifacts.values())
+        codes = tuple(dict.fromkeys([*s.disease_map, *s.disease_map.values()]))
+        return (
+            LabelColumn(s.disease_column, "text", codes),
+            *(LabelColumn(column, "flag") for column in s.artifacts.values()),
+        )
 
     @property
     def attribute_kinds(self) -> dict[str, AttributeKind]:
@@ -678,16 +819,15 @@ class IsicAdapter(CaptionAdapter):
         except ValueError as err:
             raise RowRejected(s.disease_column, str(err)) from None
         for artifact, column in s.artifacts.items():
-            value = _cell(row, column)
-            if _is_blank(value):
-                if s.blank == "drop":
-                    raise RowRejected(column, "blank artifact flag and blank='drop'")
-                attrs[artifact] = False
-                continue
             try:
-                attrs[artifact] = _flag(value)
+                flag = _flag_value(_cell(row, column))
             except ValueError as err:
                 raise RowRejected(column, str(err)) from None
+            if flag is None:
+                if s.blank == "drop":
+                    raise RowRejected(column, "blank artifact flag and blank='drop'")
+                flag = False
+            attrs[artifact] = flag
         return attrs
 
     def _render(self, attrs: Attributes) -> str:
@@ -712,8 +852,12 @@ class TemplateAdapter(CaptionAdapter):
         return self.settings.columns.get(placeholder, placeholder)
 
     @property
-    def label_columns(self) -> tuple[str, ...]:
-        return (*(self._column(p) for p in self._scalars), *self.settings.findings)
+    def label_schema(self) -> tuple[LabelColumn, ...]:
+        # Placeholders take any number or text (value_maps only rename), so they are read as given.
+        return (
+            *(LabelColumn(self._column(p), "scalar") for p in self._scalars),
+            *(LabelColumn(column, "finding") for column in self.settings.findings),
+        )
 
     @property
     def attribute_kinds(self) -> dict[str, AttributeKind]:
@@ -788,3 +932,48 @@ class AdapterConfig(BaseModel):
 
     def build(self) -> CaptionAdapter:
         return get_adapter(self.name, **self.options)
+
+
+# --------------------------------------------------------------------------------------------
+# Config-time checks: a job config that names an unknown attribute or an impossible label value
+# fails when it loads, not after the manifest is read or on a worker.
+# --------------------------------------------------------------------------------------------
+
+
+def check_interventions(adapter_name: str, adapter_options: Mapping[str, Any], specs: Iterable[str]) -> None:
+    """Each compact intervention ("Support Devices=0; age=80") names known attributes with valid values.
+
+    Raises ValueError naming the intervention, e.g. "intervention 'Pacemaker=0': unknown
+    attribute 'Pacemaker' for adapter 'chexpert' (known: No Finding, ...)".
+    """
+    adapter = get_adapter(adapter_name, **dict(adapter_options))
+    for spec in specs:
+        try:
+            adapter.intervene({}, spec)
+        except ValueError as err:
+            message = str(err)
+            prefix = f"intervention {spec!r}"
+            raise ValueError(message if message.startswith(prefix) else f"{prefix}: {message}") from None
+
+
+def check_selector(adapter_name: str, adapter_options: Mapping[str, Any], selector: Mapping[str, Any]) -> None:
+    """Selector values on the adapter's label columns must be cells those columns can hold.
+
+    A selector matches the manifest after its labels are read through the label schema (a
+    CheXpert column is float64 1/0/-1/null), so `Edema: 2`, `Edema: true` or `sex: X` would select
+    nothing, silently; they raise ValueError naming the column instead. Other columns are not
+    checked here (the manifest is not read yet).
+    """
+    adapter = get_adapter(adapter_name, **dict(adapter_options))
+    schema = {column.name: column for column in adapter.label_schema}
+    for name, values in selector.items():
+        column = schema.get(name)
+        if column is None:
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            try:
+                parsed = column.parse(value)
+            except ValueError as err:
+                raise ValueError(f"column {name!r}: {err}") from None
+            if parsed is None:
+                raise ValueError(f"column {name!r}: value {value!r} is blank, and blank cells match no selector")

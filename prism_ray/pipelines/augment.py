@@ -16,7 +16,7 @@ from typing import Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from prism_ray.config import BaseConfig
-from prism_ray.data.captions import parse_interventions
+from prism_ray.data.captions import check_interventions, check_selector, parse_interventions
 from prism_ray.data.config import DataConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
 from prism_ray.engine.settings import EditConfig, InversionConfig
@@ -150,6 +150,16 @@ class AugmentConfig(BaseConfig):
         for g in self.subgroups:
             if self.mode == "counterfactual" and not g.interventions:
                 raise ValueError(f"subgroups.{g.name}.interventions: counterfactual mode needs at least one")
+            if self.mode == "counterfactual":
+                # Attributes the adapter does not know, and selector values a label can never hold,
+                # would otherwise run to an empty subgroup.
+                data = self.data
+                for what, check, value in (("interventions", check_interventions, g.interventions),
+                                           ("selector", check_selector, g.selector)):
+                    try:
+                        check(data.adapter, data.adapter_options, value)
+                    except ValueError as err:
+                        raise ValueError(f"subgroups.{g.name}.{what}: {err}") from None
             if self.mode == "samples" and not (g.prompt and g.prompt.strip()):
                 raise ValueError(f"subgroups.{g.name}.prompt: samples mode needs a prompt")
         if self.mode == "counterfactual" and self.model.dtype != "float32":
@@ -230,33 +240,49 @@ class Sources:
     caption: dict[str, str] = field(default_factory=dict)  # uri -> source prompt
     row: dict[str, dict] = field(default_factory=dict)  # uri -> manifest row (for edit captions)
     errors: list[dict] = field(default_factory=list)
+    accounting: dict[str, int] = field(default_factory=dict)  # input rows by what became of them
 
 
 def load_sources(config: AugmentConfig) -> Sources:
+    """Typed, de-duplicated manifest rows -> captioned sources per subgroup; bad rows -> error rows."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from prism_ray.data.manifest import read_sources, select_rows
-    from prism_ray.data.storage import read_table
+    from prism_ray.data.manifest import ROW_COLUMN, prepare_manifest, read_sources
 
     out = Sources({g.name: [] for g in config.subgroups})
     if config.mode == "samples":
         return out
-    table = select_rows(read_table(config.data.manifest), config.data)
+    manifest = prepare_manifest(config.data)  # labels parsed per cell: one bad cell is one row error
+    table = manifest.table
     masks = {g.name: _selector_mask(table, g) for g in config.subgroups}
     union = pa.array(np.zeros(table.num_rows, dtype=bool))
     for mask in masks.values():
         union = pc.or_(union, mask)
-    member = {name: np.asarray(pc.filter(mask, union)) for name, mask in masks.items()}
+    member = {name: set(table.filter(mask).column(ROW_COLUMN).to_pylist()) for name, mask in masks.items()}
     sources, row_errors = read_sources(config.data, table.filter(union))
     for s in sources:
         out.caption.setdefault(s.image_uri, s.caption)
         out.row.setdefault(s.image_uri, s.row)
         for name in out.by_subgroup:
-            if member[name][s.index]:
+            if s.index in member[name]:
                 out.by_subgroup[name].append(s.image_uri)
-    out.errors = [dict(e.as_row(), subgroup=None, slot_id=None) for e in row_errors]
+    out.errors = [dict(e.as_row(), subgroup=None, slot_id=None) for e in manifest.errors + row_errors]
+    # Every input row lands in exactly one bucket (the run summary adds what became of the sources).
+    selected = int(pc.sum(union).as_py() or 0)
+    out.accounting = {
+        "input_rows": manifest.input_rows,
+        "not_selected": manifest.input_rows - selected - len(manifest.errors) - manifest.duplicate_rows_collapsed,
+        "duplicate_rows_collapsed": manifest.duplicate_rows_collapsed,
+        "rows_with_errors": len(manifest.errors) + len(row_errors),
+        "sources": len(sources),
+    }
+    for g in config.subgroups:
+        if not out.by_subgroup[g.name] and not any(member[g.name]):
+            raise ValueError(
+                f"subgroups.{g.name}.selector: {g.selector} matches no usable row of '{config.data.manifest}'"
+            )
     return out
 
 
@@ -407,6 +433,8 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], resul
     commit(layout, rows_to_table(rows, COUNTERFACTUAL_SCHEMA), rows_to_table(errors, ERROR_SCHEMA), finished.parts)
     return {
         "subgroups": per_group,
+        "sources_with_rows": {r["source_uri"] for r in rows},
+        "sources_with_errors": {e["source_uri"] for e in errors if e.get("source_uri")},
         "set_aside": dict(set_aside),
         "rows": len(rows),
         "errors": len(errors),
@@ -563,7 +591,10 @@ def run(config: AugmentConfig, runner=None) -> dict:
     driver_seconds["finalise"] += time.perf_counter() - t
     summary = _summary(config, layout, started, time.perf_counter() - t0, results_hash, model_id,
                        rounds, progress, final, tally, actors, driver_seconds)
+    summary["accounting"] = account(sources, final)
     write_summary(layout, summary)
+    if summary["accounting"]:
+        log.info("%s", accounting_line(summary["accounting"]))
     short = {n: s["shortfall"] for n, s in summary["subgroups"].items() if s["shortfall"]}
     for name, info in summary["subgroups"].items():
         log.info("%s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
@@ -576,6 +607,28 @@ def run(config: AugmentConfig, runner=None) -> dict:
             f"augment incomplete: {detail} ({final['rows']} rows, {errors} error rows; see {layout.errors})", summary
         )
     return summary
+
+
+def account(sources: Sources, final: dict) -> dict:
+    """Every input row in exactly one bucket, and every source in exactly one outcome."""
+    if not sources.accounting:
+        return {}  # samples mode: no input manifest
+    uris = set(sources.caption)
+    with_rows = uris & final["sources_with_rows"]
+    failed = (uris & final["sources_with_errors"]) - with_rows
+    out = dict(sources.accounting)
+    out.update(sources_with_outputs=len(with_rows), sources_failed=len(failed),
+               sources_not_needed=len(uris) - len(with_rows) - len(failed))
+    return out
+
+
+def accounting_line(a: dict) -> str:
+    return (
+        f"accounted: {a['input_rows']} input rows = {a['not_selected']} not selected + "
+        f"{a['duplicate_rows_collapsed']} duplicates + {a['rows_with_errors']} row errors + {a['sources']} sources "
+        f"({a['sources_with_outputs']} with outputs, {a['sources_failed']} failed, "
+        f"{a['sources_not_needed']} not needed: quotas met first)"
+    )
 
 
 def _summary(config, layout, started, wall, results_hash, model_id, rounds, progress, final, tally, actors,

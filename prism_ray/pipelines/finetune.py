@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
@@ -140,20 +139,17 @@ class FinetuneResult:
 Runner = Callable[[FinetuneConfig, FinetunePlan], str]
 
 
-def training_rows(data: DataConfig) -> pa.Table:
-    """The manifest rows to train on (`data.split`, `data.limit`); a wrong column or no rows is a ValueError."""
-    from prism_ray.data.storage import read_table
-    from prism_ray.training.examples import caption_source
+def training_rows(data: DataConfig, errors_uri: str, config_hash: str) -> pa.Table:
+    """The manifest rows to train on: `data.split` / `data.limit`, label cells parsed, duplicates
+    collapsed; rows dropped on the way go to the run's errors table. A wrong column or no rows is a ValueError."""
+    from prism_ray.data.manifest import prepare_manifest
+    from prism_ray.training.examples import caption_source, write_error_rows
 
-    table = read_table(data.manifest)
-    if data.image_column not in table.column_names:
-        raise ValueError(f"config field 'data.image_column': manifest has no column {data.image_column!r}")
-    if data.split is not None:
-        if "split" not in table.column_names:
-            raise ValueError("config field 'data.split': manifest has no 'split' column")
-        table = table.filter(pc.equal(table["split"], data.split))
-    if data.limit is not None:
-        table = table.slice(0, data.limit)
+    manifest = prepare_manifest(data)
+    if manifest.errors:
+        write_error_rows([{"uri": e.source_uri or "", "error": f"{e.stage}: {e.reason}"} for e in manifest.errors],
+                         errors_uri, config_hash)
+    table = manifest.table
     if table.num_rows == 0:
         raise ValueError(f"config field 'data.manifest': no rows to train on in {data.manifest!r}")
     caption_source(table.column_names, data.adapter, data.adapter_options)  # a wrong adapter fails here
@@ -183,12 +179,13 @@ def plan_run(config: FinetuneConfig) -> FinetunePlan:
     deepspeed = build_deepspeed_config(config)
     storage_path = absolute_storage(config.run.storage_path)
     model_root = resolve_model_root(config.model.path, config.model.cache_dir)
+    run_path = join_uri(storage_path, config.run.name)
     return FinetunePlan(
-        run_path=join_uri(storage_path, config.run.name),
+        run_path=run_path,
         storage_path=storage_path,
         model_root=model_root,
         resolution=model_resolution(model_root),
-        rows=training_rows(config.data),
+        rows=training_rows(config.data, join_uri(run_path, "errors"), config.config_hash()),
         deepspeed=deepspeed,
     )
 

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from prism_ray.data import images, storage
+from prism_ray.data.images import DecodeConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
 from prism_ray.data.storage import ImageReadError, read_image, read_table, write_png, write_table
 
@@ -89,6 +91,21 @@ def test_missing_and_corrupt_images_raise_per_row_errors(tmp_path):
     assert "not found" in errors[0]["reason"] and "corrupt" in errors[1]["reason"]
     table = rows_to_table(errors, ERROR_SCHEMA)  # the errors table takes them as they are
     assert table.num_rows == 3
+
+
+def test_storage_reads_images_through_the_one_decoding_policy(tmp_path):
+    # One definition: the errors storage raises are the images module's, and read_image takes its config.
+    assert storage.ImageReadError is images.ImageReadError
+    wide = np.zeros((20, 40), np.uint8)
+    wide[:, 10:30] = 255
+    (tmp_path / "w.png").write_bytes(_png_bytes(wide))
+    assert read_image(str(tmp_path / "w.png")).shape == (20, 40, 3)  # the 8-pixel floor for reading back
+    with pytest.raises(ImageReadError, match="20x40|40x20"):
+        read_image(str(tmp_path / "w.png"), min_side=images.default_min_side(8))
+    with pytest.raises(ImageReadError, match="max_pixels 100"):
+        read_image(str(tmp_path / "w.png"), DecodeConfig(max_pixels=100))
+    data = (tmp_path / "w.png").read_bytes()
+    assert np.array_equal(storage.decode_image(data, "w.png"), images.decode_image(data, "w.png", min_side=8))
 
 
 def test_schema_rejects_unknown_fields():

@@ -11,16 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-
-class ImageReadError(ValueError):
-    """One image could not be read; carries the URI and a one-line reason for the errors table."""
-
-    def __init__(self, uri: str, reason: str):
-        super().__init__(f"image '{uri}': {reason}")
-        self.uri = uri
-        self.reason = reason
+from prism_ray.data.images import DecodeConfig, ImageReadError
+from prism_ray.data.images import decode_image as _decode_image
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -92,32 +86,12 @@ def write_table(table: pa.Table, uri: str) -> None:
 
 
 def decode_image(data: bytes, uri: str = "<bytes>") -> np.ndarray:
-    """PNG/JPEG (8- or 16-bit, gray or colour) bytes -> uint8 (H, W, 3); gray is replicated."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            arr = np.asarray(img)
-            mode = img.mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(uri, f"corrupt or unsupported image ({type(err).__name__}: {err})") from None
-    if arr.dtype == np.uint16 or mode.startswith("I;16") or mode == "I":
-        # 16-bit PNGs (common in radiology exports): scale the full range down to 8 bits.
-        arr = (arr.astype(np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8)
-    elif arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
-        raise ImageReadError(uri, f"unsupported pixel type {arr.dtype} (mode {mode})")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha
-        arr = np.repeat(arr[:, :, :1], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageReadError(uri, f"unsupported image shape {arr.shape}")
-    if arr.shape[0] < 8 or arr.shape[1] < 8:
-        raise ImageReadError(uri, f"image too small {arr.shape[1]}x{arr.shape[0]}")
-    return np.ascontiguousarray(arr)
+    """Transition shim: `prism_ray.data.images.decode_image` with the default policy and the old 8-pixel floor.
+
+    Kept until the per-batch steps pass their `data.decode` and model `min_side`; new code calls the
+    images module directly.
+    """
+    return _decode_image(data, uri, min_side=8)
 
 
 def read_image_bytes(uri: str) -> bytes:
@@ -140,9 +114,12 @@ def read_image_bytes(uri: str) -> bytes:
     return data
 
 
-def read_image(uri: str) -> np.ndarray:
-    """Read one image from any fsspec URI as uint8 (H, W, 3); raises ImageReadError."""
-    return decode_image(read_image_bytes(uri), uri)
+def read_image(uri: str, config: DecodeConfig | None = None, *, min_side: int = 8) -> np.ndarray:
+    """Read one image (or DICOM) from any fsspec URI as uint8 (H, W, 3) by `config`; raises ImageReadError.
+
+    The 8-pixel floor suits reading outputs back; jobs pass their model's (`images.default_min_side`).
+    """
+    return _decode_image(read_image_bytes(uri), uri, config, min_side=min_side)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prism_ray.data.images import make_square
+
 
 def to_model_pixels(pixels: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8-valued pixels, any layout ((N, H, W, C), (N, C, H, W), (N, H, W)) -> float32 in [-1, 1], same shape.
@@ -27,11 +29,7 @@ def center_square(image: np.ndarray, offsets: tuple[int, int, int, int] = (0, 0,
     """Crop (left, right, top, bottom) offsets, then the centred square of the remainder."""
     left, right, top, bottom = offsets
     h, w = image.shape[:2]
-    image = image[top : h - bottom, left : w - right]
-    h, w = image.shape[:2]
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    return image[y0 : y0 + side, x0 : x0 + side]
+    return make_square(image[top : h - bottom, left : w - right], "center_crop")
 
 
 def preprocess(images: list[np.ndarray] | np.ndarray, resolution: int, offsets=(0, 0, 0, 0)) -> torch.Tensor:

@@ -28,6 +28,8 @@ from prism_ray.results.summary import RunIncomplete
 class FakeEngine:
     """Deterministic method stand-in; `fail` maps a source file name to an exception to raise."""
 
+    vae_scale_factor = 4  # the tiny family's: images of 32 px and up
+
     def __init__(self, fail: dict[str, BaseException] | None = None):
         self.fail = fail or {}
         self.calls = 0

@@ -222,7 +222,7 @@ def test_run_exports_the_runners_checkpoint_and_summarises_skips(tiny_family, ti
     result = run(config, runner=runner)
     assert (result.start_step, result.final_step) == (5, 7)
     assert result.model_path == str(tmp_path / "runs" / "ft" / "model")
-    assert sum(result.skipped.values()) == 4  # two conflicting rows, a missing and a corrupt file
+    assert sum(result.skipped.values()) == 3  # ok.png (its two rows conflict), a missing and a corrupt file
     exported = load_sd_components(result.model_path, device="cpu")
     assert module_digest(exported.unet) == state_dict_digest(trained)
     assert json.loads((tmp_path / "runs" / "ft" / "model" / "prism_finetune.json").read_text())["step"] == 7
@@ -234,5 +234,5 @@ def test_run_fails_before_training_on_a_bad_manifest(manifest, tmp_path):
     def runner(config, plan):
         raise AssertionError("must not start")
 
-    with pytest.raises(ValueError, match="'data.split'"):
+    with pytest.raises(ValueError, match="data.split is set but there is no 'split' column"):
         run(config, runner=runner)

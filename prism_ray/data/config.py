@@ -7,6 +7,9 @@ from typing import Any
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+from prism_ray.data.images import DecodeConfig
+
+
 class DataConfig(BaseConfig):
     """Input manifest and how its labels become captions."""
 
@@ -17,3 +20,4 @@ class DataConfig(BaseConfig):
     adapter_options: dict[str, Any] = Field(default_factory=dict)
     split: str | None = Field(None, description="keep rows whose 'split' column equals this")
     limit: int | None = Field(None, ge=1)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="how image files become pixels")

@@ -38,6 +38,10 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         # beyond_quota: finished after the quota was met, kept, counts first if the quota is raised;
         # set_aside: finished for a subgroup/selector/intervention this run's config no longer has.
         pa.field("quota_status", pa.string()),
+        # the source as decoded (after EXIF rotation), and how it was made square: none | center_crop | pad
+        pa.field("source_width", pa.int64()),
+        pa.field("source_height", pa.int64()),
+        pa.field("square", pa.string()),
     ]
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 from pathlib import Path
 
 import fsspec
@@ -85,23 +86,37 @@ def write_table(table: pa.Table, uri: str) -> None:
 # --- images ----------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, uri: str = "<bytes>") -> np.ndarray:
-    """Transition shim: `prism_ray.data.images.decode_image` with the default policy and the old 8-pixel floor.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-    Kept until the per-batch steps pass their `data.decode` and model `min_side`; new code calls the
-    images module directly.
-    """
-    return _decode_image(data, uri, min_side=8)
+
+def _open_image(uri: str):
+    """A binary file object for a local path (opened as is: '#', '%', '::', spaces and unicode are
+    file-name characters, not URL syntax) or an fsspec URI with a known scheme."""
+    match = _SCHEME.match(uri)
+    if match is None or match.group(1) == "file":
+        return open(uri.removeprefix("file://"), "rb")
+    scheme = match.group(1)
+    from fsspec.registry import known_implementations, registry
+
+    if scheme not in known_implementations and scheme not in registry:
+        raise ImageReadError(uri, f"unknown URI scheme '{scheme}://' (known: s3, gs, az, http(s), file, memory, ...)")
+    try:
+        return fsspec.open(uri, "rb").open()
+    except ImportError as err:  # e.g. s3fs not installed
+        raise ImageReadError(uri, f"no filesystem for '{scheme}://' installed ({err})") from None
 
 
 def read_image_bytes(uri: str) -> bytes:
     """The raw bytes of one image file (for hashing and decoding).
 
-    Raises ImageReadError (an item error) for a missing, empty or unopenable file; other storage
-    errors propagate as OSError (transient: the caller retries).
+    Raises ImageReadError (an item error) for an empty URI, an unknown scheme, a missing, empty,
+    unopenable file or a folder; other storage errors propagate as OSError (transient: the caller
+    retries them).
     """
+    if not isinstance(uri, str) or not uri.strip():
+        raise ImageReadError(str(uri), "empty image URI")
     try:
-        with fsspec.open(uri, "rb") as f:
+        with _open_image(uri) as f:
             data = f.read()
     except FileNotFoundError:
         raise ImageReadError(uri, "file not found") from None

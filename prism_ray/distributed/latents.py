@@ -20,6 +20,7 @@ def examples_dataset(config: FinetuneConfig, plan: FinetunePlan) -> ray.data.Dat
         fn_kwargs={
             "data": config.data,
             "resolution": plan.resolution,
+            "min_side": plan.min_side,
             "errors_uri": plan.errors_uri,
             "config_hash": config.config_hash(),
         },

@@ -181,7 +181,7 @@ class AugmentConfig(BaseConfig):
         """
         dump = self.model_dump(mode="json")
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
-        data_keys = ("image_column", "image_root", "adapter", "adapter_options")
+        data_keys = ("image_column", "image_root", "adapter", "adapter_options", "decode")
         data = dump["data"] and {k: dump["data"][k] for k in data_keys}
         keep = {"model": model, "weights": weights_digest, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
@@ -239,6 +239,7 @@ class Sources:
     by_subgroup: dict[str, list[str]]
     caption: dict[str, str] = field(default_factory=dict)  # uri -> source prompt
     row: dict[str, dict] = field(default_factory=dict)  # uri -> manifest row (for edit captions)
+    index: dict[str, int] = field(default_factory=dict)  # uri -> its 0-based row in the input manifest
     errors: list[dict] = field(default_factory=list)
     accounting: dict[str, int] = field(default_factory=dict)  # input rows by what became of them
 
@@ -265,6 +266,7 @@ def load_sources(config: AugmentConfig) -> Sources:
     for s in sources:
         out.caption.setdefault(s.image_uri, s.caption)
         out.row.setdefault(s.image_uri, s.row)
+        out.index.setdefault(s.image_uri, s.index)
         for name in out.by_subgroup:
             if s.index in member[name]:
                 out.by_subgroup[name].append(s.image_uri)
@@ -334,7 +336,8 @@ def build_tasks(
                               edit_prompt=edit_prompt, rank=slot.rank))
         if edits:
             task_id = digest("task", round_index, uri, *sorted(e["slot_id"] for e in edits))
-            tasks.append(dict(task_id=task_id, source_uri=uri, source_prompt=source_prompt, edits=edits))
+            tasks.append(dict(task_id=task_id, source_uri=uri, row=sources.index.get(uri), source_prompt=source_prompt,
+                              edits=edits))
     return tasks, errors
 
 

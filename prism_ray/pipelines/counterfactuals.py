@@ -65,6 +65,8 @@ class Edited:
 class Engine(Protocol):
     """What the step needs of the method: the real one is `MethodEngine`; tests pass fakes."""
 
+    vae_scale_factor: int  # latent stride: the smallest usable image is 8 latents wide
+
     def counterfactuals(
         self, pixels: list[np.ndarray], tasks: list[dict]
     ) -> tuple[list[Edited], list[tuple[int, str, str]]]: ...
@@ -83,6 +85,7 @@ class MethodEngine:
         m = config.model
         self.config = config
         self.sd = load_sd_components(m.path, device=device or m.device, dtype=m.dtype, cache_dir=m.cache_dir)
+        self.vae_scale_factor = self.sd.vae_scale_factor
         if config.mode == "counterfactual":
             from prism_ray.engine.editor import Editor
             from prism_ray.models.loading import load_clip
@@ -193,16 +196,29 @@ class CounterfactualStep:
     # -- counterfactual mode ----------------------------------------------------------------
 
     def _read(self, tasks, errors, seconds) -> list[tuple[dict, str, np.ndarray]]:
-        from prism_ray.data.storage import decode_image, read_image_bytes
+        """(task, sha256 of the bytes, square pixels) per readable source; the rest become 'read' errors."""
+        from prism_ray.data.images import decode_image, default_min_side, make_square
+        from prism_ray.data.manifest import row_label
+        from prism_ray.data.storage import read_image_bytes
 
+        decode = self.config.data.decode
+        min_side = decode.min_side or default_min_side(self.engine.vae_scale_factor)
         start = time.perf_counter()
         good = []
         for task in tasks:
             try:
                 data = read_image_bytes(task["source_uri"])
-                good.append((task, hashlib.sha256(data).hexdigest(), decode_image(data, task["source_uri"])))
-            except ValueError as err:  # ImageReadError: this source only
-                errors.append(self._error(task, "read", getattr(err, "reason", str(err))))
+                image = decode_image(data, task["source_uri"], decode, min_side=min_side)
+            except ValueError as err:  # ImageReadError: this source only, named by its manifest row
+                reason = getattr(err, "reason", str(err))
+                if task.get("row") is not None:
+                    reason = f"{row_label(task['row'], task['source_uri'])}: {reason}"
+                errors.append(self._error(task, "read", reason))
+                continue
+            h, w = image.shape[:2]
+            task["source_size"] = (w, h)
+            task["square"] = "none" if h == w else decode.square
+            good.append((task, hashlib.sha256(data).hexdigest(), make_square(image, decode.square, decode.alpha_background)))
         seconds["read"] += time.perf_counter() - start
         return good
 
@@ -242,6 +258,9 @@ class CounterfactualStep:
                     **{key: float(item.scores[key][k]) for key in
                        ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error")},
                     "accepted": bool(accepted[k]),
+                    "source_width": task["source_size"][0],
+                    "source_height": task["source_size"][1],
+                    "square": task["square"],
                     "inversion_seconds": item.inversion_seconds,
                     "edit_seconds": item.edit_seconds / len(task["edits"]),
                 }

@@ -116,6 +116,7 @@ class FinetunePlan:
     model_root: Path  # the resolved local diffusers folder
     resolution: int  # image side the U-Net was built for
     rows: pa.Table  # manifest rows to train on (bad ones are only found while reading them)
+    min_side: int  # smallest usable image side (data.decode.min_side, else 8 latents of the VAE)
     deepspeed: dict  # DeepSpeed's JSON config
 
     @property
@@ -156,11 +157,16 @@ def training_rows(data: DataConfig, errors_uri: str, config_hash: str) -> pa.Tab
     return table
 
 
+def vae_stride(root: Path) -> int:
+    """Pixels per latent of a diffusers folder's VAE."""
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def model_resolution(root: Path) -> int:
     """Image side of a diffusers folder: U-Net sample size x the VAE's downsampling."""
     unet = json.loads((root / "unet" / "config.json").read_text())
-    vae = json.loads((root / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["sample_size"]) * vae_stride(root)
 
 
 def absolute_storage(path: str) -> str:
@@ -172,6 +178,7 @@ def absolute_storage(path: str) -> str:
 
 def plan_run(config: FinetuneConfig) -> FinetunePlan:
     """Every check the driver can make (DeepSpeed combinations, model, manifest), before any worker starts."""
+    from prism_ray.data.images import default_min_side
     from prism_ray.data.storage import join_uri
     from prism_ray.models.loading import resolve_model_root
     from prism_ray.pipelines.deepspeed_config import build_deepspeed_config
@@ -186,6 +193,7 @@ def plan_run(config: FinetuneConfig) -> FinetunePlan:
         model_root=model_root,
         resolution=model_resolution(model_root),
         rows=training_rows(config.data, join_uri(run_path, "errors"), config.config_hash()),
+        min_side=config.data.decode.min_side or default_min_side(vae_stride(model_root)),
         deepspeed=deepspeed,
     )
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from prism_ray.data.schemas import ERROR_SCHEMA, rows_to_table
+from prism_ray.data.images import DecodeConfig, make_square
 from prism_ray.data.storage import ImageReadError, join_uri, read_image, read_table, resolve_uri, write_table
 from prism_ray.engine.images import from_model_pixels, preprocess
 
@@ -35,6 +36,8 @@ def prepare_examples(
     image_root: str | None,
     resolution: int,
     caption_fn,
+    decode: DecodeConfig | None = None,
+    min_side: int = 8,
 ) -> list[dict]:
     """Manifest rows -> {uri, pixels (3, R, R) uint8, caption, error}; a bad row gets an `error`.
 
@@ -57,7 +60,9 @@ def prepare_examples(
         try:
             if not uri:
                 raise ImageReadError(uri, "empty image URI")
-            image = read_image(resolve_uri(uri, image_root))
+            decode = decode or DecodeConfig()
+            image = read_image(resolve_uri(uri, image_root), decode, min_side=min_side)
+            image = make_square(image, decode.square, decode.alpha_background)
         except ImageReadError as err:
             out.append(example | {"error": f"image: {err.reason}"})
             continue
@@ -67,7 +72,9 @@ def prepare_examples(
     return out
 
 
-def prepare_batch(batch: pa.Table, *, data, resolution: int, errors_uri: str, config_hash: str) -> dict:
+def prepare_batch(
+    batch: pa.Table, *, data, resolution: int, errors_uri: str, config_hash: str, min_side: int = 8
+) -> dict:
     """One batch of manifest rows -> the good examples as columns; the bad ones written to `errors_uri`.
 
     `data` is the job's `DataConfig`. This is the whole per-batch step: a Ray Data `map_batches`
@@ -79,6 +86,8 @@ def prepare_batch(batch: pa.Table, *, data, resolution: int, errors_uri: str, co
         image_column=data.image_column,
         image_root=data.image_root,
         resolution=resolution,
+        decode=data.decode,
+        min_side=min_side,
         caption_fn=caption_fn,
     )
     bad = [e for e in examples if e["error"]]

@@ -31,10 +31,12 @@ def manifest(tmp_path_factory):
         write_png(rng.integers(0, 256, (72, 64), dtype=np.uint8), str(root / f"img{i}.png"))
         rows.append({"image_uri": f"img{i}.png", "caption": CAPTIONS[i % 3]})
     (root / "corrupt.png").write_bytes(b"\x89PNG but not really")
+    write_png(rng.integers(0, 256, (72, 64), dtype=np.uint8), str(root / "uncaptioned.png"))
     rows += [
         {"image_uri": "missing.png", "caption": CAPTIONS[0]},
         {"image_uri": "corrupt.png", "caption": CAPTIONS[1]},
-        {"image_uri": "img0.png", "caption": ""},
+        # Its own file: a second row for img0.png with another caption would be a conflicting duplicate.
+        {"image_uri": "uncaptioned.png", "caption": ""},
     ]
     write_table(pa.Table.from_pylist(rows), str(root / "manifest.parquet"))
     return root

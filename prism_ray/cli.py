@@ -93,6 +93,9 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
         return 0
     try:
         run(config)
+    except ConfigError as err:  # a check that needs the data (e.g. a selector matching no row)
+        print(f"prism-ray {name}: {err}", file=sys.stderr)
+        return 2
     except RunIncomplete as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 3

@@ -360,7 +360,7 @@ def test_unknown_intervention_attribute_and_impossible_selector_are_one_line_con
 def test_a_subgroup_matching_no_row_stops_the_job_naming_it(manifest, tmp_path):
     groups = [{"name": "nobody", "selector": {"Sex": "Female", "Age": 200}, "interventions": ["Support Devices=0"],
                "quota": 1}]
-    with pytest.raises(ValueError, match=r"subgroups\.nobody\.selector: .* matches no usable row"):
+    with pytest.raises(ConfigError, match=r"subgroups\.nobody\.selector.* matches no usable row"):
         run(make_config(manifest, tmp_path / "out", subgroups=groups))
 
 

@@ -15,7 +15,7 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from prism_ray.config import BaseConfig
+from prism_ray.config import BaseConfig, ConfigError
 from prism_ray.data.captions import check_interventions, check_selector, parse_interventions
 from prism_ray.data.config import DataConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
@@ -282,8 +282,9 @@ def load_sources(config: AugmentConfig) -> Sources:
     }
     for g in config.subgroups:
         if not out.by_subgroup[g.name] and not any(member[g.name]):
-            raise ValueError(
-                f"subgroups.{g.name}.selector: {g.selector} matches no usable row of '{config.data.manifest}'"
+            raise ConfigError(
+                f"config field 'subgroups.{g.name}.selector': {g.selector} matches no usable row of "
+                f"'{config.data.manifest}'"
             )
     return out
 

@@ -151,6 +151,14 @@ def training_rows(data: DataConfig, errors_uri: str, config_hash: str) -> pa.Tab
         write_error_rows([{"uri": e.source_uri or "", "error": f"{e.stage}: {e.reason}"} for e in manifest.errors],
                          errors_uri, config_hash)
     table = manifest.table
+    print(
+        f"finetune: {manifest.input_rows} input rows = "
+        f"{manifest.input_rows - table.num_rows - len(manifest.errors) - manifest.duplicate_rows_collapsed} "
+        f"not selected (split/limit) + {manifest.duplicate_rows_collapsed} duplicates collapsed + "
+        f"{len(manifest.errors)} row errors + {table.num_rows} rows to train on (unreadable images are "
+        f"counted as they are read)",
+        flush=True,
+    )
     if table.num_rows == 0:
         raise ValueError(f"config field 'data.manifest': no rows to train on in {data.manifest!r}")
     caption_source(table.column_names, data.adapter, data.adapter_options)  # a wrong adapter fails here

@@ -48,26 +48,57 @@ def _format_error(err: ValidationError) -> str:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in a tree of dicts and lists: sections are created, list items are indexed."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config field '{dotted}': '{key}' is not a section")
-        node = child
-    node[keys[-1]] = value
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not key.lstrip("-").isdigit():
+                raise ConfigError(f"config field '{where}': '{'.'.join(keys[:depth])}' is a list, use an index")
+            index = int(key)
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"config field '{where}': index {index} out of range ({len(node)} items)")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"config field '{where}': '{'.'.join(keys[:depth])}' is not a section")
+        if last:  # a mapping merges into an existing section, as a later config file would
+            both = isinstance(value, dict) and isinstance(node.get(key), dict)
+            node[key] = _merge(node[key], value) if both else value
+        else:
+            node = node.setdefault(key, {})
+
+
+def _parse_value(raw: str) -> Any:
+    return yaml.safe_load(raw) if raw.strip() else ""
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
     """`["a.b=3", "c=[1, 2]"]` -> nested dict; values are parsed as YAML scalars/lists."""
-    tree: dict = {}
+    return apply_overrides({}, overrides)
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    """A copy of `tree` with each `key=value` applied in order (`subgroups.0.quota=3` indexes a list)."""
+    import copy
+
+    tree = copy.deepcopy(tree)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
         key, raw = item.split("=", 1)
         if not key.strip():
             raise ConfigError(f"override '{item}': empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = _parse_value(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({getattr(err, 'problem', err)})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -83,7 +114,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str] = ()) -> C:
     """Validate `data` + overrides into `cls`; any problem is one ConfigError line naming the field."""
-    merged = _merge(data or {}, parse_overrides(overrides))
+    merged = apply_overrides(data or {}, overrides)
     try:
         config = cls.model_validate(merged)
     except ValidationError as err:
@@ -113,7 +144,10 @@ def load_config(
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}': not valid YAML ({str(err).splitlines()[0]})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML ({problem})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': top level must be a mapping")
         data = _merge(data, loaded)

@@ -71,3 +71,19 @@ def test_configs_are_frozen():
     cfg = build_config(JobConfig, {"data": {"manifest": "m.csv"}})
     with pytest.raises(Exception):
         cfg.inversion.num_inner_steps = 3
+
+
+def test_list_items_are_overridden_by_index_and_yaml_errors_name_the_line(tmp_path):
+    from prism_ray.config import apply_overrides
+
+    tree = {"subgroups": [{"name": "a", "quota": 1}, {"name": "b", "quota": 2}], "model": {"path": "x", "dtype": "f"}}
+    out = apply_overrides(tree, ["subgroups.1.quota=5", "model={path: y}"])
+    assert out["subgroups"][1] == {"name": "b", "quota": 5} and out["model"] == {"path": "y", "dtype": "f"}
+    assert tree["subgroups"][1]["quota"] == 2  # the input is not changed
+    with pytest.raises(ConfigError, match=r"'subgroups.5': index 5 out of range \(2 items\)"):
+        apply_overrides(tree, ["subgroups.5.quota=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\nb: [1, 2\nc: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' line 3, column 2: not valid YAML") as err:
+        load_config(BaseConfig, bad)
+    assert "\n" not in str(err.value)

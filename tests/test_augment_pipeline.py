@@ -79,8 +79,8 @@ def run(config, engine=None, **env):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return augment.run(config, runner=lambda factory, compute: augment.in_process(
-            factory, compute, engine=engine or FakeEngine()))
+        return augment.run(config, runner=lambda factory, compute, output: augment.in_process(
+            factory, compute, output, engine=engine or FakeEngine()))
     finally:
         for k, v in old.items():
             if v is None:

@@ -163,3 +163,18 @@ def test_fault_points_fire_once_per_marker_folder(tmp_path, monkeypatch):
     faults.fault_point("p")
     faults.fault_point("p")  # the marker says it already fired
     faults.fault_point("other")
+
+
+def test_outputs_resolve_on_the_driver_and_relative_paths_are_refused_under_job_submit(tmp_path, monkeypatch):
+    from prism_ray.config import ConfigError
+    from prism_ray.results.layout import SUBMITTED_JOB_ENV, resolve_output
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(SUBMITTED_JOB_ENV, raising=False)
+    assert resolve_output("out") == str(tmp_path / "out")
+    assert resolve_output("s3://b/run/") == "s3://b/run"
+    assert resolve_output("/abs/run") == "/abs/run"
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    with pytest.raises(ConfigError, match="config field 'output': relative path 'out' under `ray job submit`"):
+        resolve_output("out")
+    assert resolve_output("/abs/run") == "/abs/run" and resolve_output("gs://b/x") == "gs://b/x"

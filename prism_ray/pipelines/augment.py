@@ -122,6 +122,9 @@ class ActorPoolConfig(BaseConfig):
         default_factory=dict,
         description="non-secret env for the actors (e.g. AWS_ENDPOINT_URL); credentials: the cluster's",
     )
+    shared_storage: bool = Field(
+        False, description="a local output path is on storage every node sees (NFS, ...); else refused on multi-node clusters"
+    )
 
 
 class AugmentConfig(BaseConfig):
@@ -509,14 +512,14 @@ class InProcessRunner:
         pass
 
 
-def in_process(step_factory, compute: ActorPoolConfig, engine=None) -> InProcessRunner:
+def in_process(step_factory, compute: ActorPoolConfig, output: str = "", engine=None) -> InProcessRunner:
     return InProcessRunner(step_factory, compute, engine)
 
 
 def run(config: AugmentConfig, runner=None) -> dict:
     """Run rounds until every subgroup meets its quota (or runs out of sources); returns the run summary.
 
-    `runner(step_factory, compute)` returns the object that feeds batches to long-lived steps for
+    `runner(step_factory, compute, output)` returns the object that feeds batches to long-lived steps for
     the whole job (`map`, `stats`, `close`); default: Ray actors (`distributed.rounds.ray_runner`,
     joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
     """
@@ -526,9 +529,10 @@ def run(config: AugmentConfig, runner=None) -> dict:
     if runner is None:
         from prism_ray.distributed.rounds import ray_runner as runner
     started, t0 = _now(), time.perf_counter()
-    layout = Layout.of(config.output)
+    layout = Layout.of(config.output)  # resolved on the driver; relative paths refused under `ray job submit`
     if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path
         config = config.model_copy(update={"output": layout.root})
+    log.info("augment: output %s", layout.root)
     makedirs(layout.root)
     m = config.model
     t = time.perf_counter()
@@ -573,7 +577,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
                 continue  # every planned slot failed its caption: plan again without them
             if pool_runner is None:  # started once, fed round after round
                 step_factory = partial(CounterfactualStep, config, results_hash, model_id)
-                pool_runner = runner(step_factory, config.compute)
+                pool_runner = runner(step_factory, config.compute, layout.root)
             n_slots = sum(len(task["edits"]) for task in tasks)
             log.info("round %d: %d tasks, %d attempts (%s)", round_index + 1, len(tasks), n_slots,
                      ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
@@ -604,6 +608,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
         log.info("%s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
                  info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
                  f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
+    log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
     if short or final["rows"] == 0 and sum(quotas.values()):
         detail = ", ".join(f"{n} short by {k}" for n, k in short.items()) or "no outputs"
         errors = summary["error_rows"]

@@ -177,11 +177,12 @@ def model_resolution(root: Path) -> int:
     return int(unet["sample_size"]) * vae_stride(root)
 
 
-def absolute_storage(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through."""
-    if "://" in path and not path.startswith("file://"):
-        return path
-    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+def absolute_storage(path: str, field: str = "run.storage_path") -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through; a relative path under
+    `ray job submit` is refused (`results.layout.resolve_output`)."""
+    from prism_ray.results.layout import resolve_output
+
+    return resolve_output(path, field)
 
 
 def plan_run(config: FinetuneConfig) -> FinetunePlan:
@@ -218,19 +219,22 @@ def run(config: FinetuneConfig, runner: Runner | None = None) -> FinetuneResult:
     from prism_ray.training.export import export_diffusers
 
     plan = plan_run(config)
+    print(f"finetune: run folder {plan.run_path}", flush=True)
     if runner is None:
         from prism_ray.distributed.trainer import fit as runner
     checkpoint = runner(config, plan)
     state = read_checkpoint_state(checkpoint)
     model_path = None
     if config.run.export:
-        model_path = config.run.export_path or join_uri(plan.run_path, "model")
+        model_path = (absolute_storage(config.run.export_path, "run.export_path") if config.run.export_path
+                      else join_uri(plan.run_path, "model"))
         weights = checkpoint_unet_state(checkpoint, use_ema=config.train.ema)
         metadata = {"step": state["step"], "config_hash": config.config_hash(), "ema": config.train.ema}
         export_diffusers(plan.model_root, weights, model_path, metadata=metadata)
     skipped = skipped_rows(plan.errors_uri)
     if skipped:
         print(f"finetune: skipped {sum(skipped.values())} manifest rows: {skipped}", flush=True)
+    print(f"finetune: step {state['step']}, run folder {plan.run_path}, model {model_path}", flush=True)
     return FinetuneResult(
         run_path=plan.run_path,
         final_step=int(state["step"]),

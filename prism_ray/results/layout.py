@@ -12,6 +12,37 @@ def digest(*parts: object, size: int = 24) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:size]
 
 
+# Set by Ray's job supervisor in the environment of a driver started by `ray job submit`.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def is_local_path(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def resolve_output(uri: str, field: str = "output") -> str:
+    """Where a job writes, decided on the driver before anything runs.
+
+    A URI (s3://, gs://, ...) or an absolute path is used as it is. A relative path is resolved
+    against the current directory when the job runs locally; under `ray job submit` it would land
+    in the job's temporary copy of the working dir on one node, so it is refused.
+    """
+    from prism_ray.config import ConfigError
+
+    root = uri.rstrip("/") or uri
+    if not is_local_path(root):
+        return root
+    path = os.path.expanduser(root.removeprefix("file://"))
+    if not os.path.isabs(path):
+        if os.environ.get(SUBMITTED_JOB_ENV):
+            raise ConfigError(
+                f"config field '{field}': relative path {uri!r} under `ray job submit` would be written into "
+                "the job's temporary working dir; give a storage URI (s3://...) or an absolute shared path"
+            )
+        path = os.path.abspath(path)
+    return path
+
+
 @dataclass(frozen=True)
 class Layout:
     """Paths under one output folder (any fsspec URI); a `key` is relative to it ('images/g/x.png').
@@ -26,11 +57,8 @@ class Layout:
     root: str  # as configured (URI or absolute local path), without a trailing slash
 
     @classmethod
-    def of(cls, output: str) -> Layout:
-        root = output.rstrip("/")
-        if "://" not in root:
-            root = os.path.abspath(os.path.expanduser(root))
-        return cls(root)
+    def of(cls, output: str, field: str = "output") -> Layout:
+        return cls(resolve_output(output, field))
 
     def uri(self, key: str) -> str:
         return f"{self.root}/{key}"

@@ -1,0 +1,177 @@
+"""`prism-ray edit`: counterfactuals of a handful of images, in this process, no cluster and no manifest.
+
+    prism-ray edit a.png b.dcm --prompt "Chest X-ray showing Cardiomegaly, Support Devices" \
+        --do "Support Devices=0" --model path/to/sd15 --out edits/
+
+The same method code as the augment job (`pipelines.counterfactuals.MethodEngine`: one inversion
+per image, every edit from it, CLIP scores and the filter), and the same image decoding. Writes,
+under `out`: `<image>/source.png`, `<image>/edit_<k>.png`, `<image>/difference_<k>.png`,
+`sheet.png` (source | counterfactual | difference, one row per edit), `edits.json` and `index.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from prism_ray.config import BaseConfig
+from prism_ray.data.images import DecodeConfig
+from prism_ray.engine.settings import EditConfig, InversionConfig
+from prism_ray.models.config import ModelConfig
+from prism_ray.scoring.filter import FilterConfig
+
+
+class EditJobConfig(BaseConfig):
+    """A few images, their caption, and the edits: interventions (`do`) or edit prompts."""
+
+    images: list[str] = Field(..., min_length=1, description="image files or URIs (PNG, JPEG, DICOM, ...)")
+    prompt: str = Field(..., min_length=1, description="the images' caption, in the fine-tune's caption language")
+    do: list[str] = Field(default_factory=list, description="interventions, e.g. 'Support Devices=0'")
+    edit_prompts: list[str] = Field(default_factory=list, description="edit captions given as they are")
+    adapter: str = Field("chexpert", description="caption language `do` edits the prompt in")
+    out: str = Field(..., min_length=1, description="output folder")
+    model: ModelConfig = ModelConfig()
+    inversion: InversionConfig = InversionConfig()
+    edit: EditConfig = EditConfig()
+    filter: FilterConfig = FilterConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    @property
+    def mode(self) -> str:  # what `MethodEngine` loads: the editor and the filter CLIP
+        return "counterfactual"
+
+    @model_validator(mode="after")
+    def _edits(self) -> EditJobConfig:
+        if not self.do and not self.edit_prompts:
+            raise ValueError("do: give at least one intervention (--do 'Support Devices=0') or edit prompt")
+        return self
+
+    def edit_captions(self) -> list[str]:
+        """The edit prompts: every `do` applied to the caption, then the explicit ones."""
+        from prism_ray.data.captions import get_adapter
+
+        captions = []
+        adapter = get_adapter(self.adapter)
+        attrs = caption_attributes(adapter, self.prompt)
+        for spec in self.do:
+            edited = adapter.render(adapter.intervene(attrs, spec))
+            if edited == self.prompt:
+                raise ValueError(f"do: {spec!r} leaves the caption {self.prompt!r} unchanged")
+            captions.append(edited)
+        return captions + list(self.edit_prompts)
+
+
+def caption_attributes(adapter, prompt: str) -> dict:
+    """The attributes a caption states, found by rendering candidates (the adapter's own language).
+
+    Works for adapters whose attributes are yes/no findings (CheXpert): the caption must be one
+    the adapter itself writes for some set of findings.
+    """
+    kinds = adapter.attribute_kinds
+    if any(kind != "bool" for kind in kinds.values()):
+        raise ValueError(f"adapter: {adapter.name!r} has non-finding attributes; give --edit-prompt instead of --do")
+    present = {name: name.lower() in prompt.lower() for name in kinds}
+    if adapter.render(present) != prompt:
+        raise ValueError(
+            f"prompt: {prompt!r} is not a caption the {adapter.name!r} adapter writes; "
+            "give the edit captions with --edit-prompt instead of --do"
+        )
+    return present
+
+
+def run(config: EditJobConfig, runner=None) -> Path:
+    """Edit every image in this process; returns the output folder (`runner` is unused)."""
+    from prism_ray.data.images import decode_image, default_min_side, make_square
+    from prism_ray.data.storage import ImageReadError, read_image_bytes, write_png
+    from prism_ray.pipelines.counterfactuals import MethodEngine
+    from prism_ray.report.contact_sheet import save_contact_sheet
+
+    captions = config.edit_captions()
+    out = Path(config.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"edit: {len(config.images)} images x {len(captions)} edits -> {out}", flush=True)
+    engine = MethodEngine(config)
+    min_side = config.decode.min_side or default_min_side(engine.vae_scale_factor)
+    pixels, tasks, failures = [], [], []
+    for uri in config.images:
+        try:
+            image = decode_image(read_image_bytes(uri), uri, config.decode, min_side=min_side)
+        except ImageReadError as err:
+            failures.append({"image": uri, "stage": "read", "reason": err.reason})
+            continue
+        pixels.append(make_square(image, config.decode.square, config.decode.alpha_background))
+        edits = [{"edit_prompt": c, "subgroup": "edit", "intervention": c, "slot_id": str(k), "rank": k}
+                 for k, c in enumerate(captions)]
+        tasks.append({"source_uri": uri, "source_prompt": config.prompt, "edits": edits})
+    edited, errors = engine.counterfactuals(pixels, tasks) if tasks else ([], [])
+    failures += [{"image": tasks[i]["source_uri"], "stage": stage, "reason": reason} for i, stage, reason in errors]
+
+    results, tiles, labels = [], [], []
+    for item in edited:
+        uri = tasks[item.index]["source_uri"]
+        folder = out / _stem(uri, len(results))
+        folder.mkdir(exist_ok=True)
+        size = item.images.shape[1]
+        source = _resize(pixels[item.index], size)
+        write_png(source, str(folder / "source.png"))
+        accepted = config.filter.accept(item.scores)
+        for k, caption in enumerate(captions):
+            cf = item.images[k]
+            diff = _difference(source, cf)
+            write_png(cf, str(folder / f"edit_{k}.png"))
+            write_png(diff, str(folder / f"difference_{k}.png"))
+            tiles += [source[..., 0], cf[..., 0], diff[..., 0]]
+            labels += [Path(uri).name[:18], f"do {k}" + ("" if accepted[k] else " (rejected)"), "|cf - src| x4"]
+            results.append({
+                "image": uri, "folder": str(folder), "edit_prompt": caption,
+                "s_clip": float(item.scores["s_clip"][k]), "accepted": bool(accepted[k]),
+                "reconstruction_error": float(item.scores["reconstruction_error"][k]),
+                "l1": float(item.scores["l1"][k]),
+            })
+    if tiles:
+        save_contact_sheet(tiles, str(out / "sheet.png"), ncols=3, labels=labels, upscale=max(1, 192 // size))
+    (out / "edits.json").write_text(json.dumps({"edits": results, "failures": failures}, indent=2))
+    _write_index(out, config, results, failures)
+    print(f"edit: {len(results)} counterfactuals, {len(failures)} failures; see {out / 'index.md'}", flush=True)
+    if not results:
+        raise ValueError(f"edit: no counterfactual made ({failures[0]['image']}: {failures[0]['reason']})"
+                         if failures else "edit: no counterfactual made")
+    return out
+
+
+def _stem(uri: str, n: int) -> str:
+    name = Path(uri.split("://", 1)[-1]).stem or "image"
+    return f"{n:03d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)[:40]}"
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def _difference(source: np.ndarray, cf: np.ndarray) -> np.ndarray:
+    """|cf - source| x 4 (clipped), gray as RGB: where the edit changed the image."""
+    diff = np.abs(cf.astype(np.int16) - source.astype(np.int16)).mean(axis=2) * 4
+    return np.repeat(np.clip(diff, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def _write_index(out: Path, config: EditJobConfig, results: list[dict], failures: list[dict]) -> None:
+    lines = [
+        "# prism_ray edit", "",
+        f"Caption: `{config.prompt}`. Model: `{config.model.path}`. Filter: S_CLIP >= {config.filter.s_clip_min}.", "",
+        "![source | counterfactual | difference](sheet.png)", "",
+        "Each row of the sheet: the source as the model sees it (square, model resolution), the "
+        "counterfactual, and four times the absolute difference (bright = changed).", "",
+        "| image | edit prompt | S_CLIP | accepted | reconstruction error | L1 |", "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {Path(r['image']).name} | {r['edit_prompt']} | {r['s_clip']:.3f} | {r['accepted']} | "
+              f"{r['reconstruction_error']:.4f} | {r['l1']:.4f} |" for r in results]
+    if failures:
+        lines += ["", "Failures:", ""] + [f"- {f['image']}: {f['stage']}: {f['reason']}" for f in failures]
+    (out / "index.md").write_text("\n".join(lines) + "\n")

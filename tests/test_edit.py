@@ -1,0 +1,54 @@
+"""`prism-ray edit`: two phantom PNGs, the shipped tiny family, in this process, in well under a minute."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prism_ray.config import ConfigError, build_config
+from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+from prism_ray.pipelines.edit import EditJobConfig, run
+
+
+def test_edit_two_phantoms_with_the_shipped_family(tmp_path):
+    data = write_phantom_dataset(str(tmp_path / "data"), PhantomDatasetConfig(n_subjects=24, seed=1))
+    from prism_ray.data.storage import read_table
+
+    rows = [r for r in read_table(data.manifest_uri).to_pylist() if r["Support Devices"] == 1.0][:2]
+    start = time.perf_counter()
+    config = build_config(EditJobConfig, {
+        "images": [r["image_uri"] for r in rows] + [str(tmp_path / "missing.png")],
+        "prompt": "Chest X-ray showing Support Devices",
+        "do": ["Support Devices=0"],
+        "out": str(tmp_path / "edits"),
+        "model": {"device": "cpu"},
+        "inversion": {"num_inference_steps": 20, "learning_rate": 0.05},
+        "edit": {"local_blend": True, "blend_mask": "noise"},
+    })
+    out = run(config)
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "edits.json").read_text())
+    assert len(report["edits"]) == 2
+    assert {e["edit_prompt"] for e in report["edits"]} == set(config.edit_captions())
+    assert config.edit_captions() == ["Normal chest X-ray with no significant findings"]  # do(devices = 0)
+    assert [f["stage"] for f in report["failures"]] == ["read"]  # the missing file: reported, not fatal
+    for e in report["edits"]:
+        folder = out / e["folder"].rsplit("/", 1)[-1]
+        cf = np.asarray(Image.open(folder / "edit_0.png"))
+        src = np.asarray(Image.open(folder / "source.png"))
+        assert cf.shape == src.shape == (64, 64, 3) and np.abs(cf.astype(int) - src.astype(int)).mean() > 1
+    assert (out / "sheet.png").exists() and "S_CLIP" in (out / "index.md").read_text()
+    assert seconds < 60, seconds
+
+
+def test_edit_needs_an_edit_and_a_caption_the_adapter_writes(tmp_path):
+    with pytest.raises(ConfigError, match="do: give at least one"):
+        build_config(EditJobConfig, {"images": ["a.png"], "prompt": "x", "out": str(tmp_path)})
+    config = build_config(EditJobConfig, {"images": ["a.png"], "prompt": "a photo", "do": ["Support Devices=0"],
+                                          "out": str(tmp_path)})
+    with pytest.raises(ValueError, match="not a caption the 'chexpert' adapter writes"):
+        config.edit_captions()

@@ -57,8 +57,18 @@ def calm_sd(tiny_family):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs) shared by every test that needs it; shut down at session end."""
+def _ray_session():
+    """Shuts the tests' local Ray down at the end of the session."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """A local Ray (2 CPUs) shared by the tests that need it; started again for a module if a test
+    (e.g. one that runs a job in a fresh process, which must be the only Ray here) shut it down."""
     import ray
 
     if not ray.is_initialized():
@@ -69,5 +79,4 @@ def ray_local():
             configure_logging=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
         )
-    yield ray
-    ray.shutdown()
+    return ray

@@ -137,6 +137,16 @@ def _require(root: Path, sub: str) -> Path:
     return folder
 
 
+def _quiet_progress_bars() -> None:
+    """No per-file "Loading weights" bars: every actor and worker loads models, and the bars
+    drown the jobs' own progress lines."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_sd_components(
     path: str,
     *,
@@ -148,6 +158,7 @@ def load_sd_components(
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _quiet_progress_bars()
     root = resolve_model_root(path, cache_dir)
     for sub in SD_SUBFOLDERS:
         _require(root, sub)
@@ -183,6 +194,7 @@ def load_clip(
     """Load a CLIP model (transformers layout, safetensors) and its tokenizer for scoring."""
     from transformers import CLIPModel, CLIPTokenizer
 
+    _quiet_progress_bars()
     root = resolve_model_root(path, cache_dir)
     if (root / "clip" / "config.json").exists():  # a diffusers folder carrying its filter CLIP
         root = root / "clip"

@@ -1,5 +1,9 @@
 """`prism-ray` command line: one subcommand per job, each `--config FILE ... --set key=value ...`.
 
+On a Ray cluster: `prism-ray submit JOB --config FILE ... [--address URL] [--no-wait]`, then
+`prism-ray status|logs|stop ID` and `prism-ray jobs` (address: --address, RAY_ADDRESS, or the local
+dashboard; token auth: RAY_AUTH_TOKEN).
+
 Exit codes: 0 done; 1 the job failed (one line on stderr); 2 a config error; 3 the job ran but
 fell short of its goal (e.g. a quota shortfall: outputs and run summary are written, a re-run continues).
 """
@@ -43,6 +47,11 @@ JOBS: dict[str, Job] = {
         "prism_ray.pipelines.phantom:PhantomJobConfig",
         "prism_ray.pipelines.phantom:run",
     ),
+    "edit": Job(
+        "counterfactuals of a few images in this process: prism-ray edit IMAGE... --prompt CAPTION --do 'A=0' --out DIR",
+        "prism_ray.pipelines.edit:EditJobConfig",
+        "prism_ray.pipelines.edit:run",
+    ),
     "tiny-family": Job(
         "write a tiny SD-shaped model family (random weights) to a folder",
         "prism_ray.pipelines.tiny_family:TinyFamilyConfig",
@@ -57,40 +66,83 @@ def _load(ref: str):
     return getattr(importlib.import_module(module), name)
 
 
+# Cluster commands: they take no config of their own, so they are not JOBS.
+CLUSTER_COMMANDS = {
+    "submit": "run a job on a Ray cluster (Job Submission SDK); the config is checked here first",
+    "status": "status of a submitted job",
+    "logs": "logs of a submitted job",
+    "stop": "stop a submitted job",
+    "jobs": "list the cluster's jobs: id, status, start time, entrypoint",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prism-ray")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", action="append", default=[], metavar="FILE.yaml",
+        help="YAML config file, repeatable: later files win section by section (job + compute files)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field (dotted keys for sections), repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"prism-ray {_version()}")
     sub = parser.add_subparsers(dest="job", metavar="JOB")
     for name, job in JOBS.items():
         p = sub.add_parser(name, help=job.help, description=job.help)
-        p.add_argument(
-            "--config", action="append", default=[], metavar="FILE.yaml",
-            help="YAML config file, repeatable: later files win section by section (job + compute files)",
-        )
-        p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config field (dotted keys for sections), repeatable",
-        )
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        _add_config_args(p)
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (every default; missing required fields as <required>) and exit")
+        if name == "edit":
+            p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or URIs (PNG, JPEG, DICOM, ...)")
+            p.add_argument("--prompt", help="the images' caption (the fine-tune's caption language)")
+            p.add_argument("--do", action="append", default=[], metavar="'ATTRIBUTE=VALUE'", help="an intervention, repeatable")
+            p.add_argument("--edit-prompt", action="append", default=[], help="an edit caption given as it is, repeatable")
+            p.add_argument("--model", help="diffusers folder, URI or hub id (default: the tiny family)")
+            p.add_argument("--out", help="output folder")
+    for name, text in CLUSTER_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name == "submit":
+            p.add_argument("submit_job", metavar="JOB", choices=list(JOBS), help="one of: " + ", ".join(JOBS))
+            _add_config_args(p)
+            p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+        elif name != "jobs":
+            p.add_argument("submission_id", metavar="ID", help="submission id (prism-<job>-<config hash>)")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        p.add_argument("--address", help="Ray dashboard URL (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     return parser
 
 
 def run_job(name: str, config_paths: list[str], overrides: list[str], print_config: bool = False) -> int:
-    from prism_ray.config import ConfigError, load_config
+    from prism_ray.config import ConfigError, describe_config, load_config
     from prism_ray.results.ledger import LedgerError
     from prism_ray.results.summary import RunIncomplete
 
     job = JOBS[name]
     config_cls, run = _load(job.config), _load(job.run)
     try:
+        if print_config:
+            print(describe_config(config_cls, config_paths, overrides), end="")
+            return 0
         config = load_config(config_cls, config_paths, overrides)
     except ConfigError as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 2
-    if print_config:
-        print(config.to_yaml(), end="")
-        return 0
     try:
         run(config)
     except ConfigError as err:  # a check that needs the data (e.g. a selector matching no row)
@@ -105,13 +157,59 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
     return 0
 
 
+def run_cluster_command(args: argparse.Namespace) -> int:
+    """`submit` resolves the job's config here (a config error exits 2 before any request);
+    the rest talk to the cluster only. Ray is imported only now."""
+    from prism_ray.config import ConfigError, load_config
+
+    config = None
+    if args.job == "submit":
+        try:
+            config = load_config(_load(JOBS[args.submit_job].config), args.config, args.overrides)
+        except ConfigError as err:
+            print(f"prism-ray submit: {err}", file=sys.stderr)
+            return 2
+    from prism_ray.distributed import submit
+
+    try:
+        if args.job == "submit":
+            return submit.submit(args.submit_job, config, args.address, wait=not args.no_wait)
+        if args.job == "status":
+            return submit.status(args.submission_id, args.address)
+        if args.job == "logs":
+            return submit.logs(args.submission_id, args.address, follow_logs=args.follow)
+        if args.job == "stop":
+            return submit.stop(args.submission_id, args.address)
+        return submit.list_jobs(args.address)
+    except submit.SubmitError as err:
+        print(f"prism-ray {args.job}: {err}", file=sys.stderr)
+        return 1
+
+
+def _edit_overrides(args: argparse.Namespace) -> list[str]:
+    """`prism-ray edit`'s flags as config overrides (JSON values are YAML), before any --set."""
+    import json
+
+    given = {"images": args.images or None, "prompt": args.prompt, "do": args.do or None,
+             "edit_prompts": args.edit_prompt or None, "model.path": args.model, "out": args.out}
+    return [f"{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.verbose:
+        os.environ["PRISM_RAY_VERBOSE"] = "1"  # Ray's own INFO lines and progress bars (distributed.init_ray)
+    if args.job == "edit":
+        args.overrides = _edit_overrides(args) + args.overrides
     if args.job is None:
         parser.print_help()
         return 0
+    if args.job in CLUSTER_COMMANDS:
+        return run_cluster_command(args)
     return run_job(args.job, args.config, args.overrides, args.print_config)
 
 

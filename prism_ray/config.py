@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,3 +153,51 @@ def load_config(
             raise ConfigError(f"config file '{path}': top level must be a mapping")
         data = _merge(data, loaded)
     return build_config(cls, data, overrides)
+
+
+# --- --print-config --------------------------------------------------------------------------
+
+REQUIRED = "<required>"
+
+
+def _with_defaults(cls: type[BaseModel], data: dict) -> dict:
+    """`data` over `cls`'s defaults, nested sections included; a missing required field -> REQUIRED."""
+    out: dict = {}
+    for name, field in cls.model_fields.items():
+        kinds = [a for a in (typing.get_args(field.annotation) or [field.annotation]) if isinstance(a, type)]
+        section = next((k for k in kinds if issubclass(k, BaseModel)), None)  # X or `X | None`
+        if name in data:
+            value = data[name]
+            if section and isinstance(value, dict):
+                value = _with_defaults(section, value)
+            out[name] = value
+        elif field.is_required():
+            out[name] = REQUIRED
+        else:
+            default = field.get_default(call_default_factory=True)
+            out[name] = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+    out.update({k: v for k, v in data.items() if k not in out})
+    return out
+
+
+def describe_config(
+    cls: type[C], paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> str:
+    """YAML for `--print-config`: the resolved config, or, when the only problems are required fields
+    still missing, every default with those fields shown as `<required>`; other errors raise ConfigError."""
+    try:
+        config = load_config(cls, paths, overrides)
+        return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    except ConfigError as original:
+        try:  # the files were readable (load_config got past them): merge them again, as it does
+            data: dict = {}
+            for path in [paths] if isinstance(paths, (str, Path)) else (paths or []):
+                data = _merge(data, yaml.safe_load(Path(path).read_text()) or {})
+            data = apply_overrides(data, overrides)
+            cls.model_validate(data)
+        except ValidationError as err:
+            if all(e["type"] == "missing" for e in err.errors()):
+                return yaml.safe_dump(_with_defaults(cls, data), sort_keys=False)
+        except (OSError, yaml.YAMLError, ConfigError, AttributeError, TypeError):
+            pass
+        raise original from None

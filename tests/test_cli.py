@@ -75,3 +75,47 @@ def test_cross_field_checks_run_when_the_config_loads(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "finetune_tiny.yaml"
     out = _cli("finetune", "--config", str(config), "--set", "train.precision=fp16", "--print-config")
     assert out.returncode == 2 and "train.precision" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"prism-ray {version('prism-ray')}"
+
+
+def test_print_config_shows_defaults_and_marks_missing_required_fields():
+    out = _cli("augment", "--set", "seed=5", "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert "output: <required>" in out.stdout and "subgroups: <required>" in out.stdout
+    assert "seed: 5" in out.stdout and "num_inference_steps: 50" in out.stdout  # defaults, nested ones too
+
+
+def test_print_config_still_rejects_a_wrong_key():
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "augment_tiny.yaml"
+    out = _cli("augment", "--config", str(config), "--set", "outptu=x", "--print-config")
+    assert out.returncode == 2 and "'outptu'" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_submit_checks_the_config_before_any_cluster(tmp_path):
+    """No cluster at this address: a config error still exits 2 with its one line, never 1."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "augment_tiny.yaml"
+    args = ("submit", "augment", "--config", str(config), "--address", "http://127.0.0.1:9")
+    wrong = _cli(*args, "--set", "inversion.num_steps=3")
+    assert wrong.returncode == 2 and "inversion.num_steps" in wrong.stderr and wrong.stderr.count("\n") == 1
+    unknown = _cli(*args, "--set", "subgroups.0.interventions=[Pacemaker=0]")
+    assert unknown.returncode == 2 and "Pacemaker" in unknown.stderr
+    unreachable = _cli(*args, "--set", f"output={tmp_path}")
+    assert unreachable.returncode == 1 and "127.0.0.1:9" in unreachable.stderr.strip().splitlines()[-1]
+
+
+def test_cluster_commands_are_not_jobs():
+    from prism_ray import cli
+
+    assert set(cli.CLUSTER_COMMANDS).isdisjoint(cli.JOBS)
+    args = cli.build_parser().parse_args(["logs", "prism-augment-0123", "--follow"])
+    assert args.job == "logs" and args.submission_id == "prism-augment-0123" and args.follow

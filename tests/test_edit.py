@@ -52,3 +52,21 @@ def test_edit_needs_an_edit_and_a_caption_the_adapter_writes(tmp_path):
                                           "out": str(tmp_path)})
     with pytest.raises(ValueError, match="not a caption the 'chexpert' adapter writes"):
         config.edit_captions()
+
+
+def test_the_edit_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    data = write_phantom_dataset(str(tmp_path / "data"), PhantomDatasetConfig(n_subjects=20, seed=3))
+    from prism_ray.data.storage import read_table
+
+    image = [r for r in read_table(data.manifest_uri).to_pylist() if r["Support Devices"] == 1.0][0]["image_uri"]
+    out = subprocess.run(
+        [sys.executable, "-m", "prism_ray.cli", "edit", image, "--prompt", "Chest X-ray showing Support Devices",
+         "--do", "Support Devices=0", "--out", str(tmp_path / "e"), "--set", "model.device=cpu",
+         "--set", "inversion.num_inference_steps=4", "--set", "inversion.num_inner_steps=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "e" / "edits.json").read_text())["edits"][0]["image"] == image

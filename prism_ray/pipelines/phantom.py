@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from prism_ray.config import BaseConfig
 
 from prism_ray.phantom.dataset import PhantomDatasetConfig, PhantomDatasetSummary, write_phantom_dataset
 
 
-class PhantomJobConfig(BaseModel):
+class PhantomJobConfig(BaseConfig):
     """`prism-ray phantom`: write a phantom dataset to `out` (any fsspec URI)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     out: str = Field(..., min_length=1, description="output folder or URI")
     dataset: PhantomDatasetConfig = PhantomDatasetConfig()

@@ -1,0 +1,221 @@
+"""`prism-ray submit | status | logs | stop | jobs`: jobs on a Ray cluster through the Job Submission SDK.
+
+The config travels inline. It is resolved and validated on the submitting machine (a config error
+exits 2 and never reaches the cluster); the resolved YAML goes into the job's runtime_env as the
+env var PRISM_RAY_CONFIG, and the entrypoint writes it into the job's working directory before
+running `python jobs/<job>.py --config <that file>`. Config files that are git-ignored or outside
+the repo therefore reach the cluster, and the job runs exactly the config that was checked and
+hashed. Paths *inside* the config (data.manifest, output) must be reachable from the cluster:
+absolute paths on a shared filesystem, or URIs.
+
+The submission id is `prism-<job>-<config_hash>`: submitting the same config again attaches to the
+running or finished job instead of starting a twin; after a FAILED or STOPPED one it submits
+`...-2`, `...-3`. Exit codes follow the job: 0 SUCCEEDED, 3 a shortfall (the driver exited 3),
+1 otherwise.
+
+Token auth (Ray >= 2.52, a cluster started with RAY_AUTH_MODE=token): the SDK adds
+`Authorization: Bearer <token>` by itself only when RAY_AUTH_MODE=token is set in the submitting
+process too (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). We send the
+header ourselves whenever RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set, so the token alone is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+CONFIG_ENV = "PRISM_RAY_CONFIG"
+REPO = Path(__file__).resolve().parents[2]
+# Never uploaded: environments, outputs, caches (Ray also skips what .gitignore lists).
+EXCLUDES = [".venv", "runs", "outputs", ".git", "*.egg-info", "__pycache__", ".pytest_cache"]
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+class SubmitError(RuntimeError):
+    """The cluster could not be reached or refused a request; the message is one line."""
+
+
+def _auth_headers() -> dict[str, str]:
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as err:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH '{path}': {err.strerror}") from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(address: str | None) -> JobSubmissionClient:
+    """A client for `address`, else RAY_ADDRESS, else the local dashboard; sends the token if one is set."""
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "://" not in address:
+        address = f"http://{address}"
+    try:
+        return JobSubmissionClient(address, headers=_auth_headers())
+    except (ConnectionError, RuntimeError) as err:
+        raise SubmitError(f"Ray dashboard at {address}: {_first_line(err)}") from None
+
+
+def _name(status) -> str:
+    return getattr(status, "value", str(status))
+
+
+def _first_line(text) -> str:
+    """First line of a message or an exception (its type name when it has no message)."""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else (type(text).__name__ if isinstance(text, BaseException) else "")
+
+
+def _request(what: str, call, *args):
+    """Run one SDK call; its errors (HTTP status, connection) become one SubmitError line."""
+    try:
+        return call(*args)
+    except (ConnectionError, RuntimeError) as err:
+        raise SubmitError(f"{what}: {_first_line(err)}") from None
+
+
+def submission_id(job: str, config_hash: str, taken: dict[str, JobStatus]) -> tuple[str, bool]:
+    """(id, exists): the first `prism-<job>-<hash>[-n]` that is not a FAILED/STOPPED job."""
+    base = f"prism-{job}-{config_hash}"
+    for n in range(1, 1000):
+        sid = base if n == 1 else f"{base}-{n}"
+        status = taken.get(sid)
+        if status is None:
+            return sid, False
+        if status not in (JobStatus.FAILED, JobStatus.STOPPED):
+            return sid, True
+    raise SubmitError(f"{base}: 999 failed submissions of this config")
+
+
+def entrypoint(job: str, sid: str) -> str:
+    script = f"jobs/{job.replace('-', '_')}.py"
+    config = f".prism-config-{sid}.yaml"  # one file per submission: working dirs are shared by content
+    return f'printf "%s\\n" "${CONFIG_ENV}" > {config} && python {script} --config {config}'
+
+
+def runtime_env(config_yaml: str, env_vars: dict[str, str]) -> dict:
+    """Working dir = the repo (less EXCLUDES); the resolved config and the job's env vars in env_vars."""
+    return {"working_dir": str(REPO), "excludes": list(EXCLUDES),
+            "env_vars": {**env_vars, CONFIG_ENV: config_yaml}}
+
+
+def submit(job: str, config, address: str | None = None, wait: bool = True) -> int:
+    """Submit (or attach to) the job for a validated `config`; follow it unless `wait` is False."""
+    script = REPO / "jobs" / f"{job.replace('-', '_')}.py"
+    if not script.is_file():
+        raise SubmitError(f"jobs/{script.name}: not found under {REPO} (submit from a repo checkout)")
+    client = connect(address)
+    jobs = _request("list jobs", client.list_jobs)
+    taken = {j.submission_id: j.status for j in jobs if j.submission_id}
+    sid, exists = submission_id(job, config.config_hash(), taken)
+    if exists:
+        print(f"prism-ray submit: {sid} is already {_name(taken[sid])}; attaching", file=sys.stderr)
+    else:
+        compute = getattr(config, "compute", None)
+        env_vars = dict(getattr(compute, "env_vars", None) or {})  # the driver needs them too (s3://)
+        _request(f"submit {sid}", lambda: client.submit_job(
+            entrypoint=entrypoint(job, sid), submission_id=sid,
+            runtime_env=runtime_env(config.to_yaml(), env_vars), metadata={"prism_job": job}))
+        print(f"prism-ray submit: submitted {sid}", file=sys.stderr)
+    if not wait:
+        print(sid)
+        return 0
+    follow(client, sid)
+    return _finish(client, sid)
+
+
+def _finish(client: JobSubmissionClient, sid: str) -> int:
+    """Exit code of a finished job, with one line on stderr when it did not succeed."""
+    info = _wait_terminal(client, sid)
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    logs = _request(f"logs of {sid}", client.get_job_logs, sid)
+    reason = _error_line(logs) or _first_line(info.message or "")
+    code = info.driver_exit_code
+    print(f"prism-ray submit: {sid} {_name(info.status)}" + (f" (exit {code})" if code is not None else "")
+          + f": {reason}", file=sys.stderr)
+    shortfall = code == 3 or (code is None and " incomplete:" in reason)
+    return 3 if info.status == JobStatus.FAILED and shortfall else 1
+
+
+def _error_line(logs: str) -> str:
+    """The job's own one-line error (`prism-ray <job>: ...`), else the last non-empty log line."""
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("prism-ray ")]
+    return (ours or lines or [""])[-1]
+
+
+def _wait_terminal(client: JobSubmissionClient, sid: str, poll_s: float = 1.0):
+    while True:
+        info = _request(f"status of {sid}", client.get_job_info, sid)
+        if info.status in TERMINAL:
+            return info
+        time.sleep(poll_s)
+
+
+def follow(client: JobSubmissionClient, sid: str) -> None:
+    """Print the job's logs as they come, until it ends. The stream can close before the last
+    lines arrive (or drop): the rest comes from the stored logs once the job has ended."""
+    shown = 0
+
+    async def tail() -> None:
+        nonlocal shown
+        async for chunk in client.tail_job_logs(sid):
+            print(chunk, end="", flush=True)
+            shown += len(chunk)
+
+    try:
+        asyncio.run(tail())
+    except (ConnectionError, RuntimeError, OSError):
+        pass
+    while True:  # status first: logs read after a terminal status are complete
+        info = _request(f"status of {sid}", client.get_job_info, sid)
+        logs = _request(f"logs of {sid}", client.get_job_logs, sid)
+        print(logs[shown:], end="", flush=True)
+        shown = max(shown, len(logs))
+        if info.status in TERMINAL:
+            return
+        time.sleep(1.0)
+
+
+# --- the small commands ----------------------------------------------------------------------
+
+
+def status(sid: str, address: str | None = None) -> int:
+    info = _request(f"status of {sid}", connect(address).get_job_info, sid)
+    code = "" if info.driver_exit_code is None else f" (exit {info.driver_exit_code})"
+    print(f"{sid} {_name(info.status)}{code}: {_first_line(info.message or '')}")
+    return 0
+
+
+def logs(sid: str, address: str | None = None, follow_logs: bool = False) -> int:
+    client = connect(address)
+    if follow_logs:
+        follow(client, sid)
+    else:
+        print(_request(f"logs of {sid}", client.get_job_logs, sid), end="")
+    return 0
+
+
+def stop(sid: str, address: str | None = None) -> int:
+    stopped = _request(f"stop {sid}", connect(address).stop_job, sid)
+    print(f"{sid}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def list_jobs(address: str | None = None) -> int:
+    jobs = _request("list jobs", connect(address).list_jobs)
+    jobs = sorted(jobs, key=lambda j: j.start_time or 0)
+    print(f"{'ID':<40} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    for j in jobs:
+        started = datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
+        print(f"{j.submission_id or j.job_id or '-':<40} {_name(j.status):<10} {started:<19} {j.entrypoint}")
+    return 0

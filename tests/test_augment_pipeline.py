@@ -390,3 +390,11 @@ def test_every_input_row_is_accounted_for(manifest, tmp_path):
     errors = read_table(str(tmp_path / "out" / "errors.parquet")).to_pylist()
     assert any("row 2 " in e["reason"] and "'yes'" in e["reason"] for e in errors)  # the input row, 0-based
     assert any(e["stage"] == "read" and e["source_uri"].endswith("missing.png") for e in errors)
+
+
+def test_a_wrong_model_folder_fails_on_the_driver_in_one_line(manifest, tmp_path):
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"model '.*model': missing component folder"):
+        run(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "model")}))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "nowhere")}))

@@ -137,6 +137,15 @@ def _require(root: Path, sub: str) -> Path:
     return folder
 
 
+def check_model_folder(path: str, cache_dir: str | Path | None = None) -> Path:
+    """The resolved local folder of an SD model, with every component present; FileNotFoundError
+    naming the folder otherwise. Jobs call it on the driver, before any worker loads the model."""
+    root = resolve_model_root(path, cache_dir)
+    for sub in SD_SUBFOLDERS:
+        _require(root, sub)
+    return root
+
+
 def _quiet_progress_bars() -> None:
     """No per-file "Loading weights" bars: every actor and worker loads models, and the bars
     drown the jobs' own progress lines."""
@@ -159,9 +168,7 @@ def load_sd_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _quiet_progress_bars()
-    root = resolve_model_root(path, cache_dir)
-    for sub in SD_SUBFOLDERS:
-        _require(root, sub)
+    root = check_model_folder(path, cache_dir)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, dtype=dt)

@@ -524,7 +524,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
     joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
     """
     from prism_ray.data.storage import makedirs
-    from prism_ray.models.loading import resolve_model_root, weights_digest
+    from prism_ray.models.loading import check_model_folder, resolve_model_root, weights_digest
 
     if runner is None:
         from prism_ray.distributed.rounds import ray_runner as runner
@@ -536,7 +536,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
     makedirs(layout.root)
     m = config.model
     t = time.perf_counter()
-    roots = [resolve_model_root(m.path, m.cache_dir)]
+    roots = [check_model_folder(m.path, m.cache_dir)]  # a wrong model path fails here, not in the actors
     if m.clip_path:
         roots.append(resolve_model_root(m.clip_path, m.cache_dir))
     model_id = weights_digest(*roots)
@@ -551,14 +551,18 @@ def run(config: AugmentConfig, runner=None) -> dict:
     rounds: list[dict] = []
     progress: dict[str, SubgroupProgress] = {}
     pool_runner = None
-    last_line = [0.0]
+    clock = {"last": 0.0, "start": 0.0, "done": 0, "total": 0}  # this round's progress
 
-    def on_report(report: BatchReport) -> None:  # one batch done: count it, show progress every 5 s
+    def on_report(report: BatchReport) -> None:  # one batch done: count it, show progress every 10 s
         tally.add(report)
         fault_point("augment.batch_done")
-        if time.monotonic() - last_line[0] > 5.0:
-            log.info("  %s", tally.line())
-            last_line[0] = time.monotonic()
+        clock["done"] += len(report.outcomes)
+        now = time.monotonic()
+        if now - clock["last"] > 10.0 and clock["done"] < clock["total"]:
+            rate = clock["done"] / max(now - clock["start"], 1e-9)
+            eta = (clock["total"] - clock["done"]) / rate if rate else float("nan")
+            log.info("  %d/%d attempts, ETA %.0fs | %s", clock["done"], clock["total"], eta, tally.line())
+            clock["last"] = now
 
     try:
         for round_index in range(config.planner.max_rounds + 1):
@@ -583,6 +587,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
                      ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
             t = time.perf_counter()
             before = {n: Counter(c) for n, c in tally.counts.items()}
+            clock.update(last=time.monotonic(), start=time.monotonic(), done=0, total=n_slots)
             pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
             seconds = time.perf_counter() - t
             rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,

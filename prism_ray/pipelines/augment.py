@@ -561,7 +561,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
         if now - clock["last"] > 10.0 and clock["done"] < clock["total"]:
             rate = clock["done"] / max(now - clock["start"], 1e-9)
             eta = (clock["total"] - clock["done"]) / rate if rate else float("nan")
-            log.info("  %d/%d attempts, ETA %.0fs | %s", clock["done"], clock["total"], eta, tally.line())
+            log.info("augment:   %d/%d attempts, ETA %.0fs | %s", clock["done"], clock["total"], eta, tally.line())
             clock["last"] = now
 
     try:
@@ -583,7 +583,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
                 step_factory = partial(CounterfactualStep, config, results_hash, model_id)
                 pool_runner = runner(step_factory, config.compute, layout.root)
             n_slots = sum(len(task["edits"]) for task in tasks)
-            log.info("round %d: %d tasks, %d attempts (%s)", round_index + 1, len(tasks), n_slots,
+            log.info("augment: round %d: %d tasks, %d attempts (%s)", round_index + 1, len(tasks), n_slots,
                      ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
             t = time.perf_counter()
             before = {n: Counter(c) for n, c in tally.counts.items()}
@@ -592,7 +592,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
             seconds = time.perf_counter() - t
             rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,
                            "seconds": seconds, "subgroups": {n: dict(tally.counts[n] - before[n]) for n in quotas}})
-            log.info("round %d done in %.1fs: %s", round_index + 1, seconds, tally.line())
+            log.info("augment: round %d done in %.1fs: %s", round_index + 1, seconds, tally.line())
         actors = pool_runner.stats() if pool_runner is not None else {}
     finally:
         if pool_runner is not None:
@@ -610,7 +610,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
         log.info("%s", accounting_line(summary["accounting"]))
     short = {n: s["shortfall"] for n, s in summary["subgroups"].items() if s["shortfall"]}
     for name, info in summary["subgroups"].items():
-        log.info("%s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
+        log.info("augment: %s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
                  info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
                  f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
     log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
@@ -638,7 +638,7 @@ def account(sources: Sources, final: dict) -> dict:
 
 def accounting_line(a: dict) -> str:
     return (
-        f"accounted: {a['input_rows']} input rows = {a['not_selected']} not selected + "
+        f"augment: accounted: {a['input_rows']} input rows = {a['not_selected']} not selected + "
         f"{a['duplicate_rows_collapsed']} duplicates + {a['rows_with_errors']} row errors + {a['sources']} sources "
         f"({a['sources_with_outputs']} with outputs, {a['sources_failed']} failed, "
         f"{a['sources_not_needed']} not needed: quotas met first)"

@@ -70,13 +70,19 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return table
 
 
-def write_table(table: pa.Table, uri: str) -> None:
-    """Write a Parquet (or .csv) table to any fsspec URI, creating parent folders."""
+def _open_for_writing(uri: str):
+    """(binary file object, path) for `uri` on its fsspec filesystem, parent folders created."""
     fs, path = fsspec.core.url_to_fs(uri)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
+    return fs.open(path, "wb"), path
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write a Parquet (or .csv) table to any fsspec URI, creating parent folders."""
+    handle, path = _open_for_writing(uri)
+    with handle as f:
         if path.lower().endswith(".csv"):
             pacsv.write_csv(table, f)
         else:
@@ -150,9 +156,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def write_png(image: np.ndarray, uri: str) -> None:
     """Write a lossless PNG to any fsspec URI (parent folders are created)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(encode_png(image))
+    data = encode_png(image)
+    handle, _ = _open_for_writing(uri)
+    with handle as f:
+        f.write(data)

@@ -24,6 +24,11 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         pa.field("accepted", pa.bool_(), nullable=False),
         # ||z - z0||^2 / ||z0||^2: the unedited source branch's final latent vs the encoded source
         pa.field("reconstruction_error", pa.float32()),
+        # pixel-space fidelity vs the source as the model saw it: the unedited reconstruction (dB, SSIM)
+        # and the VAE round trip alone (dB); low values = the model does not fit this image
+        pa.field("reconstruction_psnr", pa.float32()),
+        pa.field("reconstruction_ssim", pa.float32()),
+        pa.field("vae_psnr", pa.float32()),
         pa.field("inversion_seconds", pa.float32()),
         pa.field("edit_seconds", pa.float32()),
         pa.field("model_id", pa.string()),

@@ -440,6 +440,7 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], resul
     commit(layout, rows_to_table(rows, COUNTERFACTUAL_SCHEMA), rows_to_table(errors, ERROR_SCHEMA), finished.parts)
     return {
         "subgroups": per_group,
+        "fit": model_fit(rows, config.filter.fit_warning_psnr) if config.mode == "counterfactual" else {},
         "sources_with_rows": {r["source_uri"] for r in rows},
         "sources_with_errors": {e["source_uri"] for e in errors if e.get("source_uri")},
         "set_aside": dict(set_aside),
@@ -448,6 +449,20 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], resul
         "rows_without_png": finished.rows_without_png,
         "pngs_without_rows": len(finished.images - {Layout.image_key(r["subgroup"], r["cf_id"]) for r in rows}),
     }
+
+
+def model_fit(rows: list[dict], threshold: float) -> dict:
+    """How many sources the model reconstructs below `threshold` dB; warns when over a quarter do
+    (a latent error can look fine while the VAE paints its training texture over unseen anatomy)."""
+    psnr = {r["source_uri"]: r.get("reconstruction_psnr") for r in rows}
+    known = [v for v in psnr.values() if v is not None]
+    below = sum(v < threshold for v in known)
+    share = below / len(known) if known else None
+    if share is not None and share > 0.25:
+        log.warning("augment: %d of %d sources reconstruct below %.1f dB PSNR: the model may not fit these "
+                    "images (filter.reconstruction_psnr_min rejects their edits)", below, len(known), threshold)
+    return {"psnr_threshold": threshold, "sources": len(known), "below": below, "share_below": share,
+            "warning": bool(share is not None and share > 0.25)}
 
 
 class Tally:
@@ -674,6 +689,7 @@ def _summary(config, layout, started, wall, results_hash, model_id, rounds, prog
         "rounds": rounds,
         "subgroups": subgroups,
         "set_aside": final["set_aside"],
+        "model_fit": final["fit"],
         "manifest_rows": final["rows"],
         "error_rows": final["errors"],
         "rows_without_png": final["rows_without_png"],

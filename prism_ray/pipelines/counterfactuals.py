@@ -33,6 +33,9 @@ from prism_ray.results.ledger import write_part
 log = logging.getLogger("prism_ray.counterfactuals")
 
 STAGES = ("read", "invert", "edit", "score", "write")
+# Per-edit scores the engine returns that become manifest columns (the fidelity ones are per source).
+SCORE_COLUMNS = ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error",
+                 "reconstruction_psnr", "reconstruction_ssim", "vae_psnr")
 
 
 def is_transient(err: BaseException) -> bool:
@@ -99,7 +102,7 @@ class MethodEngine:
     def counterfactuals(self, pixels, tasks):
         from prism_ray.engine.editor import edit_many
         from prism_ray.engine.images import from_model_pixels, preprocess
-        from prism_ray.scoring.metrics import l1
+        from prism_ray.scoring.metrics import l1, psnr, ssim
 
         # The engine batches images with the same number of edits K: group by K.
         by_k: dict[int, list[int]] = defaultdict(list)
@@ -126,10 +129,28 @@ class MethodEngine:
                     errors.append((i, "score", str(err)))
                     continue
                 scores["reconstruction_error"] = np.full(len(item.edits), item.reconstruction_error)
+                # Pixel-space fidelity of the unedited reconstruction and of the VAE round trip alone:
+                # a latent error can be small while the VAE paints its training texture over an image
+                # unlike its data; these see it.
+                fidelity = {
+                    "reconstruction_psnr": psnr(item.reconstruction, orig),
+                    "reconstruction_ssim": ssim(item.reconstruction, orig),
+                    "vae_psnr": psnr(self._round_trip(x), orig),
+                }
+                scores.update({k: np.full(len(item.edits), v) for k, v in fidelity.items()})
                 scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
                 out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
                                   time.perf_counter() - start))
         return out, errors
+
+    def _round_trip(self, x) -> np.ndarray:
+        """The source through the VAE alone (encode, decode), uint8 (R, R, 3)."""
+        import torch
+
+        from prism_ray.engine.images import decode, encode
+
+        with torch.no_grad():
+            return decode(self.sd.vae, encode(self.sd.vae, x[None].to(self.sd.device, self.sd.vae.dtype)))[0]
 
     def samples(self, edits):
         import torch
@@ -255,8 +276,7 @@ class CounterfactualStep:
                     "source_prompt": task["source_prompt"],
                     "edit_prompt": edit["edit_prompt"],
                     "intervention": edit["intervention"],
-                    **{key: float(item.scores[key][k]) for key in
-                       ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error")},
+                    **{key: float(item.scores[key][k]) for key in SCORE_COLUMNS if key in item.scores},
                     "accepted": bool(accepted[k]),
                     "source_width": task["source_size"][0],
                     "source_height": task["source_size"][1],

@@ -26,6 +26,16 @@ class FilterConfig(BaseConfig):
         "latent error above this (the inversion failed); None = off, as in PRISM",
     )
 
+    reconstruction_psnr_min: float | None = Field(
+        None,
+        ge=0.0,
+        description="reject every edit of a source whose unedited reconstruction is below this PSNR (dB) from "
+        "the source: the model does not fit the image (phantoms ~30 dB, unseen real anatomy ~21 dB); None = off",
+    )
+    fit_warning_psnr: float = Field(
+        25.0, ge=0.0, description="the run summary warns when over a quarter of the sources reconstruct below this"
+    )
+
     def accept(self, scores: Mapping[str, Any]) -> np.ndarray:
         """Boolean (N,) array: every active threshold met (score >= minimum, error <= maximum).
         NaN is rejected."""
@@ -34,6 +44,7 @@ class FilterConfig(BaseConfig):
             ("clip_image_image", self.image_image_min, np.greater_equal),
             ("clip_image_text", self.image_text_min, np.greater_equal),
             ("reconstruction_error", self.reconstruction_error_max, np.less_equal),
+            ("reconstruction_psnr", self.reconstruction_psnr_min, np.greater_equal),
         ]
         keep = None
         for key, bound, meets in checks:

@@ -55,6 +55,36 @@ ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
 ALEXNET_TAPS = (1, 4, 7, 9, 11)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images (peak 255); inf when they are equal."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
+    """Mean structural similarity of two uint8 images (gray, or RGB averaged to gray).
+
+    Wang et al. 2004 with their constants (K1 = 0.01, K2 = 0.03, L = 255) and an 11-tap Gaussian
+    window (sigma 1.5), computed over the valid region (no padding).
+    """
+    x, y = (np.asarray(im, np.float64) for im in (a, b))
+    if x.ndim == 3:
+        x, y = x.mean(axis=2), y.mean(axis=2)
+    taps = np.arange(11) - 5
+    g = np.exp(-(taps**2) / (2 * sigma**2))
+    g /= g.sum()
+
+    def blur(z: np.ndarray) -> np.ndarray:  # separable Gaussian, valid region only
+        z = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 1, z)
+        return np.apply_along_axis(lambda c: np.convolve(c, g, mode="valid"), 0, z)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
 class AlexNetFeatures(nn.Module):
     """AlexNet's convolutional trunk with torchvision's layer indices, so `features.N.*` keys load.
 

@@ -146,6 +146,18 @@ def check_model_folder(path: str, cache_dir: str | Path | None = None) -> Path:
     return root
 
 
+def require_epsilon_prediction(root: Path) -> None:
+    """The editing engine's DDIM inversion and guided steps read the U-Net's output as noise (epsilon);
+    a v-prediction or sample-prediction model (SD 2.x) would be edited wrongly, so it is refused."""
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    kind = config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(
+            f"model '{root}': scheduler prediction_type {kind!r} is not supported by the editing engine "
+            "(epsilon-prediction models only, e.g. SD v1.x)"
+        )
+
+
 def _quiet_progress_bars() -> None:
     """No per-file "Loading weights" bars: every actor and worker loads models, and the bars
     drown the jobs' own progress lines."""

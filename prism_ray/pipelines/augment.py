@@ -539,7 +539,12 @@ def run(config: AugmentConfig, runner=None) -> dict:
     joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
     """
     from prism_ray.data.storage import makedirs
-    from prism_ray.models.loading import check_model_folder, resolve_model_root, weights_digest
+    from prism_ray.models.loading import (
+        check_model_folder,
+        require_epsilon_prediction,
+        resolve_model_root,
+        weights_digest,
+    )
 
     if runner is None:
         from prism_ray.distributed.rounds import ray_runner as runner
@@ -552,6 +557,8 @@ def run(config: AugmentConfig, runner=None) -> dict:
     m = config.model
     t = time.perf_counter()
     roots = [check_model_folder(m.path, m.cache_dir)]  # a wrong model path fails here, not in the actors
+    if config.mode == "counterfactual":
+        require_epsilon_prediction(roots[0])
     if m.clip_path:
         roots.append(resolve_model_root(m.clip_path, m.cache_dir))
     model_id = weights_digest(*roots)

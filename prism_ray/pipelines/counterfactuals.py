@@ -91,6 +91,9 @@ class MethodEngine:
         self.vae_scale_factor = self.sd.vae_scale_factor
         if config.mode == "counterfactual":
             from prism_ray.engine.editor import Editor
+            from prism_ray.models.loading import require_epsilon_prediction
+
+            require_epsilon_prediction(self.sd.root)
             from prism_ray.models.loading import load_clip
             from prism_ray.scoring.clip_score import ClipScorer
 

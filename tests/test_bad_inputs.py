@@ -21,7 +21,7 @@ from test_images import _dicom, _png_header_only
 from prism_ray.config import build_config
 from prism_ray.data.captions import CHEXPERT_LABELS
 from prism_ray.data.images import decode_image
-from prism_ray.data.storage import read_table, write_table
+from prism_ray.data.storage import read_table
 from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 from prism_ray.pipelines import augment
 from prism_ray.results.summary import RunIncomplete

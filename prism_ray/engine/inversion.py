@@ -460,7 +460,7 @@ def invert_many(
         good, z0, errors, seconds = _encode_items(sd, images, offsets)
         share = seconds / max(len(good), 1)
     else:
-        good, keep, errors, share = [], [], [], 0.0
+        good, errors, share = [], [], 0.0
         for index in range(n):
             try:
                 _check_latent(latents[index], index, _latent_shape(sd), "latents")

@@ -29,6 +29,12 @@ COUNTERFACTUAL_SCHEMA = pa.schema(
         pa.field("reconstruction_psnr", pa.float32()),
         pa.field("reconstruction_ssim", pa.float32()),
         pa.field("vae_psnr", pa.float32()),
+        # filter.off_target: heads the edit changed that its intervention does not allow (count, names),
+        # and every head's probability for the source and the edit (JSON objects)
+        pa.field("off_target", pa.float32()),
+        pa.field("off_target_heads", pa.string()),
+        pa.field("classifier_source", pa.string()),
+        pa.field("classifier_edit", pa.string()),
         pa.field("inversion_seconds", pa.float32()),
         pa.field("edit_seconds", pa.float32()),
         pa.field("model_id", pa.string()),

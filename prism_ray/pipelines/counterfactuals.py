@@ -35,7 +35,8 @@ log = logging.getLogger("prism_ray.counterfactuals")
 STAGES = ("read", "invert", "edit", "score", "write")
 # Per-edit scores the engine returns that become manifest columns (the fidelity ones are per source).
 SCORE_COLUMNS = ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error",
-                 "reconstruction_psnr", "reconstruction_ssim", "vae_psnr")
+                 "reconstruction_psnr", "reconstruction_ssim", "vae_psnr", "off_target")
+TEXT_SCORE_COLUMNS = ("off_target_heads", "classifier_source", "classifier_edit")  # with filter.off_target on
 
 
 def is_transient(err: BaseException) -> bool:
@@ -94,6 +95,14 @@ class MethodEngine:
             from prism_ray.models.loading import require_epsilon_prediction
 
             require_epsilon_prediction(self.sd.root)
+            self.classifier = None
+            if config.filter.off_target.classifier:
+                from prism_ray.models.classifier import classifier_labels, load_classifier
+                from prism_ray.models.loading import resolve_model_root
+
+                root = resolve_model_root(config.filter.off_target.classifier, m.cache_dir)
+                self.classifier = load_classifier(root, device=self.sd.device)
+                self.heads = classifier_labels(self.classifier)
             from prism_ray.models.loading import load_clip
             from prism_ray.scoring.clip_score import ClipScorer
 
@@ -141,10 +150,33 @@ class MethodEngine:
                     "vae_psnr": psnr(self._round_trip(x), orig),
                 }
                 scores.update({k: np.full(len(item.edits), v) for k, v in fidelity.items()})
+                if self.classifier is not None:
+                    scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
                 scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
                 out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
                                   time.perf_counter() - start))
         return out, errors
+
+    def _off_target(self, orig: np.ndarray, edits: np.ndarray, slots: list[dict]) -> dict[str, np.ndarray]:
+        """Classifier probabilities of the source and each edit, and the heads each edit changed
+        that its intervention does not allow (`scoring.filter.off_target_heads`)."""
+        import json
+
+        from prism_ray.models.classifier import predict_proba
+        from prism_ray.scoring.filter import off_target_heads
+
+        rule = self.config.filter.off_target
+        p = predict_proba(self.classifier, np.concatenate([orig[None], edits]))  # (1 + K, H)
+        allowed = [rule.allowed_heads(slot["intervention"]) for slot in slots]
+        wrong = off_target_heads(p[0], p[1:], self.heads, allowed, rule.max_shift)
+        return {
+            "off_target": np.array([len(w) for w in wrong]),
+            "off_target_heads": np.array([",".join(w) for w in wrong], dtype=object),
+            "classifier_source": np.array([json.dumps(dict(zip(self.heads, np.round(p[0], 4).tolist())))] * len(slots),
+                                          dtype=object),
+            "classifier_edit": np.array([json.dumps(dict(zip(self.heads, np.round(q, 4).tolist()))) for q in p[1:]],
+                                        dtype=object),
+        }
 
     def _round_trip(self, x) -> np.ndarray:
         """The source through the VAE alone (encode, decode), uint8 (R, R, 3)."""
@@ -280,6 +312,7 @@ class CounterfactualStep:
                     "edit_prompt": edit["edit_prompt"],
                     "intervention": edit["intervention"],
                     **{key: float(item.scores[key][k]) for key in SCORE_COLUMNS if key in item.scores},
+                    **{key: item.scores[key][k] for key in TEXT_SCORE_COLUMNS if key in item.scores},
                     "accepted": bool(accepted[k]),
                     "source_width": task["source_size"][0],
                     "source_height": task["source_size"][1],

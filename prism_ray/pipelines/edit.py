@@ -103,8 +103,9 @@ def run(config: EditJobConfig, runner=None) -> Path:
             failures.append({"image": uri, "stage": "read", "reason": err.reason})
             continue
         pixels.append(make_square(image, config.decode.square, config.decode.alpha_background))
-        edits = [{"edit_prompt": c, "subgroup": "edit", "intervention": c, "slot_id": str(k), "rank": k}
-                 for k, c in enumerate(captions)]
+        specs = list(config.do) + [""] * len(config.edit_prompts)  # an explicit edit prompt names no attribute
+        edits = [{"edit_prompt": c, "subgroup": "edit", "intervention": spec, "slot_id": str(k), "rank": k}
+                 for k, (c, spec) in enumerate(zip(captions, specs))]
         tasks.append({"source_uri": uri, "source_prompt": config.prompt, "edits": edits})
     edited, errors = engine.counterfactuals(pixels, tasks) if tasks else ([], [])
     failures += [{"image": tasks[i]["source_uri"], "stage": stage, "reason": reason} for i, stage, reason in errors]

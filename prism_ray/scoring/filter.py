@@ -8,6 +8,53 @@ import numpy as np
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+class OffTargetConfig(BaseConfig):
+    """Reject edits that change findings they should not, judged by an attribute classifier.
+
+    An edit of attributes A (its intervention) may change the heads of A and the heads declared
+    implied by A (removing "Support Devices" removes the pacemaker); any other head whose decision
+    flips (p crosses 0.5) or whose probability moves more than `max_shift` makes it off-target.
+    """
+
+    classifier: str | None = Field(
+        None, description="classifier folder, or a model family carrying classifier/; None = the filter is off"
+    )
+    heads: dict[str, str] = Field(
+        default_factory=dict,
+        description="attribute -> head name; default: the attribute lower-cased, spaces as '_' ('Support Devices' -> "
+        "'support_devices')",
+    )
+    implied: dict[str, list[str]] = Field(
+        default_factory=lambda: {"Support Devices": ["pacemaker"]},
+        description="heads an intervention on the attribute may change besides its own",
+    )
+    max_shift: float = Field(0.3, gt=0.0, le=1.0, description="largest allowed probability move of another head")
+
+    def allowed_heads(self, intervention: str) -> set[str]:
+        """Heads an intervention ('A=0; B=1') may change."""
+        allowed: set[str] = set()
+        for part in filter(None, (p.strip() for p in intervention.split(";"))):
+            attribute = part.split("=", 1)[0].strip()
+            allowed.add(self.heads.get(attribute, attribute.lower().replace(" ", "_")))
+            allowed.update(self.implied.get(attribute, []))
+        return allowed
+
+
+def off_target_heads(
+    p_source: np.ndarray, p_edits: np.ndarray, labels: list[str], allowed: list[set[str]], max_shift: float
+) -> list[list[str]]:
+    """Per edit, the heads it changed that it should not have.
+
+    p_source (H,) and p_edits (K, H) are the classifier's probabilities of the source and its K edits;
+    `allowed[k]` the heads edit k may change. A head is off-target when its decision flips (0.5) or
+    its probability moves more than `max_shift`.
+    """
+    flips = (p_edits >= 0.5) != (p_source[None] >= 0.5)  # (K, H)
+    moved = np.abs(p_edits - p_source[None]) > max_shift  # (K, H)
+    return [[h for j, h in enumerate(labels) if (flips[k, j] or moved[k, j]) and h not in allowed[k]]
+            for k in range(len(p_edits))]
+
+
 class FilterConfig(BaseConfig):
     """Which counterfactuals to keep, from the scores of `ClipScorer.score` (+ the reconstruction error).
 
@@ -26,6 +73,7 @@ class FilterConfig(BaseConfig):
         "latent error above this (the inversion failed); None = off, as in PRISM",
     )
 
+    off_target: OffTargetConfig = Field(default_factory=OffTargetConfig)
     reconstruction_psnr_min: float | None = Field(
         None,
         ge=0.0,
@@ -45,6 +93,8 @@ class FilterConfig(BaseConfig):
             ("clip_image_text", self.image_text_min, np.greater_equal),
             ("reconstruction_error", self.reconstruction_error_max, np.less_equal),
             ("reconstruction_psnr", self.reconstruction_psnr_min, np.greater_equal),
+            # number of heads the edit changed that it should not have (only with a classifier)
+            ("off_target", 0 if self.off_target.classifier else None, np.less_equal),
         ]
         keep = None
         for key, bound, meets in checks:

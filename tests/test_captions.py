@@ -163,7 +163,9 @@ def test_mimic_caption_without_binning():
 
 def test_mimic_caption_keeps_race_as_given_and_says_no_findings():
     row = mimic_row(age=45.0, race="Black", sex="M")
-    assert get_adapter("mimic").caption(row) == "Chest X-ray of 45-years old Black male subject with no findings"
+    assert (
+        get_adapter("mimic").caption(row) == "Chest X-ray of 45-years old Black male subject with no findings"
+    )
 
 
 def test_mimic_age_binning_uses_lower_edge():
@@ -255,7 +257,10 @@ def test_intervention_on_age_and_sex():
 def test_intervention_on_isic_disease_and_artifact():
     adapter = get_adapter("isic")
     row = isic_row("MEL", hair=1, ruler=1)
-    assert adapter.edit_caption(row, ["disease=NV", "ruler=false"]) == "a dermoscopic image with nevus showing hair"
+    assert (
+        adapter.edit_caption(row, ["disease=NV", "ruler=false"])
+        == "a dermoscopic image with nevus showing hair"
+    )
     assert adapter.edit_caption(row, "disease=nevus") == "a dermoscopic image with nevus showing hair, ruler"
 
 
@@ -401,7 +406,9 @@ def test_edit_words():
     # returned words are exact split(" ") strings, punctuation attached, as P2P locates them.
     assert edit_words(source, edited) == ["Support", "Devices"]
     assert edit_words(edited, source) == []
-    assert edit_words("Chest X-ray showing Edema", "Chest X-ray showing Cardiomegaly, Edema") == ["Cardiomegaly,"]
+    assert edit_words("Chest X-ray showing Edema", "Chest X-ray showing Cardiomegaly, Edema") == [
+        "Cardiomegaly,"
+    ]
     assert edit_words(
         "Chest X-ray of 67-years old white female subject with no findings",
         "Chest X-ray of 80-years old white male subject with no findings",
@@ -413,8 +420,19 @@ def test_edit_words():
 # ---------------------------------------------------------------- label schemas and config checks
 
 
-@pytest.mark.parametrize("value, parsed", [(1, 1.0), ("1.0", 1.0), (" -1 ", -1.0), (0.0, 0.0), ("", None),
-                                           (None, None), (math.nan, None), ("NA", None)])
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        (1, 1.0),
+        ("1.0", 1.0),
+        (" -1 ", -1.0),
+        (0.0, 0.0),
+        ("", None),
+        (None, None),
+        (math.nan, None),
+        ("NA", None),
+    ],
+)
 def test_finding_cells_that_are_labels(value, parsed):
     assert LabelColumn("Edema", "finding").parse(value) == parsed
 
@@ -434,7 +452,9 @@ def test_chexpert_rejects_booleans_in_finding_columns():
 
 
 def test_label_schemas_declare_columns_and_values():
-    assert [(c.name, c.kind) for c in get_adapter("chexpert", labels=["Edema"]).label_schema] == [("Edema", "finding")]
+    assert [(c.name, c.kind) for c in get_adapter("chexpert", labels=["Edema"]).label_schema] == [
+        ("Edema", "finding")
+    ]
     mimic = get_adapter("mimic", labels=["Edema"], race_values=["white", "Black"]).label_schema
     assert [(c.name, c.kind, c.values) for c in mimic] == [
         ("age", "count", None),
@@ -447,7 +467,9 @@ def test_label_schemas_declare_columns_and_values():
     assert {c.kind for c in isic[1:]} == {"flag"}
     template = get_adapter("template", template="{sex}: {findings}", findings=["Edema"]).label_schema
     assert [(c.name, c.kind) for c in template] == [("sex", "scalar"), ("Edema", "finding")]
-    assert LabelColumn("hair", "flag").parse("TRUE") is True and LabelColumn("age", "count").parse("63.0") == 63
+    assert (
+        LabelColumn("hair", "flag").parse("TRUE") is True and LabelColumn("age", "count").parse("63.0") == 63
+    )
 
 
 def test_mimic_sex_and_race_values():
@@ -458,7 +480,9 @@ def test_mimic_sex_and_race_values():
     assert get_adapter("mimic").attributes(mimic_row(race="Pacific Islander"))["race"] == "Pacific Islander"
     strict = get_adapter("mimic", race_values=["W", "B"], race_map={"W": "white"})
     assert strict.attributes(mimic_row(race="W"))["race"] == "white"
-    assert strict.edit_caption(mimic_row(race="B"), "race=white").startswith("Chest X-ray of 67-years old white")
+    assert strict.edit_caption(mimic_row(race="B"), "race=white").startswith(
+        "Chest X-ray of 67-years old white"
+    )
     with pytest.raises(RowRejected, match="race"):
         strict.caption(mimic_row(race="white-ish"))
 
@@ -497,3 +521,38 @@ def test_check_selector_rejects_values_a_label_column_cannot_hold():
         check_selector("mimic", {}, {"sex": "X"})
     with pytest.raises(ValueError, match="blank"):
         check_selector("chexpert", {}, {"Edema": ""})
+
+
+# Relative interventions (the audit's do(sex=flip), do(age=+20)) and MIMIC without race
+
+
+def test_relative_interventions_act_on_the_row():
+    mimic = get_adapter("mimic", labels=["Cardiomegaly"], race_column=None, age_bins=[18, 40, 60, 80])
+    row = {"age": 35, "sex": "F", "Cardiomegaly": 1}
+    assert mimic.caption(row) == "Chest X-ray of 18-years old female subject with Cardiomegaly"
+    assert mimic.edit_caption(row, "sex=flip") == "Chest X-ray of 18-years old male subject with Cardiomegaly"
+    assert (
+        mimic.edit_caption(row, "age=+20") == "Chest X-ray of 40-years old female subject with Cardiomegaly"
+    )
+    assert mimic.edit_caption({**row, "age": 65}, "age=+20").startswith("Chest X-ray of 80-years old")
+    # The open last bin cannot get older: the caption is unchanged (the audit skips such rows).
+    assert mimic.edit_caption({**row, "age": 85}, "age=+20") == mimic.caption({**row, "age": 85})
+    assert mimic.edit_caption({**row, "age": 45}, "age=-20").startswith("Chest X-ray of 18-years old")
+    assert str(parse_intervention("age=+20")) == "age=+20"
+    assert parse_intervention("age=80").value == 80
+    plain = get_adapter("mimic", labels=["Cardiomegaly"], race_column=None)
+    assert plain.edit_caption({**row, "age": 35}, "age=+20").startswith("Chest X-ray of 55-years old")
+    chexpert = get_adapter("chexpert")
+    assert chexpert.edit_caption(chexpert_row(Cardiomegaly=1), "Cardiomegaly=flip") == chexpert.caption(
+        chexpert_row()
+    )
+
+
+def test_relative_interventions_are_checked_against_the_attribute():
+    check_interventions("mimic", {"race_column": None}, ["sex=flip", "age=+20", "Edema=flip"])
+    with pytest.raises(ValueError, match="intervention 'Edema=\\+1'.*signed offset"):
+        check_interventions("mimic", {}, ["Edema=+1"])
+    with pytest.raises(ValueError, match="'race=flip'.*exactly two values"):
+        check_interventions("mimic", {}, ["race=flip"])
+    with pytest.raises(ValueError, match="unknown attribute 'race'"):
+        check_interventions("mimic", {"race_column": None}, ["race=white"])

@@ -45,6 +45,7 @@ __all__ = [
     "do",
     "edit_words",
     "get_adapter",
+    "is_relative",
     "parse_intervention",
     "parse_interventions",
 ]
@@ -355,11 +356,23 @@ def parse_intervention(text: str) -> Intervention:
     value: AttributeValue
     if raw.lower() in ("true", "false"):
         value = raw.lower() == "true"
-    elif re.fullmatch(r"[+-]?\d+", raw):
+    elif re.fullmatch(r"\d+", raw):
         value = int(raw)
     else:
+        # "+20" / "-10" (a signed offset) and "flip" stay text: they are relative to the row and
+        # only the adapter, which knows the attribute's kind and values, can apply them.
         value = raw
     return Intervention(attribute=attribute, value=value)
+
+
+RELATIVE_OFFSET = re.compile(r"[+-]\d+")
+FLIP = "flip"
+
+
+def is_relative(intervention: Intervention) -> bool:
+    """True for do(age=+20)-style offsets and do(sex=flip): the new value depends on the row."""
+    value = intervention.value
+    return isinstance(value, str) and (value.lower() == FLIP or RELATIVE_OFFSET.fullmatch(value) is not None)
 
 
 def parse_interventions(spec: str | Intervention | Iterable[str | Intervention]) -> list[Intervention]:
@@ -432,7 +445,9 @@ class CheXpertSettings(_FindingSettings):
 
 class MimicSettings(_FindingSettings):
     age_column: str = "age"
-    race_column: str = "race"
+    race_column: str | None = Field(
+        "race", description="None: the dataset has no race column (not captioned)"
+    )
     sex_column: str = "sex"
     # Codes -> words; values not in a map are kept as given ("white", "Black", ...).
     sex_map: dict[str, str] = Field(default_factory=lambda: {"M": "male", "F": "female"})
@@ -613,8 +628,42 @@ class CaptionAdapter(ABC):
                 raise ValueError(f"attribute {name!r}: {err}") from None
         return self._render(canonical)
 
+    def flip_values(self, attribute: str) -> tuple[AttributeValue, AttributeValue] | None:
+        """The two values do(attribute=flip) swaps; None when the attribute is not binary."""
+        return (False, True) if self.attribute_kinds.get(attribute) == "bool" else None
+
+    def _shift(self, attribute: str, current: AttributeValue, offset: int) -> AttributeValue:
+        """do(attribute=+k): the current value moved by `offset` (int attributes only)."""
+        if (
+            self.attribute_kinds[attribute] != "int"
+            or isinstance(current, bool)
+            or not isinstance(current, int)
+        ):
+            raise ValueError(f"a signed offset ({offset:+d}) needs an integer attribute")
+        return current + offset
+
+    def _check_relative(self, attribute: str, value: str) -> None:
+        if value.lower() == FLIP and self.flip_values(attribute) is None:
+            raise ValueError("'flip' needs an attribute with exactly two values")
+        if value.lower() != FLIP and self.attribute_kinds[attribute] != "int":
+            raise ValueError(f"a signed offset ({value}) needs an integer attribute")
+
+    def _relative(self, attribute: str, current: AttributeValue, value: str) -> AttributeValue:
+        if value.lower() == FLIP:
+            pair = self.flip_values(attribute)
+            if pair is None:
+                raise ValueError("'flip' needs an attribute with exactly two values")
+            if current not in pair:
+                raise ValueError(f"'flip' of {current!r}: expected one of {list(pair)}")
+            return pair[1] if current == pair[0] else pair[0]
+        return self._shift(attribute, current, int(value))
+
     def intervene(self, attrs: Mapping[str, Any], interventions: Any) -> Attributes:
-        """Attributes after do(...) interventions (Intervention objects or compact strings)."""
+        """Attributes after do(...) interventions (Intervention objects or compact strings).
+
+        Relative values act on the row's own value: `sex=flip` swaps a binary attribute,
+        `age=+20` moves an integer one (through the adapter's binning, if any).
+        """
         kinds = self.attribute_kinds
         edited = dict(attrs)
         seen: set[str] = set()
@@ -627,7 +676,13 @@ class CaptionAdapter(ABC):
                 raise ValueError(f"attribute {name!r} is intervened on more than once")
             seen.add(name)
             try:
-                edited[name] = self._canonical(name, intervention.value)
+                value = intervention.value
+                if is_relative(intervention):
+                    self._check_relative(name, str(value))
+                    if name not in edited:  # checking a config: no row to act on yet
+                        continue
+                    value = self._relative(name, edited[name], str(value))
+                edited[name] = self._canonical(name, value)
             except ValueError as err:
                 raise ValueError(f"attribute {name!r}: {err}") from None
         return edited
@@ -640,7 +695,9 @@ class CaptionAdapter(ABC):
         return f"{type(self).__name__}({self.settings!r})"
 
 
-def _read_findings(row: Mapping[str, Any], labels: Iterable[str], uncertain: str, blank: str) -> dict[str, bool]:
+def _read_findings(
+    row: Mapping[str, Any], labels: Iterable[str], uncertain: str, blank: str
+) -> dict[str, bool]:
     """1/0/-1/blank finding columns -> present/absent under the uncertain and blank policies."""
     findings: dict[str, bool] = {}
     for column in labels:
@@ -665,7 +722,11 @@ def _read_findings(row: Mapping[str, Any], labels: Iterable[str], uncertain: str
 def _listed_findings(attrs: Mapping[str, Any], labels: Iterable[str], no_finding: str) -> list[str]:
     # In the paper's listing No Finding is just another label; "normal_caption" keeps it out of
     # the list so an otherwise empty row falls through to the normal caption.
-    return [label for label in labels if attrs[label] and not (label == NO_FINDING and no_finding == "normal_caption")]
+    return [
+        label
+        for label in labels
+        if attrs[label] and not (label == NO_FINDING and no_finding == "normal_caption")
+    ]
 
 
 def _allowed_codes(values: tuple[str, ...] | None, code_map: Mapping[str, str]) -> tuple[str, ...] | None:
@@ -718,9 +779,14 @@ class MimicAdapter(CaptionAdapter):
     @property
     def label_schema(self) -> tuple[LabelColumn, ...]:
         s = self.settings
+        race = (
+            ()
+            if s.race_column is None
+            else (LabelColumn(s.race_column, "text", _allowed_codes(s.race_values, s.race_map)),)
+        )
         return (
             LabelColumn(s.age_column, "count"),
-            LabelColumn(s.race_column, "text", _allowed_codes(s.race_values, s.race_map)),
+            *race,
             LabelColumn(s.sex_column, "text", _allowed_codes(s.sex_values, s.sex_map)),
             *(LabelColumn(label, "finding") for label in s.labels),
         )
@@ -728,8 +794,26 @@ class MimicAdapter(CaptionAdapter):
     @property
     def attribute_kinds(self) -> dict[str, AttributeKind]:
         kinds: dict[str, AttributeKind] = {"age": "int", "race": "str", "sex": "str"}
+        if self.settings.race_column is None:
+            del kinds["race"]
         kinds.update({label: "bool" for label in self.settings.labels})
         return kinds
+
+    def flip_values(self, attribute: str) -> tuple[AttributeValue, AttributeValue] | None:
+        if attribute == "sex":
+            words = tuple(dict.fromkeys(self.settings.sex_map.values()))
+            return (words[0], words[1]) if len(words) == 2 else None
+        return super().flip_values(attribute)
+
+    def _shift(self, attribute: str, current: AttributeValue, offset: int) -> AttributeValue:
+        bins = self.settings.age_bins
+        if attribute != "age" or bins is None:
+            return super()._shift(attribute, current, offset)
+        # A binned age is its bin's lower edge; move the bin's middle, so +20 with 20-year bins
+        # is the next bin. The open last bin has no middle: its edge moves.
+        index = bins.index(int(current))
+        middle = (bins[index] + bins[index + 1]) / 2 if index + 1 < len(bins) else bins[index]
+        return max(int(middle + offset), bins[0])
 
     def _canonical(self, attribute: str, value: Any) -> AttributeValue:
         s = self.settings
@@ -758,6 +842,8 @@ class MimicAdapter(CaptionAdapter):
         attrs: Attributes = {}
         # Demographics have no "absent" meaning: a blank age/race/sex always rejects the row.
         for attribute, column in (("age", s.age_column), ("race", s.race_column), ("sex", s.sex_column)):
+            if column is None:
+                continue
             value = _cell(row, column)
             if _is_blank(value):
                 raise RowRejected(column, f"blank {attribute}")
@@ -772,7 +858,8 @@ class MimicAdapter(CaptionAdapter):
         s = self.settings
         findings = _listed_findings(attrs, s.labels, s.no_finding)
         text = s.separator.join(findings) if findings else s.no_findings_text
-        return f"Chest X-ray of {attrs['age']}-years old {attrs['race']} {attrs['sex']} subject with {text}"
+        who = f"{attrs['race']} {attrs['sex']}" if "race" in attrs else str(attrs["sex"])
+        return f"Chest X-ray of {attrs['age']}-years old {who} subject with {text}"
 
 
 class IsicAdapter(CaptionAdapter):
@@ -926,7 +1013,9 @@ class AdapterConfig(BaseModel):
         try:
             ADAPTERS[self.name].Settings.model_validate(self.options)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors()
+            )
             raise ValueError(f"options for adapter {self.name!r}: {problems}") from None
         return self
 
@@ -956,7 +1045,9 @@ def check_interventions(adapter_name: str, adapter_options: Mapping[str, Any], s
             raise ValueError(message if message.startswith(prefix) else f"{prefix}: {message}") from None
 
 
-def check_selector(adapter_name: str, adapter_options: Mapping[str, Any], selector: Mapping[str, Any]) -> None:
+def check_selector(
+    adapter_name: str, adapter_options: Mapping[str, Any], selector: Mapping[str, Any]
+) -> None:
     """Selector values on the adapter's label columns must be cells those columns can hold.
 
     A selector matches the manifest after its labels are read through the label schema (a
@@ -976,4 +1067,6 @@ def check_selector(adapter_name: str, adapter_options: Mapping[str, Any], select
             except ValueError as err:
                 raise ValueError(f"column {name!r}: {err}") from None
             if parsed is None:
-                raise ValueError(f"column {name!r}: value {value!r} is blank, and blank cells match no selector")
+                raise ValueError(
+                    f"column {name!r}: value {value!r} is blank, and blank cells match no selector"
+                )

@@ -42,6 +42,11 @@ JOBS: dict[str, Job] = {
         "prism_ray.pipelines.augment:AugmentConfig",
         "prism_ray.pipelines.augment:run",
     ),
+    "audit": Job(
+        "dataset-wide bias audit: every image x every intervention + a control, co-change statistics, HTML report",
+        "prism_ray.pipelines.audit:AuditConfig",
+        "prism_ray.pipelines.audit:run",
+    ),
     "phantom": Job(
         "write a synthetic phantom chest X-ray dataset with ground-truth attributes",
         "prism_ray.pipelines.phantom:PhantomJobConfig",
@@ -51,6 +56,16 @@ JOBS: dict[str, Job] = {
         "counterfactuals of a few images in this process: prism-ray edit IMAGE... --prompt CAPTION --do 'A=0' --out DIR",
         "prism_ray.pipelines.edit:EditJobConfig",
         "prism_ray.pipelines.edit:run",
+    ),
+    "classifier": Job(
+        "train a multi-head attribute classifier with Ray Train (DDP; DeepSpeed optional) and export it",
+        "prism_ray.pipelines.classifier:ClassifierConfig",
+        "prism_ray.pipelines.classifier:run",
+    ),
+    "experiment": Job(
+        "does the augmentation help? classifiers on original / + SD samples / + counterfactuals, over seeds",
+        "prism_ray.pipelines.experiment:ExperimentConfig",
+        "prism_ray.pipelines.experiment:run",
     ),
     "tiny-family": Job(
         "write a tiny SD-shaped model family (random weights) to a folder",

@@ -265,3 +265,24 @@ def test_the_planner_handles_100k_sources_with_metadata_only(tmp_path):
     assert accounting["planned_rows"] == n + int(table.column("Pleural Effusion").to_numpy().sum())
     # Metadata only: well under 2 kB per source at peak (images would be ~50-800 kB each).
     assert peak / n < 2048, peak / n
+
+
+@pytest.mark.slow
+def test_the_audit_runs_the_real_method_on_ray_actors(dataset, tmp_path, ray_local):
+    """The tiny family's real inversion and editing on two long-lived Ray actors (short schedules)."""
+    manifest, truth = dataset
+    config = make_config(
+        manifest, tmp_path / "out", interventions=["Cardiomegaly=1"], max_sources=6,
+        model={"path": "tiny", "device": "cpu"},
+        inversion={"num_inference_steps": 5, "num_inner_steps": 2, "learning_rate": 0.05, "batch_size": 2},
+        compute={"num_actors": 2, "batch_size": 2, "num_cpus_per_actor": 1},
+    )
+    summary = audit.run(config)
+    n = summary["accounting"]["tasks"]
+    assert 0 < n <= 6 and summary["rows"] == n and summary["error_rows"] == 0
+    assert summary["actors"]["model_loads_per_actor"] == [1, 1]
+    rows = pq.read_table(tmp_path / "out" / "rows.parquet").to_pylist()
+    for row in rows:
+        assert 0.0 <= row["p_cf__cardiomegaly"] <= 1.0 and row["s_clip"] is not None
+        assert Path(row["image_uri"]).exists() and Path(row["control_uri"]).exists()
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000

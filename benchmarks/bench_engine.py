@@ -7,7 +7,7 @@ measured "at equal reconstruction error".
 
     python benchmarks/bench_engine.py                       # CPU, tiny family, N=8, K=4
     python benchmarks/bench_engine.py --sd15-shaped --device cuda --images 4 --loop-images 1
-    python benchmarks/bench_engine.py --sd15-shaped --device cuda --images 4 --loop-images 1 --edit-dtype bfloat16
+    python benchmarks/bench_engine.py --sd15-shaped --device cuda --images 4 --loop-images 1 --precision fastest
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor, edit_many
+from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig
 
 EDITS = [
     "Chest X-ray showing Cardiomegaly",
@@ -81,7 +81,7 @@ def sd15_shaped(device: str):
 
 
 def run_arm(sd, images, prompts, k: int, inv: InversionConfig, edit: EditConfig, per_image: bool):
-    editor = Editor(sd, edit, inv)
+    editor = Editor(sd, edit, inv, EngineComputeConfig(gpu_memory_gb=None))  # the arm's --batch, uncapped
     recon_err, n_cf = [], 0
     sync = torch.cuda.synchronize if sd.device.type == "cuda" else (lambda: None)
     sync()
@@ -116,14 +116,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="images per inversion / edit call (batched arm)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--inner", type=int, default=10, help="fixed null-text inner steps (early stop off)")
-    ap.add_argument("--edit-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="the editing pass's compute dtype (EditConfig.compute_dtype; inversion stays fp32)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "reference", "fast", "fastest"],
+                    help="InversionConfig.precision preset (auto: fastest on CUDA, reference on CPU)")
+    ap.add_argument("--edit-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="override the preset's editing-pass dtype (EditConfig.compute_dtype)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sd = load_model(args)
     images, prompts = phantom_inputs(args.images, sd.resolution)
-    fixed = dict(num_inference_steps=args.steps, num_inner_steps=args.inner, early_stop_epsilon=0.0, early_stop_slope=0.0)
+    fixed = dict(num_inference_steps=args.steps, num_inner_steps=args.inner, early_stop_epsilon=0.0, early_stop_slope=0.0,
+                 precision=args.precision)
     batched = run_arm(sd, images, prompts, args.edits, InversionConfig(**fixed, batch_size=args.batch),
                       EditConfig(edit_batch_size=args.batch, compute_dtype=args.edit_dtype), per_image=False)
     n_loop = args.loop_images or args.images
@@ -135,7 +138,7 @@ def main() -> None:
               "speedup_counterfactuals_per_s": ratio,
               "seconds_per_source_image_nti_plus_k_edits": batched["seconds"] / batched["sources"]}
     print(json.dumps(result, indent=2))
-    print(f"\n| arm | src img/s | cf/s | recon L1 | s/source |\n|---|---|---|---|---|")
+    print("\n| arm | src img/s | cf/s | recon L1 | s/source |\n|---|---|---|---|---|")
     for name, arm in (("batched", batched), ("per-image loop", loop)):
         print(f"| {name} | {arm['source_images_per_s']:.3f} | {arm['counterfactuals_per_s']:.3f} | "
               f"{arm['reconstruction_l1']:.4f} | {arm['seconds'] / arm['sources']:.2f} |")

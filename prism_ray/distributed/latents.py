@@ -9,7 +9,7 @@ from ray.data import ActorPoolStrategy
 from prism_ray.engine.images import to_model_pixels, vae_latent_moments
 from prism_ray.engine.text import encode_prompts
 from prism_ray.pipelines.finetune import FinetuneConfig, FinetunePlan
-from prism_ray.training.examples import prepare_batch
+from prism_ray.training.examples import latent_cache_key, prepare_batch
 
 
 def examples_dataset(config: FinetuneConfig, plan: FinetunePlan) -> ray.data.Dataset:
@@ -53,8 +53,30 @@ class EncodeLatents:
         return out
 
 
-def cache_latents(dataset: ray.data.Dataset, config: FinetuneConfig) -> ray.data.Dataset:
-    """Encode every good row once with Ray Data actors and keep the result in the object store."""
+def cache_latents(dataset: ray.data.Dataset, config: FinetuneConfig, plan: FinetunePlan | None = None) -> ray.data.Dataset:
+    """Encode every good row once with Ray Data actors and keep the result in the object store.
+
+    With `plan`, the result is also stored under `<storage_path>/latent_cache/<key>` (key:
+    `training.examples.latent_cache_key`: VAE/text weights, rows, resolution, settings) and a later run
+    with the same key reads it back instead of encoding again.
+    """
+    if plan is None:
+        return _encode(dataset, config)
+    import fsspec
+
+    key = latent_cache_key(str(plan.model_root), plan.rows, resolution=plan.resolution,
+                           latents=config.train.latents, data=config.data, dtype=config.model.dtype)
+    uri = f"{plan.storage_path}/latent_cache/{key}"
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(f"{path}/_COMPLETE"):  # written last: a cache cut short is never read
+        return ray.data.read_parquet(uri)
+    encoded = _encode(dataset, config)
+    encoded.write_parquet(uri)
+    fs.pipe(f"{path}/_COMPLETE", key.encode())
+    return encoded
+
+
+def _encode(dataset: ray.data.Dataset, config: FinetuneConfig) -> ray.data.Dataset:
     c = config.compute
     return dataset.map_batches(
         EncodeLatents,

@@ -24,7 +24,7 @@ def fit(config: FinetuneConfig, plan: FinetunePlan) -> str:
     check_resources(config, ray.cluster_resources())
     dataset = examples_dataset(config, plan)
     if config.train.cache_latents:
-        dataset = cache_latents(dataset, config)
+        dataset = cache_latents(dataset, config, plan)  # stored once, reused by later runs
 
     c = config.compute
     trainer = TorchTrainer(

@@ -8,14 +8,13 @@ U-Net call; the layout of the guided batch is documented in `prism_ray.engine.at
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine import seq_aligner
 from prism_ray.engine.attention import (
     AttentionController,
@@ -29,13 +28,17 @@ from prism_ray.engine.attention import (
     controlled,
 )
 from prism_ray.engine.errors import ItemError
+from prism_ray.engine.images import decode
 from prism_ray.engine.inversion import invert_many, relative_squared_error
+from prism_ray.engine.kernels import inversion_unet, prepare_models
+from prism_ray.engine.memory import fit_batch_sizes
 from prism_ray.engine.noise_mask import noise_difference_masks
+from prism_ray.engine.precision import resolve_precision
 from prism_ray.engine.sampling import sample_latents
 from prism_ray.engine.scheduler import make_ddim_scheduler
+from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
-from prism_ray.engine.images import decode
 
 STAGE = "edit"  # the errors table's stage for everything that fails in here
 
@@ -77,12 +80,37 @@ class _Plan:
 
 
 class Editor:
-    """Prompt-to-prompt editing of inverted images with the reference DDIM steps and guidance."""
+    """Prompt-to-prompt editing of inverted images with the reference DDIM steps and guidance.
 
-    def __init__(self, sd, edit_config: EditConfig | None = None, inversion_config: InversionConfig | None = None):
+    `compute` (memory budget, kernels) changes how fast, not what: it prepares the models once here
+    (`kernels.prepare_models`) and caps the batch sizes (`memory.fit_batch_sizes`).
+    """
+
+    def __init__(
+        self,
+        sd,
+        edit_config: EditConfig | None = None,
+        inversion_config: InversionConfig | None = None,
+        compute: EngineComputeConfig | None = None,
+    ):
         self.sd = sd
         self.config = edit_config or EditConfig()
         self.inversion_config = inversion_config or InversionConfig()
+        self.compute = compute or EngineComputeConfig()
+        self.precision = resolve_precision(self.inversion_config, self.config, sd.device)
+        prepare_models(sd, self.compute)
+        self.inversion_unet = inversion_unet(sd, self.compute)
+
+    def batch_sizes(self, num_edits: int) -> tuple[int, int]:
+        """(inversion, edit) images per call: the configured sizes, capped by `compute.gpu_memory_gb`."""
+        return fit_batch_sizes(
+            self.sd,
+            self.precision,
+            self.inversion_config.batch_size,
+            self.config.edit_batch_size,
+            num_edits,
+            self.compute.gpu_memory_gb,
+        )
 
     # --- validation: one image's settings --------------------------------------------------------
 
@@ -185,11 +213,8 @@ class Editor:
         ).to(self.sd.device)
 
     def autocast(self):
-        """The editing pass's compute dtype (`EditConfig.compute_dtype`) as an autocast context."""
-        dtype = getattr(torch, self.config.compute_dtype)
-        if dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.sd.device.type, dtype=dtype)
+        """The editing pass's dtype (the precision policy's `edit_dtype`) as an autocast context."""
+        return self.precision.edit_autocast(self.sd.device)
 
     def noise_masks(self, inversion: InversionResult, text: torch.Tensor, plans: list[_Plan]) -> torch.Tensor | None:
         """With `blend_mask` "noise" and local blend on for some edit: `noise_difference_masks` of the
@@ -246,7 +271,7 @@ class Editor:
                 x_T.flatten(0, 1),
                 len(inversion.timesteps),
                 self.inversion_config.guidance_scale,
-                autocast_dtype=getattr(torch, self.config.compute_dtype),
+                autocast_dtype=self.precision.edit_dtype,
                 on_step_begin=begin,
                 on_step_end=end,
             )
@@ -298,11 +323,15 @@ class Editor:
         latents, seconds, rec_errors = {}, {}, {}
         masks, any_blend = {}, False
         latent_size = int(inversion.latents.shape[-1])
-        for begin in range(0, len(good), self.config.edit_batch_size):
-            chunk = good[begin : begin + self.config.edit_batch_size]
+        batch = self.batch_sizes(k)[1]
+        prompt_cache: dict[str, torch.Tensor] = {}  # each distinct edit prompt encoded once per call
+        for begin in range(0, len(good), batch):
+            chunk = good[begin : begin + batch]
             start = time.perf_counter()
             sub = inversion.select(chunk)
-            edits = encode_prompts(self.sd.tokenizer, self.sd.text_encoder, [p for j in chunk for p in edit_prompts[j]])
+            edits = encode_prompts(
+                self.sd.tokenizer, self.sd.text_encoder, [p for j in chunk for p in edit_prompts[j]], prompt_cache
+            )
             source = sub.cond_embeddings.to(edits.device, edits.dtype)  # the context the inversion used
             text = torch.cat([source[:, None], edits.view(len(chunk), k, *edits.shape[1:])], 1)  # (n, K + 1, 77, D)
             chunk_plans = [plans[j] for j in chunk]
@@ -311,9 +340,11 @@ class Editor:
             x = self.denoise(sub, text.flatten(0, 1), controller, state)
             elapsed = time.perf_counter() - start
             # How well each source inverted: the unedited source branch vs its encoded latent.
-            rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device)).tolist()
+            rec = relative_squared_error(x[:, 0], sub.latents[0].to(x.device))
+            finite = torch.isfinite(x.flatten(1)).all(1)  # NaN per image, after the loop
+            rec, finite = rec.tolist(), finite.tolist()  # sync point: once per batch
             for r, j in enumerate(chunk):
-                if not torch.isfinite(x[r]).all():  # NaN per image, after the loop
+                if not finite[r]:
                     errors.append(ItemError(j, STAGE, "NaN/inf in the edited latents"))
                     continue
                 latents[j], seconds[j], rec_errors[j] = x[r], elapsed / len(chunk), rec[r]
@@ -381,12 +412,17 @@ def edit_many(
     n = len(images)
     if len(source_prompts) != n or len(edit_prompts) != n:
         raise ValueError(f"source_prompts/edit_prompts: {len(source_prompts)}/{len(edit_prompts)} for {n} images")
-    inversion, errors = invert_many(editor.sd, images, list(source_prompts), editor.inversion_config, offsets=offsets)
+    k = len(edit_prompts[0]) if n else 1
+    config = editor.inversion_config.model_copy(update={"batch_size": editor.batch_sizes(k)[0]})
+    inversion, errors = invert_many(
+        editor.sd, images, list(source_prompts), config, offsets=offsets, policy=editor.precision,
+        unet=editor.inversion_unet,
+    )
     failed = {e[0] for e in errors}
     good = [i for i in range(n) if i not in failed]
     items: list[EditedItem] = []
     if inversion is not None and good:
-        pick = lambda seq: None if seq is None else [seq[i] for i in good]  # noqa: E731
+        pick = lambda seq: None if seq is None else [seq[i] for i in good]
         result = editor.edit(
             inversion,
             pick(source_prompts),

@@ -8,6 +8,10 @@ import torch.nn.functional as F
 
 from prism_ray.data.images import make_square
 
+# Images per VAE call: the decoder's 512 px activations are the largest tensors of an editing batch
+# (several GB for the N * (K + 1) images at once on SD1.5), so encode/decode go in chunks of this many.
+VAE_BATCH = 4
+
 
 def to_model_pixels(pixels: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8-valued pixels, any layout ((N, H, W, C), (N, C, H, W), (N, H, W)) -> float32 in [-1, 1], same shape.
@@ -51,10 +55,12 @@ def preprocess(images: list[np.ndarray] | np.ndarray, resolution: int, offsets=(
 
 
 @torch.no_grad()
-def vae_latent_moments(vae, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_latent_moments(
+    vae, images: torch.Tensor, batch_size: int | None = VAE_BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, R, R) in [-1, 1] -> (mean, std) of the latent posterior, both times the VAE scaling factor.
 
-    `batch_size` bounds the encoder's activation memory for large N (None: one call).
+    `batch_size` images per encoder call bound its activation memory (None: one call).
     """
     step = batch_size or max(1, len(images))
     means, stds = [], []
@@ -67,13 +73,21 @@ def vae_latent_moments(vae, images: torch.Tensor, batch_size: int | None = None)
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def encode(vae, images: torch.Tensor, batch_size: int | None = VAE_BATCH) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1] -> latents: the posterior *mean* times the VAE scaling factor."""
     return vae_latent_moments(vae, images, batch_size)[0]
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> uint8 (N, R, R, 3): decode, (x / 2 + 0.5).clamp(0, 1), round to 8 bits."""
-    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # (N, 3, R, R)
-    return from_model_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
+def decode(vae, latents: torch.Tensor, batch_size: int | None = VAE_BATCH) -> np.ndarray:
+    """Latents -> uint8 (N, R, R, 3): decode, (x / 2 + 0.5).clamp(0, 1), round to 8 bits.
+
+    `batch_size` latents per decoder call bound its activation memory (None: one call); the uint8 images
+    of all chunks are gathered on the device and copied to the host once.
+    """
+    step = batch_size or max(1, len(latents))
+    out = []
+    for chunk in [latents[i : i + step] for i in range(0, len(latents), step)] or [latents]:
+        x = vae.decode(chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # (n, 3, R, R)
+        out.append(from_model_pixels(x).permute(0, 2, 3, 1))
+    return torch.cat(out).cpu().numpy()

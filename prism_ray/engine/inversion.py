@@ -19,20 +19,22 @@ z_0. The edit branches never get the residual.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine.errors import ItemError
+from prism_ray.engine.images import encode, preprocess
+from prism_ray.engine.precision import PrecisionPolicy, resolve_precision, tf32_mode
 from prism_ray.engine.sampling import sample_latents
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine.text import encode_prompts, null_embedding
 from prism_ray.engine.types import InversionResult
-from prism_ray.engine.images import encode, preprocess
 
 STAGE = "invert"  # the errors table's stage for everything that fails in here
 
@@ -61,17 +63,6 @@ def _expand(embedding: torch.Tensor, n: int) -> torch.Tensor:
     if embedding.ndim != 3 or embedding.shape[0] not in (1, n):
         raise ValueError(f"uncond_init: expected (1 or {n}, 77, D), got {tuple(embedding.shape)}")
     return embedding.float().expand(n, -1, -1).clone()
-
-
-@contextmanager
-def tf32_mode(allow: bool):
-    """TF32 matmuls/convolutions on or off for the duration (they change NTI's numbers); restores after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextmanager
@@ -113,6 +104,50 @@ def ddim_invert(unet, steps: DDIMSteps, z0: torch.Tensor, cond: torch.Tensor) ->
     return torch.stack(latents)
 
 
+class _StopFlag:
+    """Whether every image has met its early-stop rule, read without waiting for the device.
+
+    `post(active)` starts an asynchronous copy of `active.any()` into host memory (pinned, with an event,
+    on CUDA; an immediate copy on CPU); `all_stopped()` reads the newest copy that has landed and never
+    blocks. On a GPU the loop can therefore run a step or two past the point where every image stopped;
+    those steps change nothing (stopped images are frozen), they only cost time.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[torch.Tensor, object]] = []
+        self.stopped = False
+
+    def post(self, active: torch.Tensor) -> None:
+        host = torch.empty(1, dtype=torch.bool, pin_memory=self.cuda)
+        host.copy_(active.any()[None], non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event))
+
+    def all_stopped(self) -> bool:
+        while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
+            host, _ = self.pending.pop(0)
+            self.stopped = not host.numpy()[0]  # host memory the copy has filled: no device sync
+        return self.stopped
+
+
+def _adam_step(param, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    """torch.optim.Adam's update (defaults, no weight decay) written out -> the new parameter values.
+
+    The same operations as `torch.optim.Adam`'s single-tensor path, with the step count a Python int
+    (torch keeps it in a tensor that `.item()` reads every step) and no `param.grad` bookkeeping.
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    return param.addcdiv(exp_avg, denom, value=-lr / bias_correction1)
+
+
 def null_text_invert(
     unet,
     steps: DDIMSteps,
@@ -120,57 +155,60 @@ def null_text_invert(
     cond: torch.Tensor,
     uncond_init: torch.Tensor,
     config: InversionConfig,
+    policy: PrecisionPolicy | None = None,
 ) -> InversionResult:
     """Null-text optimisation (docs/method.md §6), N images at once.
 
     latents (T + 1, N, C, h, w) from `ddim_invert`; cond (N, 77, D); uncond_init (1 or N, 77, D), the ""
     embedding. The loss is the sum over images of each image's mean MSE, so every image gets exactly its
     own gradient; Adam is element-wise and new each step, so this is N independent optimisations. An
-    image that met its early-stop rule is frozen (its row restored after each later Adam step) and no
-    longer computed.
+    image that met its early-stop rule is frozen (its row keeps its value) for the rest of the step.
+
+    Nothing in the loop reads a device tensor on the host: losses, the early-stop mask, step counts and
+    the freeze stay on the device, and the exit once every image has stopped polls a flag the device
+    copies to the host asynchronously (`_StopFlag`). `policy.inner_dtype` runs the inner steps' U-Net
+    forward/backward (the unconditional branch) under autocast; everything else stays fp32.
     """
     _require_fp32(unet)
     T, n = len(steps.timesteps), latents.shape[1]
     if latents.shape[0] != T + 1:
         raise ValueError(f"latents: expected {T + 1} steps, got {latents.shape[0]}")
+    device = latents.device
+    policy = policy or resolve_precision(config, device=device)
     scale = config.guidance_scale
     cond = cond.float()
     uncond = _expand(uncond_init, n)
-    inner_steps = torch.zeros(T, n, dtype=torch.long)
-    final_loss = torch.full((T, n), float("nan"))
+    inner_steps = torch.zeros(T, n, dtype=torch.long, device=device)
+    final_loss = torch.full((T, n), float("nan"), device=device)
     stored = []
     z_cur = latents[-1]
     with _frozen(unet):
-        for i in range(T):
-            t = int(steps.timesteps[i])
+        for i, t in enumerate(steps.timesteps.tolist()):
             target = latents[T - 1 - i]  # (N, C, h, w)
             uncond = uncond.detach().clone().requires_grad_(True)  # warm start from the previous step
-            optimizer = torch.optim.Adam([uncond], lr=config.learning_rate * (1.0 - i / config.lr_decay_steps))
+            exp_avg, exp_avg_sq = torch.zeros_like(uncond), torch.zeros_like(uncond)  # a new Adam each step
+            lr = config.learning_rate * (1.0 - i / config.lr_decay_steps)
             threshold = config.early_stop_epsilon + i * config.early_stop_slope
             with torch.no_grad():
                 eps_cond = _eps(unet, z_cur, t, cond)
-            active = torch.ones(n, dtype=torch.bool)
-            for _ in range(config.num_inner_steps):
-                rows = active.nonzero().squeeze(1)
-                if rows.numel() == 0:
+            active = torch.ones(n, dtype=torch.bool, device=device)
+            flag = _StopFlag(device)
+            for j in range(config.num_inner_steps):
+                if j and flag.all_stopped():
                     break  # every image met its early-stop rule
-                all_rows = rows.numel() == n
-                z_a = z_cur if all_rows else z_cur[rows]
-                eps_u = _eps(unet, z_a, t, uncond if all_rows else uncond[rows])
-                eps = _guide(eps_u, eps_cond if all_rows else eps_cond[rows], scale)
-                z_rec = steps.prev_step(eps, t, z_a)
-                loss = (z_rec - (target if all_rows else target[rows])).pow(2).flatten(1).mean(1)  # (n_active,)
+                with policy.inner_autocast(device):
+                    eps_u = _eps(unet, z_cur, t, uncond)
+                z_rec = steps.prev_step(_guide(eps_u.float(), eps_cond, scale), t, z_cur)
+                loss = (z_rec - target).pow(2).flatten(1).mean(1)  # (N,)
                 (grad,) = torch.autograd.grad(loss.sum(), uncond)  # only the embedding, never the U-Net
-                frozen = uncond.detach()[~active].clone()
-                optimizer.zero_grad(set_to_none=True)
-                uncond.grad = grad
-                optimizer.step()
                 with torch.no_grad():
-                    uncond[~active] = frozen  # Adam's momentum would still move finished images
-                loss = loss.detach().cpu()
-                inner_steps[i, rows] += 1
-                final_loss[i, rows] = loss
-                active[rows[loss < threshold]] = False  # checked after the step, as the reference does
+                    stepped = _adam_step(uncond, grad, exp_avg, exp_avg_sq, j + 1, lr)
+                    uncond.copy_(torch.where(active[:, None, None], stepped, uncond))  # finished images stay
+                    loss = loss.detach()
+                    inner_steps[i] += active
+                    final_loss[i] = torch.where(active, loss, final_loss[i])
+                    active &= ~(loss < threshold)  # checked after the step, as the reference does
+                flag.post(active)
             uncond = uncond.detach()
             stored.append(uncond.clone())
             with torch.no_grad():  # advance with the stored embedding (eps_cond is the same call's)
@@ -181,8 +219,8 @@ def null_text_invert(
         uncond_embeddings=torch.stack(stored),
         timesteps=steps.timesteps.clone(),
         method="null_text",
-        inner_steps=inner_steps,
-        final_loss=final_loss,
+        inner_steps=inner_steps.cpu(),  # sync point: once per inversion
+        final_loss=final_loss.cpu(),
     )
 
 
@@ -220,21 +258,26 @@ def direct_invert(
     cond: torch.Tensor,
     uncond_init: torch.Tensor,
     config: InversionConfig,
+    policy: PrecisionPolicy | None = None,
 ) -> InversionResult:
     """Direct inversion (Ju et al. 2023): residuals[i] = latents[T-1-i] - guided prev_step from latents[T-i].
 
     The source branch that adds residuals[i] after its guided step i stays on the DDIM trajectory, so it
     reconstructs z_0 to float precision with the plain "" unconditional embedding (module docstring).
+    The guided pass runs at the editing pass's precision (`policy.edit_dtype`): the residual then also
+    absorbs the rounding of the editor's own (same-dtype) source-branch prediction.
     """
     _require_fp32(unet)
     T, n = len(steps.timesteps), latents.shape[1]
+    policy = policy or resolve_precision(config, device=latents.device)
     cond = cond.float()
     uncond = _expand(uncond_init, n)
     residuals = []
-    for i in range(T):
-        t = int(steps.timesteps[i])
+    for i, t in enumerate(steps.timesteps.tolist()):
         z_t = latents[T - i]
-        z_prev = steps.prev_step(guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale), t, z_t)
+        with policy.edit_autocast(latents.device):
+            eps = guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale)
+        z_prev = steps.prev_step(eps.float(), t, z_t)
         residuals.append(latents[T - 1 - i] - z_prev)
     return InversionResult(
         latents=latents,
@@ -286,16 +329,17 @@ def run_method(
     cond: torch.Tensor,
     uncond_init: torch.Tensor,
     config: InversionConfig,
+    policy: PrecisionPolicy | None = None,
 ) -> InversionResult:
     """Dispatch on `config.method` once the DDIM trajectory is known."""
     if config.method == "null_text":
-        return null_text_invert(unet, steps, latents, cond, uncond_init, config)
+        return null_text_invert(unet, steps, latents, cond, uncond_init, config, policy)
     if config.method == "ddim":
         return ddim_result(steps, latents, cond, uncond_init)
     if config.method == "negative_prompt":
         return negative_prompt_invert(steps, latents, cond)
     if config.method == "direct":
-        return direct_invert(unet, steps, latents, cond, uncond_init, config)
+        return direct_invert(unet, steps, latents, cond, uncond_init, config, policy)
     raise ValueError(f"inversion.method '{config.method}': expected null_text, ddim, negative_prompt or direct")
 
 
@@ -353,7 +397,7 @@ def concat_results(results: list[InversionResult]) -> InversionResult:
     """Join results of image batches inverted with the same settings along the image axis."""
     if len(results) == 1:
         return results[0]
-    cat = lambda name, dim: (  # noqa: E731
+    cat = lambda name, dim: (
         None if getattr(results[0], name) is None else torch.cat([getattr(r, name) for r in results], dim)
     )
     return InversionResult(
@@ -369,19 +413,31 @@ def concat_results(results: list[InversionResult]) -> InversionResult:
     )
 
 
-def invert_latents(sd, z0: torch.Tensor, prompts: list[str], config: InversionConfig) -> InversionResult:
-    """Encoded images z0 (N, C, h, w) + source prompts -> InversionResult (one batch, no per-item dropping)."""
+def invert_latents(
+    sd,
+    z0: torch.Tensor,
+    prompts: list[str],
+    config: InversionConfig,
+    policy: PrecisionPolicy | None = None,
+    unet=None,
+) -> InversionResult:
+    """Encoded images z0 (N, C, h, w) + source prompts -> InversionResult (one batch, no per-item dropping).
+
+    `policy` (default: `config.precision` resolved for the model's device) sets TF32 and autocast;
+    `unet` replaces sd.unet for the inversion's calls (e.g. a compiled one, `kernels.inversion_unet`)."""
     if len(prompts) != z0.shape[0]:
         raise ValueError(f"prompts: {len(prompts)} prompts for {z0.shape[0]} images")
-    _require_fp32(sd.unet)
+    unet = sd.unet if unet is None else unet
+    _require_fp32(unet)
+    policy = policy or resolve_precision(config, device=sd.device)
     start = time.perf_counter()
-    with tf32_mode(config.allow_tf32):
+    with tf32_mode(policy.matmul_tf32, policy.cudnn_tf32):
         cache: dict[str, torch.Tensor] = {}
         cond = encode_prompts(sd.tokenizer, sd.text_encoder, prompts, cache).float()
         uncond_init = null_embedding(sd.tokenizer, sd.text_encoder, cache).float()
         steps = make_steps(config)
-        latents = ddim_invert(sd.unet, steps, z0.to(sd.unet.device, torch.float32), cond)
-        result = run_method(sd.unet, steps, latents, cond, uncond_init, config)
+        latents = ddim_invert(unet, steps, z0.to(sd.device, torch.float32), cond)
+        result = run_method(unet, steps, latents, cond, uncond_init, config, policy)
     result.seconds = [(time.perf_counter() - start) / z0.shape[0]] * z0.shape[0]
     return result
 
@@ -442,13 +498,15 @@ def invert_many(
     *,
     latents: torch.Tensor | None = None,
     offsets: tuple[int, int, int, int] = (0, 0, 0, 0),
+    policy: PrecisionPolicy | None = None,
+    unet=None,
 ) -> tuple[InversionResult | None, list[tuple[int, str, str]]]:
     """Invert what can be inverted, `config.batch_size` images at a time; drop and report the rest.
 
     Give `images` (as for `invert`) or, with `images=None`, already encoded `latents` (N, C, h, w).
     Returns (result for the good items in input order or None if there are none, errors as
     (index, stage, reason) sorted by index). `result.select`-style: the k-th image of the result is the
-    k-th input index not in the errors.
+    k-th input index not in the errors. `policy` and `unet` as for `invert_latents`.
     """
     config = config or InversionConfig()
     if (images is None) == (latents is None):
@@ -471,7 +529,7 @@ def invert_many(
     results = []
     for begin in range(0, len(good), config.batch_size):
         chunk = good[begin : begin + config.batch_size]
-        result = invert_latents(sd, z0[begin : begin + len(chunk)], [prompts[i] for i in chunk], config)
+        result = invert_latents(sd, z0[begin : begin + len(chunk)], [prompts[i] for i in chunk], config, policy, unet)
         bad = _check_result(result, chunk)
         if bad:
             errors.extend(bad)

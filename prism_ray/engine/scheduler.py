@@ -39,10 +39,11 @@ class DDIMSteps:
         self.timesteps = scheduler.timesteps.clone()  # (T,) descending, e.g. 981..1
         self.stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        self._alphas = self.alphas_cumprod.tolist()  # Python floats: a step reads no tensor
         self.final_alpha = float(scheduler.final_alpha_cumprod)
 
     def alpha(self, t: int) -> float:
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+        return self._alphas[t] if t >= 0 else self.final_alpha
 
     @staticmethod
     def _move(eps: torch.Tensor, sample: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:

@@ -7,6 +7,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from prism_ray.config import BaseConfig
+
+# Named precision presets (docs/method.md §13): which passes may run in TF32 or bf16.
+Precision = Literal["auto", "reference", "fast", "fastest"]
+
+
 class InversionConfig(BaseConfig):
     """DDIM + null-text inversion knobs; defaults reproduce docs/method.md §4-§6."""
 
@@ -19,7 +24,15 @@ class InversionConfig(BaseConfig):
     early_stop_epsilon: float = Field(1e-5, ge=0.0)
     early_stop_slope: float = Field(2e-5, ge=0.0, description="threshold = epsilon + i * slope")
     batch_size: int = Field(4, ge=1, description="images inverted together")
-    allow_tf32: bool = Field(False, description="TF32 matmuls/convolutions during inversion; change NTI numerics")
+    precision: Precision = Field(
+        "auto",
+        description="reference: fp32, PyTorch's TF32 defaults; fast: TF32 inversion, bf16 edits; fastest: also "
+        "the null-text inner steps under bf16 autocast (the DDIM trajectory stays fp32/TF32); auto: fastest on "
+        "CUDA, reference elsewhere",
+    )
+    allow_tf32: bool | None = Field(
+        None, description="override the preset's TF32 matmuls/convolutions during inversion (None = preset)"
+    )
 
 
 Window = float | tuple[float, float]
@@ -64,10 +77,10 @@ class EditConfig(BaseConfig):
     noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
     self_attention_max_queries: int = Field(32 * 32, ge=1)
     edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="the editing pass's U-Net calls under autocast (bfloat16/float16 on a GPU for speed); "
-        "inversion always runs in fp32, latents and scheduler steps stay fp32",
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="override inversion.precision's dtype for the editing pass's U-Net calls (autocast; "
+        "None = preset); latents and scheduler steps stay fp32",
     )
 
     @field_validator("self_replace_steps", "noise_mask_window")
@@ -88,3 +101,17 @@ class EditConfig(BaseConfig):
             except ValueError as err:
                 raise ValueError(f"word {word!r}: {err}") from None
         return value
+
+
+class EngineComputeConfig(BaseConfig):
+    """How the engine uses its device (not its results): memory budget and kernels. The augment job's
+    `compute` section extends this."""
+
+    gpu_memory_gb: float | None = Field(
+        24.0, gt=0.0, description="GPU memory the engine may use; inversion/edit batch sizes shrink to fit (None = no cap)"
+    )
+    channels_last: bool | None = Field(None, description="U-Net/VAE in channels_last memory format (None = on CUDA)")
+    compile_unet: bool = Field(False, description="torch.compile the inversion's U-Net calls (GPU; minutes to warm up)")
+    attention: Literal["auto", "xformers"] = Field(
+        "auto", description="fused attention: auto = xformers on CUDA when installed, else SDPA; xformers = required"
+    )

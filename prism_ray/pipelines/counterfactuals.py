@@ -64,6 +64,8 @@ class Edited:
     inversion_seconds: float = 0.0
     edit_seconds: float = 0.0  # for all K edits
     score_seconds: float = 0.0
+    source: np.ndarray | None = None  # (R, R, 3) uint8: the source as the model saw it (square, resized)
+    reconstruction: np.ndarray | None = None  # (R, R, 3) uint8: the unedited reconstruction (the audit's control)
 
 
 class Engine(Protocol):
@@ -108,7 +110,8 @@ class MethodEngine:
 
             clip = load_clip(m.clip_path or m.path, device=self.sd.device, cache_dir=m.cache_dir)
             self.scorer = ClipScorer.from_components(clip)
-            self.editor = Editor(self.sd, config.edit, config.inversion)
+            # compute (augment's ActorPoolConfig): the memory budget and kernels; other jobs use the defaults.
+            self.editor = Editor(self.sd, config.edit, config.inversion, getattr(config, "compute", None))
         torch.backends.cuda.matmul.allow_tf32 = bool(m.allow_tf32)
 
     def counterfactuals(self, pixels, tasks):
@@ -136,7 +139,8 @@ class MethodEngine:
                 orig = from_model_pixels(x).permute(1, 2, 0).numpy()  # (R, R, 3) uint8
                 origs = np.repeat(orig[None], len(item.edits), axis=0)  # (K, R, R, 3)
                 try:
-                    scores = self.scorer.score(origs, item.edits, tasks[i]["source_prompt"], item.edit_prompts)
+                    # The source is one image for all K edits: embedded once.
+                    scores = self.scorer.score(orig[None], item.edits, tasks[i]["source_prompt"], item.edit_prompts)
                 except ValueError as err:  # e.g. a prompt the scorer cannot take: these slots only
                     errors.append((i, "score", str(err)))
                     continue
@@ -154,7 +158,7 @@ class MethodEngine:
                     scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
                 scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
                 out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
-                                  time.perf_counter() - start))
+                                  time.perf_counter() - start, source=orig, reconstruction=item.reconstruction))
         return out, errors
 
     def _off_target(self, orig: np.ndarray, edits: np.ndarray, slots: list[dict]) -> dict[str, np.ndarray]:
@@ -199,6 +203,34 @@ class MethodEngine:
             self.sd, [e["prompt"] for e in edits], num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale, generators=generators,
         )
+
+
+def read_batch(tasks: list[dict], decode, vae_scale_factor: int) -> tuple[list[tuple[dict, str, np.ndarray]], list]:
+    """Each task's source -> (task, sha256 of its bytes, square pixels), or (task, reason) when it cannot be read.
+
+    Sets `task['source_size']` and `task['square']`; the reason names the manifest row when the task has one.
+    """
+    from prism_ray.data.images import decode_image, default_min_side, make_square
+    from prism_ray.data.manifest import row_label
+    from prism_ray.data.storage import read_image_bytes
+
+    min_side = decode.min_side or default_min_side(vae_scale_factor)
+    good, failed = [], []
+    for task in tasks:
+        try:
+            data = read_image_bytes(task["source_uri"])
+            image = decode_image(data, task["source_uri"], decode, min_side=min_side)
+        except ValueError as err:  # ImageReadError: this source only
+            reason = getattr(err, "reason", str(err))
+            if task.get("row") is not None:
+                reason = f"{row_label(task['row'], task['source_uri'])}: {reason}"
+            failed.append((task, reason))
+            continue
+        h, w = image.shape[:2]
+        task["source_size"] = (w, h)
+        task["square"] = "none" if h == w else decode.square
+        good.append((task, hashlib.sha256(data).hexdigest(), make_square(image, decode.square, decode.alpha_background)))
+    return good, failed
 
 
 @dataclass
@@ -252,29 +284,9 @@ class CounterfactualStep:
     # -- counterfactual mode ----------------------------------------------------------------
 
     def _read(self, tasks, errors, seconds) -> list[tuple[dict, str, np.ndarray]]:
-        """(task, sha256 of the bytes, square pixels) per readable source; the rest become 'read' errors."""
-        from prism_ray.data.images import decode_image, default_min_side, make_square
-        from prism_ray.data.manifest import row_label
-        from prism_ray.data.storage import read_image_bytes
-
-        decode = self.config.data.decode
-        min_side = decode.min_side or default_min_side(self.engine.vae_scale_factor)
         start = time.perf_counter()
-        good = []
-        for task in tasks:
-            try:
-                data = read_image_bytes(task["source_uri"])
-                image = decode_image(data, task["source_uri"], decode, min_side=min_side)
-            except ValueError as err:  # ImageReadError: this source only, named by its manifest row
-                reason = getattr(err, "reason", str(err))
-                if task.get("row") is not None:
-                    reason = f"{row_label(task['row'], task['source_uri'])}: {reason}"
-                errors.append(self._error(task, "read", reason))
-                continue
-            h, w = image.shape[:2]
-            task["source_size"] = (w, h)
-            task["square"] = "none" if h == w else decode.square
-            good.append((task, hashlib.sha256(data).hexdigest(), make_square(image, decode.square, decode.alpha_background)))
+        good, failed = read_batch(tasks, self.config.data.decode, self.engine.vae_scale_factor)
+        errors += [self._error(task, "read", reason) for task, reason in failed]
         seconds["read"] += time.perf_counter() - start
         return good
 

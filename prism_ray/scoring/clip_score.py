@@ -164,17 +164,21 @@ class ClipScorer:
         return prompts
 
     def _check_pair(self, orig_images: Any, cf_images: Any) -> int:
-        if len(orig_images) != len(cf_images):
+        if len(orig_images) not in (1, len(cf_images)):
             raise ValueError(
                 f"orig_images ({len(orig_images)}) and cf_images ({len(cf_images)}) differ in count"
             )
-        return len(orig_images)
+        return len(cf_images)
+
+    def _orig_embeds(self, orig_images: Any, n: int) -> torch.Tensor:
+        """One source for all n counterfactuals is embedded once and shared; else one per row."""
+        return self.image_embeds(orig_images).expand(n, -1)
 
     def _embed_all(self, orig_images, cf_images, orig_prompts, edit_prompts):
         n = self._check_pair(orig_images, cf_images)
         orig_prompts = self._broadcast(orig_prompts, n, "orig_prompts")
         edit_prompts = self._broadcast(edit_prompts, n, "edit_prompts")
-        e_orig, e_cf = self.image_embeds(orig_images), self.image_embeds(cf_images)
+        e_orig, e_cf = self._orig_embeds(orig_images, n), self.image_embeds(cf_images)
         t = self.text_embeds(orig_prompts + edit_prompts)  # one call: shared prompts encoded once
         return e_orig, e_cf, t[:n], t[n:]
 
@@ -197,8 +201,8 @@ class ClipScorer:
 
     def image_image_similarity(self, orig_images: np.ndarray, cf_images: np.ndarray) -> np.ndarray:
         """cos(E_I(I_orig), E_I(I_cf)), (N,) float32: how much of the source image survived."""
-        self._check_pair(orig_images, cf_images)
-        return self._cosine(self.image_embeds(orig_images), self.image_embeds(cf_images)).cpu().numpy()
+        n = self._check_pair(orig_images, cf_images)
+        return self._cosine(self._orig_embeds(orig_images, n), self.image_embeds(cf_images)).cpu().numpy()
 
     def image_text_similarity(self, cf_images: np.ndarray, edit_prompts: str | Sequence[str]) -> np.ndarray:
         """cos(E_I(I_cf), E_T(P_edit)), (N,) float32: does the edit image show the edit prompt."""
@@ -213,7 +217,9 @@ class ClipScorer:
         edit_prompts: str | Sequence[str],
     ) -> dict[str, np.ndarray]:
         """All three scores from one embedding pass, keyed as the output manifest's columns:
-        `s_clip`, `clip_image_image`, `clip_image_text`, each (N,) float32."""
+        `s_clip`, `clip_image_image`, `clip_image_text`, each (N,) float32.
+
+        `orig_images` may be one image (1, ...) shared by all N counterfactuals: it is embedded once."""
         e_orig, e_cf, t_orig, t_edit = self._embed_all(orig_images, cf_images, orig_prompts, edit_prompts)
         return {
             "s_clip": self._cosine(e_cf - e_orig, t_edit - t_orig).cpu().numpy(),

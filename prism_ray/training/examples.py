@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -11,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prism_ray.data.schemas import ERROR_SCHEMA, rows_to_table
 from prism_ray.data.images import DecodeConfig, make_square
+from prism_ray.data.schemas import ERROR_SCHEMA, rows_to_table
 from prism_ray.data.storage import ImageReadError, join_uri, read_image, read_table, resolve_uri, write_table
 from prism_ray.engine.images import from_model_pixels, preprocess
 
@@ -141,3 +142,24 @@ def skipped_rows(errors_uri: str) -> dict[str, int]:
     for reason in reasons.values():
         counts[reason] = counts.get(reason, 0) + 1
     return counts
+
+
+def latent_cache_key(
+    model_root: str, rows: pa.Table, *, resolution: int, latents: str, data, dtype: str = "float32"
+) -> str:
+    """16 hex digits naming cached VAE latents + text context: the digest of the VAE, text encoder and
+    tokenizer files, the manifest rows, the resolution, the latents mode, the models' dtype and the data
+    settings (`data`, the job's `DataConfig`). Equal keys = the same cache, so a later run reuses it."""
+    from pathlib import Path
+
+    from prism_ray.models.loading import weights_digest
+
+    root = Path(model_root)
+    h = hashlib.sha256(weights_digest(root / "vae", root / "text_encoder", root / "tokenizer").encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    h.update(sink.getvalue().to_pybytes())
+    settings = {"resolution": resolution, "latents": latents, "dtype": dtype, "data": data.model_dump(mode="json")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]

@@ -17,9 +17,12 @@ def test_the_demo_log_is_short_and_free_of_state_api_warnings(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "prism_ray.cli", "demo", "--set", f"out={tmp_path / 'demo'}",
          "--set", "finetune_steps=2", "--set", "quota=1", "--set", "n_subjects=40",
-         "--set", "inversion.num_inference_steps=3", "--set", "inversion.num_inner_steps=1"],
-        capture_output=True, text=True, timeout=900,
-    )
+         "--set", "inversion.num_inference_steps=3", "--set", "inversion.num_inner_steps=1",
+         # The log is what this test checks: 3-step edits of 40 phantoms are too rough for the off-target
+         # filter to meet a quota (test_demo checks it); `null` is also how a user turns it off.
+         "--set", "filter.off_target.classifier=null"],
+        check=False, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     log = (out.stdout + out.stderr).splitlines()
     assert out.returncode == 0, "\n".join(log[-40:])
     assert len(log) <= 60, "\n".join(log)
@@ -27,3 +30,5 @@ def test_the_demo_log_is_short_and_free_of_state_api_warnings(tmp_path):
     steps = [line for line in log if "step 2/2 loss" in line]
     assert len(steps) == 1  # each progress line once
     assert sum(line.startswith("[demo]") for line in log) == 6
+    assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 0
+    assert [line for line in log if line.startswith("[demo] done") and "report.html" in line]

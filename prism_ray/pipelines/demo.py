@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prism_ray.config import BaseConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
@@ -32,7 +32,32 @@ class DemoConfig(BaseConfig):
     # family's cross-attention is too diffuse for the attention mask, and without a blend its edits
     # also move findings they should keep (BENCHMARKS.md, phantom benchmark).
     edit: EditConfig = EditConfig(local_blend=True, blend_mask="noise")
-    filter: FilterConfig = FilterConfig()
+    # S_CLIP cannot see side effects (an edit that removes a device but adds cardiomegaly passes it): the
+    # off-target filter scores source and edit with the tiny family's attribute classifier and rejects
+    # edits that flip a finding the intervention should keep. `--set filter.off_target.classifier=null`: off.
+    filter: FilterConfig = FilterConfig(off_target={"classifier": "tiny"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_demo_defaults(cls, data):
+        """`--set filter.s_clip_min=0.2` changes that field of the demo's own settings above; without this the
+        whole section would fall back to the job defaults (50 steps, no blend, no off-target filter)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in ("inversion", "edit", "filter"):
+                if isinstance(data.get(name), dict):
+                    data[name] = _merged(cls.model_fields[name].default.model_dump(), data[name])
+        return data
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 SUBGROUPS = [
@@ -50,7 +75,7 @@ def run(config: DemoConfig, runner=None) -> Path:
     """Run the whole mission on phantoms and return the report folder (`runner`: the augment job's)."""
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
     from prism_ray.pipelines import augment, finetune
-    from prism_ray.report.markdown import write_demo_report
+    from prism_ray.report.demo_report import write_demo_report
     from prism_ray.results.summary import RunIncomplete
 
     out = Path(config.out).resolve()
@@ -58,9 +83,14 @@ def run(config: DemoConfig, runner=None) -> Path:
     t0 = time.perf_counter()
 
     _say("1/4 data", f"writing {config.n_subjects} phantom chest X-rays with planted biases")
-    data = write_phantom_dataset(str(out / "data"), PhantomDatasetConfig(n_subjects=config.n_subjects, seed=config.seed))
+    data = write_phantom_dataset(
+        str(out / "data"), PhantomDatasetConfig(n_subjects=config.n_subjects, seed=config.seed)
+    )
 
-    _say("2/4 fine-tune", f"{config.finetune_steps} steps, {config.finetune_workers} Ray Train workers, ZeRO-{config.finetune_zero_stage}")
+    _say(
+        "2/4 fine-tune",
+        f"{config.finetune_steps} steps, {config.finetune_workers} Ray Train workers, ZeRO-{config.finetune_zero_stage}",
+    )
     ft = finetune.FinetuneConfig.model_validate(
         {
             "model": {"path": config.model},
@@ -105,10 +135,44 @@ def run(config: DemoConfig, runner=None) -> Path:
 
     _say("4/4 report", "scoring against the true counterfactuals")
     # The classifier ships beside the starting family (fine-tuning exports only the diffusers parts).
-    report = write_demo_report(out, str(out / "counterfactuals"), data.ground_truth_uri, config.model)
+    report = write_demo_report(
+        out,
+        str(out / "counterfactuals"),
+        data.ground_truth_uri,
+        config.model,
+        filter_config=config.filter,
+        run_info=_run_info(config, tuned.model_path, summary),
+    )
     minutes = (time.perf_counter() - t0) / 60
-    _say("done", f"{minutes:.1f} min. Counterfactuals: {out / 'counterfactuals'}  Report: {report / 'report.md'}")
+    _say(
+        "done",
+        f"{minutes:.1f} min. Counterfactuals: {out / 'counterfactuals'}  Report: {report / 'report.html'}",
+    )
     (report / "augment_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if incomplete is not None:
         raise incomplete
     return report
+
+
+def _run_info(config: DemoConfig, tuned_model: str, summary: dict) -> dict:
+    """What the demo ran, for the top of its report."""
+    off = config.filter.off_target
+    return {
+        "data": f"{config.n_subjects} phantom chest X-rays (seed {config.seed}); edits on the test split",
+        "model": f"{config.model}, fine-tuned {config.finetune_steps} steps -> {tuned_model}",
+        "interventions": "\n".join(
+            f"{name}: {selector} -> {spec} (quota {config.quota})" for name, selector, spec in SUBGROUPS
+        ),
+        "editing": f"{config.inversion.method} inversion, {config.inversion.num_inference_steps} DDIM steps; "
+        "prompt-to-prompt "
+        f"{config.edit.controller}"
+        + (f", local blend ({config.edit.blend_mask} mask)" if config.edit.local_blend else ""),
+        "filter": f"S_CLIP >= {config.filter.s_clip_min:g}; off-target: "
+        + (
+            f"classifier {off.classifier} (no other head may flip or move > {off.max_shift:g})"
+            if off.classifier
+            else "off"
+        ),
+        "counterfactual rows": summary.get("manifest_rows"),
+        "error rows": summary.get("error_rows"),
+    }

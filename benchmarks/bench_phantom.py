@@ -17,6 +17,9 @@ Arms, all from the same held-out phantoms and the same decoder:
   * full_bf16, full_noise_blend_bf16 - with --bf16: the same edits with the editing pass's U-Net under
                 bfloat16 autocast (EditConfig.compute_dtype), and how often its decisions (S_CLIP
                 filter, classifier target and non-target heads) agree with the fp32 pass.
+  * --precision fast|fastest - instead of the arms: the full method with its own inversion and editing
+                pass under that inversion.precision preset vs reference, and whether the S_CLIP filter and
+                the target head's flip decide alike (precision.md / precision.json).
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
@@ -27,6 +30,7 @@ intervention (source | no_edit | ddim_swap | full | full_noise_blend | true cf).
 
     python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps
     python benchmarks/bench_phantom.py --per-intervention 4 --steps 20   # a quick look
+    python benchmarks/bench_phantom.py --sweep --steps 20 --only add_devices   # mask/strength arms + oracle mask
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ INTERVENTIONS = [
     Intervention("add_devices", lambda a: not a.devices, "Support Devices=true", ("support_devices", "pacemaker"), "devices"),
     Intervention("remove_effusion", lambda a: a.pleural_effusion, "Pleural Effusion=false", ("pleural_effusion",), "pleural_effusion"),
     Intervention("remove_cardiomegaly", lambda a: a.cardiomegaly, "Cardiomegaly=false", ("cardiomegaly",), "cardiomegaly"),
+    Intervention("add_effusion", lambda a: not a.pleural_effusion, "Pleural Effusion=true", ("pleural_effusion",), "pleural_effusion"),
+    Intervention("add_cardiomegaly", lambda a: not a.cardiomegaly, "Cardiomegaly=true", ("cardiomegaly",), "cardiomegaly"),
     Intervention("change_sex", lambda a: a.sex == "male", "sex=female", ("sex_female",), "sex", sex_captions=True),
 ]
 SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
@@ -166,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-inversions", nargs="*", default=[], choices=["negative_prompt", "direct"],
                         help="extra arms: these inversion methods + the PRISM P2P defaults")
     parser.add_argument("--bf16", action="store_true", help="also edit in bfloat16 and report decision agreement")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the arms above: mask/strength settings and the oracle-mask arm (SWEEP_ARMS) "
+                        "from one --sweep-inversion per intervention, against no_edit and ddim_swap")
+    parser.add_argument("--sweep-inversion", default="direct", choices=["null_text", "direct"])
+    parser.add_argument("--sweep-arms", nargs="*", default=None, help="names of SWEEP_ARMS to run (default: all)")
+    parser.add_argument("--precision", default=None, choices=["fast", "fastest"],
+                        help="instead of the arms above: the full method under this inversion.precision "
+                        "preset vs reference (own inversions), and how often filter/target decisions agree")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_phantom")
@@ -194,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     res = sd.resolution
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        return sweep(args, sd, scorer, classifier, heads, out, argv)
+    if args.precision:
+        return precision_parity(args, sd, scorer, classifier, heads, out, argv)
     nti = InversionConfig(num_inference_steps=args.steps)
     ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
     p2p_arms = {
@@ -281,6 +299,80 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --- the mask / edit-strength sweep (--sweep) ---------------------------------------------------
+
+NOISE = {"local_blend": True, "blend_mask": "noise"}
+# name -> (EditConfig, use the oracle mask). The oracle is the renderer's ground-truth region of the
+# attribute (`phantom.attribute_mask`), given as the user's edit mask: the upper bound of what masking can do.
+SWEEP_ARMS: dict[str, tuple[EditConfig, bool]] = {
+    "noise_q95": (EditConfig(**NOISE), False),  # the default noise blend (q 0.95, threshold 0.5)
+    "noise_q90": (EditConfig(**NOISE, noise_mask_quantile=0.9), False),
+    "noise_q80": (EditConfig(**NOISE, noise_mask_quantile=0.8), False),
+    "noise_q70": (EditConfig(**NOISE, noise_mask_quantile=0.7), False),
+    "noise_t03": (EditConfig(**NOISE, noise_mask_threshold=0.3), False),
+    "noise_self1": (EditConfig(**NOISE, self_replace_steps=1.0), False),  # source layout kept longer
+    "noise_self0": (EditConfig(**NOISE, self_replace_steps=0.0), False),  # no self-attention injection
+    "noise_cross04": (EditConfig(**NOISE, cross_replace_steps=0.4), False),  # the edit's own words act earlier
+    "noise_rw4": (EditConfig(**NOISE, reweight=4.0), False),  # stronger edit words
+    "noise_start0": (EditConfig(**NOISE, blend_start=0.0), False),  # blend from the first step
+    "oracle": (EditConfig(), True),  # the true region alone, PRISM's P2P inside it
+    "oracle_noise": (EditConfig(**NOISE), True),  # the true region ∩ the noise mask
+    "oracle_self0": (EditConfig(self_replace_steps=0.0), True),
+}
+
+
+def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
+    """Every SWEEP_ARMS setting on the same sources and one inversion per intervention -> results.md/json."""
+    from prism_ray.engine.inversion import invert_many
+    from prism_ray.engine.masks import latent_mask
+    from prism_ray.models.classifier import predict_proba
+
+    res, size = sd.resolution, int(sd.unet.config.sample_size)
+    names = args.sweep_arms or list(SWEEP_ARMS)
+    inversion = InversionConfig(method=args.sweep_inversion, num_inference_steps=args.steps)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for iv in [i for i in INTERVENTIONS if args.only is None or i.name in args.only]:
+        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
+        src = np.stack([render_phantom(a, s, res) for a, s in subjects])
+        true = np.stack([render_phantom(a.intervene(phantom_intervention(iv.spec)), s, res) for a, s in subjects])
+        masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
+        oracle = [latent_mask(m, (res, res), size) for m in masks]
+        pairs = [captions(iv, a) for a, _ in subjects]
+        sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
+        images = list(_rgb(src))
+        inverted, errors = invert_many(sd, images, sources, inversion)
+        if errors:
+            raise RuntimeError(f"inversion errors: {errors}")
+        outputs = {}
+        for name in names:
+            edit, use_oracle = SWEEP_ARMS[name]
+            result = Editor(sd, edit, inversion).edit(inverted, sources, [[e] for e in edits],
+                                                      regions=oracle if use_oracle else None)
+            outputs[name] = result.edits[:, 0, ..., 0]
+            outputs["no_edit"] = result.reconstructions[..., 0]
+        ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
+        swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
+        outputs.update(swap)
+        p_src = predict_proba(classifier, src)
+        entry = {"sources": len(subjects)}
+        for name in ("no_edit", "ddim_swap", *names):
+            entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]),
+                                heads, iv.targets, None)
+        results[iv.name] = entry
+        print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
+    meta = {
+        "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
+        "ddim_steps": args.steps,
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "sweep.md").write_text(markdown(results, meta))
+    print((out / "sweep.md").read_text())
+    return 0
+
+
 def decision_agreement(fp_images, bf_images, fp_clip, bf_clip, fp_probs, bf_probs, target: int) -> dict:
     """How often a bfloat16 editing pass decides as the fp32 one: the S_CLIP filter, the classifier's
     target head and all heads (each image's label vector at 0.5); plus the pixel and S_CLIP differences."""
@@ -333,6 +425,108 @@ def markdown(results: dict, meta: dict) -> str:
             )
     return "\n".join(lines) + "\n"
 
+
+# --- precision parity (--precision) -------------------------------------------------------------
+
+
+def precision_parity(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
+    """The full method under `inversion.precision=reference` and under `args.precision`, each with its own
+    null-text inversion and editing pass, on the same sources -> precision.md/json. Per intervention: how
+    often the S_CLIP filter (accept at >= 0.1) and the target head's flip decide alike, the latent
+    reconstruction error of each inversion (relative squared error of the unedited source branch's z_0)
+    and the S_CLIP difference."""
+    from prism_ray.engine.inversion import invert_many, make_steps, reconstruct, relative_squared_error
+    from prism_ray.models.classifier import predict_proba
+
+    res, presets = sd.resolution, ("reference", args.precision)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for iv in [i for i in INTERVENTIONS if args.only is None or i.name in args.only]:
+        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
+        src = np.stack([render_phantom(a, s, res) for a, s in subjects])
+        pairs = [captions(iv, a) for a, _ in subjects]
+        sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
+        p_src = predict_proba(classifier, src)[:, heads.index(iv.targets[0])]
+        runs = {}
+        for preset in presets:
+            start = time.perf_counter()
+            inversion = InversionConfig(num_inference_steps=args.steps, precision=preset)
+            editor = Editor(sd, EditConfig(), inversion)  # the preset's editing dtype (bf16 for fast/fastest)
+            inverted, errors = invert_many(sd, list(_rgb(src)), sources, inversion, policy=editor.precision)
+            if errors:
+                raise RuntimeError(f"{preset}: inversion errors: {errors}")
+            z0 = reconstruct(sd.unet, make_steps(inversion), inverted)
+            result = editor.edit(inverted, sources, [[e] for e in edits])
+            if result.errors:
+                raise RuntimeError(f"{preset}: edit errors: {result.errors}")
+            edited = result.edits[:, 0, ..., 0]
+            s_clip = scorer.s_clip(_rgb(src), _rgb(edited), sources, edits)
+            p_edit = predict_proba(classifier, edited)[:, heads.index(iv.targets[0])]
+            runs[preset] = {
+                "reconstruction": relative_squared_error(z0, inverted.latents[0]).numpy(),
+                "s_clip": s_clip,
+                "accept": s_clip >= S_CLIP_MIN,
+                "flip": (p_edit >= 0.5) != (p_src >= 0.5),
+                "edited": edited.astype(np.float64) / 255,
+                "seconds": (time.perf_counter() - start) / len(subjects),
+            }
+        ref, low = runs["reference"], runs[args.precision]
+        results[iv.name] = {
+            "sources": len(subjects),
+            "filter_equal": int((ref["accept"] == low["accept"]).sum()),
+            "target_flip_equal": int((ref["flip"] == low["flip"]).sum()),
+            "accepted": {p: int(runs[p]["accept"].sum()) for p in presets},
+            "target_flips": {p: int(runs[p]["flip"].sum()) for p in presets},
+            "reconstruction_error": {p: float(runs[p]["reconstruction"].mean()) for p in presets},
+            "reconstruction_ratio": float(low["reconstruction"].mean() / ref["reconstruction"].mean()),
+            "max_reconstruction_ratio": float((low["reconstruction"] / ref["reconstruction"]).max()),
+            "mean_s_clip": {p: float(runs[p]["s_clip"].mean()) for p in presets},
+            "mean_s_clip_diff": float((low["s_clip"] - ref["s_clip"]).mean()),
+            "mean_abs_s_clip_diff": float(np.abs(low["s_clip"] - ref["s_clip"]).mean()),
+            "mean_abs_pixel_diff": float(np.abs(low["edited"] - ref["edited"]).mean()),
+            "seconds_per_source": {p: runs[p]["seconds"] for p in presets},
+        }
+        print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s " + json.dumps(results[iv.name]), flush=True)
+    meta = {
+        "command": "python benchmarks/bench_phantom.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
+        "ddim_steps": args.steps,
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
+    (out / "precision.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "precision.md").write_text(precision_markdown(results, meta, args.precision))
+    print((out / "precision.md").read_text())
+    return 0
+
+
+def precision_markdown(results: dict, meta: dict, preset: str) -> str:
+    lines = [
+        (
+            f"Command: `{meta['command']}` ({meta['machine']}, {meta['ddim_steps']} DDIM steps, "
+            f"{meta['minutes']:.1f} min)"
+        ),
+        "",
+        (
+            f"| intervention | filter decision equal | target flip equal | accepted ref / {preset} | "
+            f"target flips ref / {preset} | recon err ref | recon err ratio {preset}/ref (max per source) | "
+            f"mean S_CLIP ref | S_CLIP diff {preset}-ref (mean abs) | pixel diff | s/source ref / {preset} |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in results.items():
+        n, sec = e["sources"], e["seconds_per_source"]
+        lines.append(
+            f"| {name} | {e['filter_equal']}/{n} | {e['target_flip_equal']}/{n} | "
+            f"{e['accepted']['reference']} / {e['accepted'][preset]} | "
+            f"{e['target_flips']['reference']} / {e['target_flips'][preset]} | "
+            f"{e['reconstruction_error']['reference']:.2e} | {e['reconstruction_ratio']:.2f} "
+            f"({e['max_reconstruction_ratio']:.2f}) | {e['mean_s_clip']['reference']:.3f} | "
+            f"{e['mean_s_clip_diff']:+.4f} ({e['mean_abs_s_clip_diff']:.4f}) | "
+            f"{e['mean_abs_pixel_diff']:.4f} | "
+            f"{sec['reference']:.1f} / {sec[preset]:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -400,14 +400,14 @@ def test_a_wrong_model_folder_fails_on_the_driver_in_one_line(manifest, tmp_path
         run(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "nowhere")}))
 
 
-def test_a_v_prediction_model_is_refused_before_any_work(manifest, tmp_path, tiny_family):
+def test_an_unsupported_prediction_type_is_refused_before_any_work(manifest, tmp_path, tiny_family):
     import json
     import shutil
 
-    model = tmp_path / "vpred"
+    model = tmp_path / "sample_pred"
     shutil.copytree(tiny_family, model)
     scheduler = model / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
-    with pytest.raises(ValueError, match="prediction_type 'v_prediction' is not supported by the editing engine"):
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "sample"}))
+    with pytest.raises(ValueError, match="scheduler.prediction_type 'sample': the editing engine supports"):
         run(make_config(manifest, tmp_path / "out", model={"path": str(model)}))
     assert not (tmp_path / "out" / "manifest.parquet").exists()

@@ -47,6 +47,20 @@ def test_deepspeed_defaults_are_prisms_adamw():
     assert ds["zero_optimization"] == {"stage": 0}
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert "scheduler" not in ds
+    assert params["torch_adam"] and "fused" not in params  # CPU: torch's foreach AdamW
+
+
+def test_gpu_runs_use_torch_fused_adamw_unless_offloaded():
+    params = build_deepspeed_config(cfg("compute.use_gpu=true"))["optimizer"]["params"]
+    assert params["torch_adam"] and params["fused"] is True
+    offloaded = cfg("compute.use_gpu=true", "train.zero_stage=2", "train.offload_optimizer=true")
+    assert "fused" not in build_deepspeed_config(offloaded)["optimizer"]["params"]
+    assert cfg("train.compile=true").train.compile and not cfg().train.compile
+
+
+def test_model_allow_tf32_is_gone_with_a_pointer_to_the_precision_knob():
+    with pytest.raises(ConfigError, match=r"model\.allow_tf32 was removed.*inversion\.precision"):
+        cfg("model.allow_tf32=true")
 
 
 def test_deepspeed_zero2_bf16_warmup_on_cpu():

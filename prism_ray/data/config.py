@@ -21,3 +21,9 @@ class DataConfig(BaseConfig):
     split: str | None = Field(None, description="keep rows whose 'split' column equals this")
     limit: int | None = Field(None, ge=1)
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="how image files become pixels")
+    edit_mask_column: str | None = Field(
+        None, description="column of per-row edit-mask URIs (PNG, any resolution, nonzero = may change; blank = none)"
+    )
+    keep_mask_column: str | None = Field(
+        None, description="column of per-row keep-mask URIs (PNG, any resolution, nonzero = must not change)"
+    )

@@ -113,7 +113,8 @@ class LocalBlend:
     steps so far (as the reference's attention store) and averaged over heads and layers, summed over
     the blend words' tokens, 3 x 3 max-pooled (stride 1, padding 1), resized (nearest) to the latent
     size, divided by its max, > threshold; union of the source branch's mask (source words) and the
-    edit branch's mask (edit words). From step `start_step` on: x = x_src + mask * (x - x_src).
+    edit branch's mask (edit words); intersected with the user's `region` when one is given
+    (`engine.masks`). From step `start_step` on: x = x_src + mask * (x - x_src).
     The maps are the ones after the cross-attention edit, as the reference stores them.
     """
 
@@ -125,6 +126,7 @@ class LocalBlend:
     start_step: int  # blend at step i when i >= start_step (= int(blend_start * T))
     threshold: float = 0.3
     pool_radius: int = 1  # 3 x 3 max-pool
+    region: torch.Tensor | None = None  # (N, 1, 1, h, w) bool: user edit mask minus keep mask
 
     def masks(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """maps (N, K + 1, res * res, 77) summed maps -> bool masks (N, K, 1, h, w)."""
@@ -138,8 +140,8 @@ class LocalBlend:
         both = F.interpolate(both, size=size)  # nearest, as the reference
         both = both / both.amax(dim=(2, 3), keepdim=True)
         mask = (both > self.threshold).any(1, keepdim=True)  # union of source and edit masks
-        mask = mask.view(n, -1, 1, *size)
-        return mask | ~self.enabled[:, :, None, None, None]
+        mask = mask.view(n, -1, 1, *size) | ~self.enabled[:, :, None, None, None]
+        return mask if self.region is None else mask & self.region
 
     def current(self, state: "ControlState", size: tuple[int, int]) -> torch.Tensor:
         """The mask for this step from the maps stored so far -> (N, K, 1, h, w) bool."""
@@ -153,12 +155,13 @@ class LocalBlend:
             source_words=self.source_words.to(device),
             edit_words=self.edit_words.to(device),
             enabled=self.enabled.to(device),
+            region=None if self.region is None else self.region.to(device),
         )
 
 
 @dataclass(frozen=True)
 class MaskBlend:
-    """Local blend with a mask fixed before denoising (the editor's noise-difference mask).
+    """Local blend with a mask fixed before denoising (the editor's noise-difference mask, the user's region).
 
     Same update as `LocalBlend` from `start_step` on: x = x_src + mask * (x - x_src); reads no maps.
     """

@@ -7,7 +7,9 @@ U-Net call; the layout of the guided batch is documented in `prism_ray.engine.at
 
 from __future__ import annotations
 
+import copy
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,11 +33,12 @@ from prism_ray.engine.errors import ItemError
 from prism_ray.engine.images import decode
 from prism_ray.engine.inversion import invert_many, relative_squared_error
 from prism_ray.engine.kernels import inversion_unet, prepare_models
+from prism_ray.engine.masks import edit_region, latent_mask
 from prism_ray.engine.memory import fit_batch_sizes
 from prism_ray.engine.noise_mask import noise_difference_masks
 from prism_ray.engine.precision import resolve_precision
 from prism_ray.engine.sampling import sample_latents
-from prism_ray.engine.scheduler import make_ddim_scheduler
+from prism_ray.engine.scheduler import check_prediction_type, make_ddim_scheduler
 from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
@@ -97,6 +100,7 @@ class Editor:
         self.config = edit_config or EditConfig()
         self.inversion_config = inversion_config or InversionConfig()
         self.compute = compute or EngineComputeConfig()
+        check_prediction_type(sd.prediction_type)  # epsilon or v_prediction, else a one-line ValueError
         self.precision = resolve_precision(self.inversion_config, self.config, sd.device)
         prepare_models(sd, self.compute)
         self.inversion_unet = inversion_unet(sd, self.compute)
@@ -166,11 +170,19 @@ class Editor:
         return _Plan(mapper, alphas, eq, cross_alpha, src_w, edit_w, enabled)
 
     def controller(
-        self, plans: list[_Plan], num_steps: int, latent_size: int, noise_mask: torch.Tensor | None = None
+        self,
+        plans: list[_Plan],
+        num_steps: int,
+        latent_size: int,
+        noise_mask: torch.Tensor | None = None,
+        region: torch.Tensor | None = None,
     ) -> AttentionController | None:
         """Stack per-image plans into one controller for a batch (None when nothing would be controlled).
 
         noise_mask (N, K, 1, h, w): the batch's `noise_masks`, required when `blend_mask` is "noise".
+        region (N, 1, 1, h, w) bool: where each image's edits may change (user edit mask minus keep mask,
+        `engine.masks`); the final mask is region ∩ the derived blend mask, or the region alone for edits
+        without local blend.
         """
         cfg = self.config
         n, k = len(plans), plans[0].cross_alpha.shape[1]
@@ -187,7 +199,10 @@ class Editor:
             if noise_mask is None:
                 raise ValueError("blend_mask 'noise': controller() needs the batch's noise_mask")
             keep_all = ~enabled.to(noise_mask.device)[:, :, None, None, None]
-            blend = MaskBlend(mask=noise_mask | keep_all, start_step=int(cfg.blend_start * num_steps))
+            mask = noise_mask | keep_all
+            if region is not None:
+                mask = mask & region.to(mask.device)
+            blend = MaskBlend(mask=mask, start_step=int(cfg.blend_start * num_steps))
         elif enabled.any():
             layers, side = blend_layers(self.sd.unet, latent_size)
             blend = LocalBlend(
@@ -198,7 +213,11 @@ class Editor:
                 resolution=side,
                 start_step=int(cfg.blend_start * num_steps),
                 threshold=cfg.blend_threshold,
+                region=region,
             )
+        elif region is not None:  # no derived mask: the user's region alone
+            mask = region.expand(n, k, 1, latent_size, latent_size)
+            blend = MaskBlend(mask=mask, start_step=int(cfg.blend_start * num_steps))
         self_window = seq_aligner.step_window(cfg.self_replace_steps, num_steps)
         if cross is None and blend is None and self_window[0] >= self_window[1]:
             return None
@@ -232,7 +251,26 @@ class Editor:
                 samples=cfg.noise_mask_samples,
                 threshold=cfg.noise_mask_threshold,
                 quantile=cfg.noise_mask_quantile,
+                prediction_type=self.sd.prediction_type,
             )
+
+    @staticmethod
+    def _stack_regions(regions, chunk: list[int], size: int) -> torch.Tensor | None:
+        """The chunk's regions as (n, 1, 1, h, w) bool (None = everywhere); None when no image has one."""
+        if regions is None or all(regions[j] is None for j in chunk):
+            return None
+        everywhere = torch.ones(size, size, dtype=torch.bool)
+        picked = [everywhere if regions[j] is None else regions[j].bool().cpu() for j in chunk]
+        return torch.stack(picked)[:, None, None]
+
+    def with_config(self, config: EditConfig) -> Editor:
+        """The same loaded and prepared models under another EditConfig (per-intervention settings)."""
+        if config == self.config:
+            return self
+        other = copy.copy(self)
+        other.config = config
+        other.precision = resolve_precision(self.inversion_config, config, self.sd.device)
+        return other
 
     # --- the denoising loop -------------------------------------------------------------------
 
@@ -274,6 +312,7 @@ class Editor:
                 autocast_dtype=self.precision.edit_dtype,
                 on_step_begin=begin,
                 on_step_end=end,
+                prediction_type=self.sd.prediction_type,
             )
         return z.view_as(x_T)
 
@@ -284,12 +323,15 @@ class Editor:
         edit_prompts: Sequence[Sequence[str]],
         blend_words: Sequence[Sequence[BlendWords | None] | None] | None = None,
         reweight_words: Sequence[Sequence[Sequence[str] | None] | None] | None = None,
+        regions: Sequence[torch.Tensor | None] | None = None,
     ) -> EditResult:
         """Edit N inverted images, each with K edit prompts (the same K for all).
 
         blend_words[j][e] = (source words, edit words) turns local blend on for that edit (with
         `local_blend` on, None means: words that differ between the two prompts). reweight_words[j][e]:
         the edit prompt's words scaled by `reweight` (default: words of the edit not in the source).
+        regions[j]: (h, w) bool on the latent grid, where image j's edits may change (`masks.edit_region`:
+        user edit mask minus keep mask); None = anywhere.
         Items whose prompts/words are invalid or whose latents become NaN are reported in `errors`
         (stage "edit") and left out; the others complete.
         """
@@ -301,6 +343,13 @@ class Editor:
         k = len(edit_prompts[0]) if n else 0
         if n and (k == 0 or any(len(e) != k for e in edit_prompts)):
             raise ValueError(f"edit_prompts: every image needs the same number (>= 1) of edits, got {[len(e) for e in edit_prompts]}")
+        latent_size = int(inversion.latents.shape[-1])
+        if regions is not None:
+            if len(regions) != n:
+                raise ValueError(f"regions: {len(regions)} for {n} images")
+            for r in regions:
+                if r is not None and tuple(r.shape) != (latent_size, latent_size):
+                    raise ValueError(f"regions: expected ({latent_size}, {latent_size}) latent masks, got {tuple(r.shape)}")
         num_steps = len(inversion.timesteps)
         if not torch.equal(make_ddim_scheduler(num_steps).timesteps.cpu(), inversion.timesteps.cpu()):
             raise ValueError("inversion.timesteps: not the reference DDIM grid for its number of steps")
@@ -322,7 +371,6 @@ class Editor:
         good = sorted(plans)
         latents, seconds, rec_errors = {}, {}, {}
         masks, any_blend = {}, False
-        latent_size = int(inversion.latents.shape[-1])
         batch = self.batch_sizes(k)[1]
         prompt_cache: dict[str, torch.Tensor] = {}  # each distinct edit prompt encoded once per call
         for begin in range(0, len(good), batch):
@@ -335,7 +383,9 @@ class Editor:
             source = sub.cond_embeddings.to(edits.device, edits.dtype)  # the context the inversion used
             text = torch.cat([source[:, None], edits.view(len(chunk), k, *edits.shape[1:])], 1)  # (n, K + 1, 77, D)
             chunk_plans = [plans[j] for j in chunk]
-            controller = self.controller(chunk_plans, num_steps, latent_size, self.noise_masks(sub, text, chunk_plans))
+            region = self._stack_regions(regions, chunk, latent_size)
+            noise = self.noise_masks(sub, text, chunk_plans)
+            controller = self.controller(chunk_plans, num_steps, latent_size, noise, region)
             state = ControlState()
             x = self.denoise(sub, text.flatten(0, 1), controller, state)
             elapsed = time.perf_counter() - start
@@ -394,6 +444,13 @@ class EditedItem:
     reconstruction_error: float  # unedited source branch vs the encoded source: ||z - z0||^2 / ||z0||^2
 
 
+def _per_edit(seq, members: list[tuple[int, list[int]]]):
+    """Per-image, per-edit arguments (blend/reweight words) picked for one editing pass's (image, edits)."""
+    if seq is None:
+        return None
+    return [None if seq[i] is None else [seq[i][e] for e in edits] for i, edits in members]
+
+
 def edit_many(
     editor: Editor,
     images,
@@ -403,46 +460,102 @@ def edit_many(
     blend_words=None,
     reweight_words=None,
     offsets: tuple[int, int, int, int] = (0, 0, 0, 0),
+    edit_masks=None,
+    keep_masks=None,
+    edit_configs: Sequence[Sequence[EditConfig]] | None = None,
 ) -> tuple[list[EditedItem], list[tuple[int, str, str]]]:
-    """Images + source prompts + K edit prompts each -> (edited items, errors (index, stage, reason)).
+    """Images + source prompts + edit prompts each -> (edited items, errors (index, stage, reason)).
 
-    Inverts (`editor.inversion_config`, batched by its `batch_size`) and edits (`edit_batch_size`);
-    an item failing at either stage is reported and the others complete. Indices refer to the input.
+    Inverts once per image (`editor.inversion_config`, batched by its `batch_size`) and edits
+    (`edit_batch_size`); an item failing at any stage is reported and the others complete. Indices refer
+    to the input. Images may have different numbers of edits.
+    edit_masks[i] / keep_masks[i]: image i's user masks ((H, W[, C]) arrays of any resolution, nonzero = in,
+    None = no mask; `engine.masks`): its edits change only inside the edit mask and never inside the keep mask.
+    edit_configs[i][e]: the EditConfig of image i's edit e (per-intervention settings,
+    `EditConfig.for_intervention`; default `editor.config`). Edits sharing a config share an editing pass;
+    every pass starts from the same inversion, and its source branch does not depend on the config.
     """
     n = len(images)
-    if len(source_prompts) != n or len(edit_prompts) != n:
-        raise ValueError(f"source_prompts/edit_prompts: {len(source_prompts)}/{len(edit_prompts)} for {n} images")
-    k = len(edit_prompts[0]) if n else 1
+    for name, seq in (("source_prompts", source_prompts), ("edit_prompts", edit_prompts), ("edit_masks", edit_masks),
+                      ("keep_masks", keep_masks), ("edit_configs", edit_configs)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name}: {len(seq)} entries for {n} images")
+    if edit_configs is not None and any(len(c) != len(e) for c, e in zip(edit_configs, edit_prompts)):
+        raise ValueError("edit_configs: one EditConfig per edit prompt")
+    errors: list[tuple[int, str, str]] = []
+    regions: dict[int, torch.Tensor | None] = {}
+    if edit_masks is not None or keep_masks is not None:
+        size = int(editor.sd.unet.config.sample_size)
+        for i in range(n):
+            shape = tuple(images[i].shape[-2:]) if isinstance(images[i], torch.Tensor) else tuple(images[i].shape[:2])
+            given = []
+            try:
+                for what, masks in (("edit mask", edit_masks), ("keep mask", keep_masks)):
+                    mask = None if masks is None else masks[i]
+                    given.append(None if mask is None else latent_mask(mask, shape, size, offsets))
+            except ValueError as err:  # this image's mask only
+                errors.append((i, STAGE, f"{what}: {err}"))
+                continue
+            regions[i] = edit_region(*given, size)
+    todo = [i for i in range(n) if i not in {e[0] for e in errors}]
+    k = max((len(edit_prompts[i]) for i in todo), default=1)
     config = editor.inversion_config.model_copy(update={"batch_size": editor.batch_sizes(k)[0]})
-    inversion, errors = invert_many(
-        editor.sd, images, list(source_prompts), config, offsets=offsets, policy=editor.precision,
-        unet=editor.inversion_unet,
+    inversion, bad = invert_many(
+        editor.sd, [images[i] for i in todo], [source_prompts[i] for i in todo], config, offsets=offsets,
+        policy=editor.precision, unet=editor.inversion_unet,
     )
-    failed = {e[0] for e in errors}
-    good = [i for i in range(n) if i not in failed]
-    items: list[EditedItem] = []
-    if inversion is not None and good:
-        pick = lambda seq: None if seq is None else [seq[i] for i in good]
-        result = editor.edit(
-            inversion,
-            pick(source_prompts),
-            pick(edit_prompts),
-            blend_words=pick(blend_words),
-            reweight_words=pick(reweight_words),
+    errors += [(todo[j], stage, reason) for j, stage, reason in bad]
+    inverted = [i for i in todo if i not in {e[0] for e in errors}]
+    row_of = {i: r for r, i in enumerate(inverted)}  # input index -> row of `inversion`
+
+    # Edits that share a config and a count go through one editing pass: (config, count) -> [(image, edits)].
+    configs: dict[str, EditConfig] = {}
+    buckets: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
+    for i in inverted:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for e in range(len(edit_prompts[i])):
+            cfg = editor.config if edit_configs is None else edit_configs[i][e]
+            key = cfg.model_dump_json()
+            configs[key] = cfg
+            groups[key].append(e)
+        for key, edits in groups.items():
+            buckets[(key, len(edits))].append((i, edits))
+    done: dict[int, dict] = {i: {"edits": {}, "seconds": 0.0} for i in inverted}
+    for (key, _), members in buckets.items():
+        members = [(i, edits) for i, edits in members if i in done]  # an image failed in an earlier pass
+        if not members:
+            continue
+        result = editor.with_config(configs[key]).edit(
+            inversion.select([row_of[i] for i, _ in members]),
+            [source_prompts[i] for i, _ in members],
+            [[edit_prompts[i][e] for e in edits] for i, edits in members],
+            blend_words=_per_edit(blend_words, members),
+            reweight_words=_per_edit(reweight_words, members),
+            regions=[regions.get(i) for i, _ in members] if regions else None,
         )
-        errors = errors + [(good[r], stage, reason) for r, stage, reason in result.errors]
+        for r, stage, reason in result.errors:
+            errors.append((members[r][0], stage, reason))
+            done.pop(members[r][0], None)
         for row, r in enumerate(result.indices):
-            i = good[r]
-            items.append(
-                EditedItem(
-                    index=i,
-                    source_prompt=source_prompts[i],
-                    edit_prompts=list(edit_prompts[i]),
-                    edits=result.edits[row],
-                    reconstruction=result.reconstructions[row],
-                    inversion_seconds=inversion.seconds[r] if inversion.seconds else 0.0,
-                    edit_seconds=result.seconds[row],
-                    reconstruction_error=result.reconstruction_errors[row],
-                )
-            )
+            i, edits = members[r]
+            if i not in done:
+                continue
+            item = done[i]
+            item["edits"].update({e: result.edits[row, j] for j, e in enumerate(edits)})
+            item.setdefault("reconstruction", result.reconstructions[row])
+            item.setdefault("error", result.reconstruction_errors[row])
+            item["seconds"] += result.seconds[row]
+    items = [
+        EditedItem(
+            index=i,
+            source_prompt=source_prompts[i],
+            edit_prompts=list(edit_prompts[i]),
+            edits=np.stack([item["edits"][e] for e in range(len(edit_prompts[i]))]),
+            reconstruction=item["reconstruction"],
+            inversion_seconds=inversion.seconds[row_of[i]] if inversion.seconds else 0.0,
+            edit_seconds=item["seconds"],
+            reconstruction_error=item["error"],
+        )
+        for i, item in sorted(done.items())
+    ]
     return items, sorted(errors)

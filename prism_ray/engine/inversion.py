@@ -42,19 +42,25 @@ STAGE = "invert"  # the errors table's stage for everything that fails in here
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def _eps(unet, z: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-    """U-Net noise prediction: z (N, C, h, w), context (N, 77, D) -> (N, C, h, w)."""
-    return unet(z, t, encoder_hidden_states=context).sample
+def _eps(unet, steps: DDIMSteps, z: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """U-Net noise prediction: z (N, C, h, w), context (N, 77, D) -> (N, C, h, w); a v-prediction U-Net's
+    output is turned into noise (`DDIMSteps.epsilon`)."""
+    return steps.epsilon(unet(z, t, encoder_hidden_states=context).sample, t, z)
 
 
 def _guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def guided_eps(unet, z: torch.Tensor, t: int, uncond: torch.Tensor, cond: torch.Tensor, scale: float):
-    """Classifier-free guidance with one U-Net call on [uncond; cond], as the editing pass batches it."""
-    n = z.shape[0]
-    eps = _eps(unet, torch.cat([z, z]), t, torch.cat([uncond, cond]))  # (2N, C, h, w)
+def guided_eps(
+    unet, z: torch.Tensor, t: int, uncond: torch.Tensor, cond: torch.Tensor, scale: float, steps: DDIMSteps | None = None
+):
+    """Classifier-free guidance with one U-Net call on [uncond; cond], as the editing pass batches it.
+    `steps` converts a v-prediction U-Net's output (None: the U-Net predicts noise)."""
+    n, zz = z.shape[0], torch.cat([z, z])
+    eps = unet(zz, t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2N, C, h, w)
+    if steps is not None:
+        eps = steps.epsilon(eps, t, zz)
     return _guide(eps[:n], eps[n:], scale)
 
 
@@ -83,9 +89,10 @@ def _require_fp32(unet) -> None:
         raise ValueError(f"model.dtype: inversion runs in float32 (fp16 gives NaNs), the U-Net is {dtype}")
 
 
-def make_steps(config: InversionConfig) -> DDIMSteps:
-    """The reference DDIM grid for `config.num_inference_steps` (981 ... 1 for 50)."""
-    return DDIMSteps(make_ddim_scheduler(config.num_inference_steps))
+def make_steps(config: InversionConfig, prediction_type: str = "epsilon") -> DDIMSteps:
+    """The reference DDIM grid for `config.num_inference_steps` (981 ... 1 for 50), for a U-Net that predicts
+    `prediction_type` (the model's: `SDComponents.prediction_type`)."""
+    return DDIMSteps(make_ddim_scheduler(config.num_inference_steps, prediction_type=prediction_type))
 
 
 # --- the methods -----------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def ddim_invert(unet, steps: DDIMSteps, z0: torch.Tensor, cond: torch.Tensor) ->
     z = latents[0]
     for i in range(T):
         t = int(steps.timesteps[T - 1 - i])  # ascending: 1, 21, ..., 981
-        z = steps.next_step(_eps(unet, z, t, cond), t, z)
+        z = steps.next_step(_eps(unet, steps, z, t, cond), t, z)
         latents.append(z)
     return torch.stack(latents)
 
@@ -190,14 +197,14 @@ def null_text_invert(
             lr = config.learning_rate * (1.0 - i / config.lr_decay_steps)
             threshold = config.early_stop_epsilon + i * config.early_stop_slope
             with torch.no_grad():
-                eps_cond = _eps(unet, z_cur, t, cond)
+                eps_cond = _eps(unet, steps, z_cur, t, cond)
             active = torch.ones(n, dtype=torch.bool, device=device)
             flag = _StopFlag(device)
             for j in range(config.num_inner_steps):
                 if j and flag.all_stopped():
                     break  # every image met its early-stop rule
                 with policy.inner_autocast(device):
-                    eps_u = _eps(unet, z_cur, t, uncond)
+                    eps_u = _eps(unet, steps, z_cur, t, uncond)
                 z_rec = steps.prev_step(_guide(eps_u.float(), eps_cond, scale), t, z_cur)
                 loss = (z_rec - target).pow(2).flatten(1).mean(1)  # (N,)
                 (grad,) = torch.autograd.grad(loss.sum(), uncond)  # only the embedding, never the U-Net
@@ -212,7 +219,7 @@ def null_text_invert(
             uncond = uncond.detach()
             stored.append(uncond.clone())
             with torch.no_grad():  # advance with the stored embedding (eps_cond is the same call's)
-                z_cur = steps.prev_step(_guide(_eps(unet, z_cur, t, uncond), eps_cond, scale), t, z_cur)
+                z_cur = steps.prev_step(_guide(_eps(unet, steps, z_cur, t, uncond), eps_cond, scale), t, z_cur)
     return InversionResult(
         latents=latents,
         cond_embeddings=cond,
@@ -276,7 +283,7 @@ def direct_invert(
     for i, t in enumerate(steps.timesteps.tolist()):
         z_t = latents[T - i]
         with policy.edit_autocast(latents.device):
-            eps = guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale)
+            eps = guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale, steps)
         z_prev = steps.prev_step(eps.float(), t, z_t)
         residuals.append(latents[T - 1 - i] - z_prev)
     return InversionResult(
@@ -293,7 +300,7 @@ def direct_invert(
 def reconstruct(unet, steps: DDIMSteps, result: InversionResult, guidance_scale: float = 7.5) -> torch.Tensor:
     """The unedited source branch: guided denoising from z_T with the stored contexts -> z_0 (N, C, h, w).
 
-    `steps` is the reference grid the inversion ran on (`make_steps`); only its length is read.
+    `steps` is the reference grid the inversion ran on (`make_steps`); its length and prediction type are read.
     """
     residuals = result.residuals
 
@@ -308,6 +315,7 @@ def reconstruct(unet, steps: DDIMSteps, result: InversionResult, guidance_scale:
         len(steps.timesteps),
         guidance_scale,
         on_step_end=None if residuals is None else add_residual,
+        prediction_type=steps.prediction_type,
     )
 
 
@@ -435,7 +443,7 @@ def invert_latents(
         cache: dict[str, torch.Tensor] = {}
         cond = encode_prompts(sd.tokenizer, sd.text_encoder, prompts, cache).float()
         uncond_init = null_embedding(sd.tokenizer, sd.text_encoder, cache).float()
-        steps = make_steps(config)
+        steps = make_steps(config, sd.prediction_type)
         latents = ddim_invert(unet, steps, z0.to(sd.device, torch.float32), cond)
         result = run_method(unet, steps, latents, cond, uncond_init, config, policy)
     result.seconds = [(time.perf_counter() - start) / z0.shape[0]] * z0.shape[0]

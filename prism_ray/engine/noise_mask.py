@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
 from prism_ray.engine.settings import Window, window_bounds
 
 
@@ -42,6 +43,7 @@ def noise_difference_masks(
     threshold: float = 0.5,
     quantile: float = 0.95,
     pool_radius: int = 1,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Where the edits would change the image -> bool masks (N, K, 1, h, w).
 
@@ -50,11 +52,13 @@ def noise_difference_masks(
     sampled z_i: d = mean over channels |eps(z_i, edit_k) - eps(z_i, source)|; summed over samples,
     (2r + 1)^2 max-pooled (stride 1, as local blend pools its maps), divided by its `quantile` over the
     latent (1.0 = the max; below it a few extreme cells no longer shrink a broad region, as DiffEdit
-    removes extreme values before rescaling), > threshold.
+    removes extreme values before rescaling), > threshold. A v-prediction U-Net's outputs are turned into
+    eps first (`DDIMSteps.epsilon`).
     """
     num_steps = len(timesteps)
     if trajectory.shape[0] != num_steps + 1:
         raise ValueError(f"trajectory: expected {num_steps + 1} latents for {num_steps} steps, got {trajectory.shape[0]}")
+    steps = DDIMSteps(make_ddim_scheduler(num_steps, prediction_type=prediction_type))
     n, b = text.shape[:2]
     dtype = next(unet.parameters()).dtype
     device = text.device
@@ -62,7 +66,8 @@ def noise_difference_masks(
     total = None
     for i in trajectory_points(num_steps, window, samples):
         z = trajectory[i].to(device, dtype)[:, None].expand(-1, b, -1, -1, -1).flatten(0, 1)
-        eps = unet(z, int(timesteps[num_steps - i]), encoder_hidden_states=context).sample.float()
+        t = int(timesteps[num_steps - i])
+        eps = steps.epsilon(unet(z, t, encoder_hidden_states=context).sample.float(), t, z.float())
         eps = eps.view(n, b, *eps.shape[1:])
         diff = (eps[:, 1:] - eps[:, :1]).abs().mean(2)  # (N, K, h, w)
         total = diff if total is None else total + diff

@@ -28,6 +28,7 @@ def sample_latents(
     autocast_dtype: torch.dtype | None = None,
     on_step_begin: StepBegin | None = None,
     on_step_end: StepEnd | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Denoise z_T -> z_0: eps = eps_u + w * (eps_c - eps_u), then a deterministic DDIM step.
 
@@ -37,11 +38,12 @@ def sample_latents(
     Latents and the guided eps stay float32 whatever the U-Net's dtype; `autocast_dtype` runs the
     U-Net call (only) under torch.autocast. `on_step_begin(i)` runs before step i's U-Net call
     (attention controllers read the step there); `on_step_end(i, z)` may replace the new latents.
+    `prediction_type`: what the U-Net predicts (the model scheduler's); v is turned into eps after guidance.
     Returns z_0 (N, C, h, w) float32.
     """
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    steps = DDIMSteps(make_ddim_scheduler(num_inference_steps))
+    steps = DDIMSteps(make_ddim_scheduler(num_inference_steps, prediction_type=prediction_type))
     per_step = uncond_context.dim() == 4
     if per_step and uncond_context.shape[0] != len(steps.timesteps):
         raise ValueError(f"uncond_context: {uncond_context.shape[0]} per-step contexts for {num_inference_steps} steps")
@@ -61,7 +63,7 @@ def sample_latents(
         with autocast:
             eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2N, C, h, w)
         eps_u, eps_c = eps.float().chunk(2)
-        z = steps.prev_step(eps_u + guidance_scale * (eps_c - eps_u), t, z)
+        z = steps.prev_step(steps.epsilon(eps_u + guidance_scale * (eps_c - eps_u), t, z), t, z)
         if on_step_end is not None:
             z = on_step_end(i, z)
     return z
@@ -85,6 +87,7 @@ def text_to_latents(
     generators: Sequence[torch.Generator],
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Prompts -> sampled latents (N, C, h, w), one generator per prompt, "" as the unconditional prompt."""
     if len(generators) != len(prompts):
@@ -93,7 +96,7 @@ def text_to_latents(
     uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D), shared by every prompt
     size = unet.config.sample_size
     z = initial_latents(generators, (unet.config.in_channels, size, size), next(unet.parameters()).device)
-    return sample_latents(unet, cond, uncond, z, num_inference_steps, guidance_scale)
+    return sample_latents(unet, cond, uncond, z, num_inference_steps, guidance_scale, prediction_type=prediction_type)
 
 
 def generate_images(
@@ -117,5 +120,6 @@ def generate_images(
         generators=generators,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        prediction_type=sd.prediction_type,
     )
     return decode(sd.vae, z)

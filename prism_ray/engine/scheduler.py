@@ -18,8 +18,23 @@ REFERENCE_DDIM = dict(
 )
 
 
+# What a U-Net's output may be (the scheduler config's `prediction_type`): noise (SD v1.x) or the velocity
+# v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x_0 (SD 2.x; Salimans & Ho 2022, "Progressive Distillation").
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """`prediction_type` if the engine can use it; a one-line ValueError naming the field otherwise."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"scheduler.prediction_type {prediction_type!r}: the editing engine supports 'epsilon' and 'v_prediction'"
+        )
+    return prediction_type
+
+
 def make_ddim_scheduler(num_inference_steps: int = 50, **overrides) -> DDIMScheduler:
-    """DDIM with the reference betas; 50 steps give timesteps 981, 961, ..., 1."""
+    """DDIM with the reference betas; 50 steps give timesteps 981, 961, ..., 1. `overrides` may set
+    `prediction_type` (the model's, see `DDIMSteps.epsilon`)."""
     scheduler = DDIMScheduler(**{**REFERENCE_DDIM, **overrides})
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
@@ -31,11 +46,16 @@ def make_ddpm_scheduler(prediction_type: str = "epsilon", num_train_timesteps: i
 
 
 class DDIMSteps:
-    """Deterministic (eta = 0) DDIM steps on a fixed timestep grid, written out as in the paper."""
+    """Deterministic (eta = 0) DDIM steps on a fixed timestep grid, written out as in the paper.
+
+    The steps take the noise eps; `epsilon` turns the U-Net's output into it for the scheduler's
+    `prediction_type` (every call site that reads a U-Net goes through it).
+    """
 
     def __init__(self, scheduler: DDIMScheduler):
         if scheduler.num_inference_steps is None:
             raise ValueError("scheduler: call set_timesteps() first")
+        self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         self.timesteps = scheduler.timesteps.clone()  # (T,) descending, e.g. 981..1
         self.stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
@@ -44,6 +64,18 @@ class DDIMSteps:
 
     def alpha(self, t: int) -> float:
         return self._alphas[t] if t >= 0 else self.final_alpha
+
+    def epsilon(self, output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The U-Net's output at timestep t for the input `sample` -> the noise eps the DDIM steps use.
+
+        epsilon: unchanged. v_prediction: v = sqrt(a) * eps - sqrt(1 - a) * x_0 and x_t = sqrt(a) * x_0 +
+        sqrt(1 - a) * eps give eps = sqrt(a) * v + sqrt(1 - a) * x_t (a = alpha_bar_t, x_t = `sample`). Linear
+        in the output for a fixed sample, so classifier-free guidance may combine either before or after it.
+        """
+        if self.prediction_type == "epsilon":
+            return output
+        a = self.alpha(int(t))
+        return a**0.5 * output + (1 - a) ** 0.5 * sample
 
     @staticmethod
     def _move(eps: torch.Tensor, sample: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:

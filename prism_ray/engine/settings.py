@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prism_ray.config import BaseConfig
 
@@ -82,6 +82,46 @@ class EditConfig(BaseConfig):
         description="override inversion.precision's dtype for the editing pass's U-Net calls (autocast; "
         "None = preset); latents and scheduler steps stay fp32",
     )
+    per_intervention: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="overrides of these settings per intervention, keyed by the whole intervention "
+        "('Support Devices=true') or its attribute ('Cardiomegaly'), e.g. {Cardiomegaly: {noise_mask_quantile: 0.8}}",
+    )
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> EditConfig:
+        for key, override in self.per_intervention.items():
+            if not key.strip():
+                raise ValueError("per_intervention: empty intervention key")
+            fixed = set(override) & {"per_intervention", "edit_batch_size", "compute_dtype"}
+            unknown = set(override) - set(type(self).model_fields)
+            if fixed or unknown:
+                raise ValueError(f"per_intervention.{key}: {sorted(fixed | unknown)} cannot be set per intervention")
+            try:
+                self._merged(override)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"per_intervention.{key}.{where}: {first['msg']}") from None
+        return self
+
+    def _merged(self, override: dict[str, Any]) -> EditConfig:
+        base = self.model_dump(exclude={"per_intervention"})
+        return type(self).model_validate({**base, **override})
+
+    def for_intervention(self, intervention: str) -> EditConfig:
+        """The settings for one intervention: this config, with `per_intervention[intervention]` applied,
+        else the overrides of its attributes ('A=1; B=0' -> A's, then B's), else as is."""
+        if not self.per_intervention:
+            return self
+        if intervention in self.per_intervention:
+            return self._merged(self.per_intervention[intervention])
+        from prism_ray.data.captions import parse_interventions  # lazily: the engine stays light
+
+        override: dict[str, Any] = {}
+        for item in parse_interventions(intervention):
+            override.update(self.per_intervention.get(item.attribute, {}))
+        return self._merged(override) if override else self
 
     @field_validator("self_replace_steps", "noise_mask_window")
     @classmethod

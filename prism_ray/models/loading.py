@@ -50,6 +50,11 @@ class SDComponents:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def prediction_type(self) -> str:
+        """What the U-Net predicts, from the model's scheduler config: "epsilon" (SD v1.x) or "v_prediction" (SD 2.x)."""
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
     def model_id(self) -> str:
         """Short content id of the U-Net weights' location (goes into counterfactual ids)."""
         return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
@@ -146,16 +151,17 @@ def check_model_folder(path: str, cache_dir: str | Path | None = None) -> Path:
     return root
 
 
-def require_epsilon_prediction(root: Path) -> None:
-    """The editing engine's DDIM inversion and guided steps read the U-Net's output as noise (epsilon);
-    a v-prediction or sample-prediction model (SD 2.x) would be edited wrongly, so it is refused."""
+def require_supported_prediction(root: Path) -> str:
+    """The model's scheduler `prediction_type` if the editing engine supports it ("epsilon" or "v_prediction",
+    which the engine turns into noise where the DDIM step needs it); a one-line ValueError naming the field
+    otherwise. Jobs call it on the driver, before any worker loads the model."""
+    from prism_ray.engine.scheduler import check_prediction_type
+
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    kind = config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise ValueError(
-            f"model '{root}': scheduler prediction_type {kind!r} is not supported by the editing engine "
-            "(epsilon-prediction models only, e.g. SD v1.x)"
-        )
+    try:
+        return check_prediction_type(config.get("prediction_type", "epsilon"))
+    except ValueError as err:
+        raise ValueError(f"model '{root}': {err}") from None
 
 
 def _quiet_progress_bars() -> None:

@@ -336,7 +336,7 @@ def run(config: AuditConfig, runner=None) -> dict:
     """
     from prism_ray.data.schemas import rows_to_table
     from prism_ray.data.storage import makedirs
-    from prism_ray.models.loading import check_model_folder, require_epsilon_prediction, resolve_model_root
+    from prism_ray.models.loading import check_model_folder, require_supported_prediction, resolve_model_root
     from prism_ray.models.loading import weights_digest
     from prism_ray.results.ledger import write_json_atomic, write_part
     from prism_ray.scoring.audit_stats import audit_statistics
@@ -350,7 +350,7 @@ def run(config: AuditConfig, runner=None) -> dict:
     makedirs(layout.root)
     m = config.model
     roots = [check_model_folder(m.path, m.cache_dir)]
-    require_epsilon_prediction(roots[0])
+    require_supported_prediction(roots[0])
     if m.clip_path:
         roots.append(resolve_model_root(m.clip_path, m.cache_dir))
     roots += [resolve_model_root(c.path, m.cache_dir) for c in config.classifiers]

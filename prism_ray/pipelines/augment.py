@@ -19,7 +19,7 @@ from prism_ray.config import BaseConfig, ConfigError
 from prism_ray.data.captions import check_interventions, check_selector, parse_interventions
 from prism_ray.data.config import DataConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
-from prism_ray.engine.settings import EditConfig, InversionConfig
+from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig
 from prism_ray.faults import fault_point
 from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.counterfactuals import BatchReport, CounterfactualStep, is_transient
@@ -107,8 +107,9 @@ class PlannerConfig(BaseConfig):
     max_attempts_per_round: int | None = Field(None, ge=1, description="cap on one round's attempts")
 
 
-class ActorPoolConfig(BaseConfig):
-    """Where and how wide the job runs (not part of the results hash)."""
+class ActorPoolConfig(EngineComputeConfig):
+    """Where and how wide the job runs (not part of the results hash); the engine's memory budget and
+    kernels (`gpu_memory_gb`, `channels_last`, `compile_unet`, `attention`) come from `EngineComputeConfig`."""
 
     num_actors: int = Field(1, ge=1, description="long-lived actors, one model copy each, for the whole job")
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
@@ -170,7 +171,7 @@ class AugmentConfig(BaseConfig):
             # accumulates error step by step: both need fp32 weights.
             raise ValueError(
                 f"model.dtype: inversion needs float32 weights, got {self.model.dtype}; "
-                "use edit.compute_dtype=bfloat16 for a faster editing pass"
+                "use inversion.precision=fast or fastest for bf16 passes"
             )
         return self
 
@@ -186,9 +187,12 @@ class AugmentConfig(BaseConfig):
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
         data_keys = ("image_column", "image_root", "adapter", "adapter_options", "decode")
         data = dump["data"] and {k: dump["data"][k] for k in data_keys}
+        if data and (self.data.edit_mask_column or self.data.keep_mask_column):  # masks change pixels
+            data.update(edit_mask_column=self.data.edit_mask_column, keep_mask_column=self.data.keep_mask_column)
         keep = {"model": model, "weights": weights_digest, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
-            keep.update(inversion=dump["inversion"], edit=dump["edit"], filter=dump["filter"])
+            edit = {k: v for k, v in dump["edit"].items() if v or k != "per_intervention"}  # unset: hashes as before
+            keep.update(inversion=dump["inversion"], edit=edit, filter=dump["filter"])
         else:
             keep.update(sampling=dump["sampling"])
         canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
@@ -341,8 +345,20 @@ def build_tasks(
         if edits:
             task_id = digest("task", round_index, uri, *sorted(e["slot_id"] for e in edits))
             tasks.append(dict(task_id=task_id, source_uri=uri, row=sources.index.get(uri), source_prompt=source_prompt,
-                              edits=edits))
+                              edits=edits, masks=mask_uris(config.data, sources.row[uri])))
     return tasks, errors
+
+
+def mask_uris(data: DataConfig, row: dict) -> dict[str, tuple[str, str]]:
+    """A source row's user masks: {"edit" | "keep": (config field, resolved URI)}; blank cells: no mask."""
+    from prism_ray.data.storage import resolve_uri
+
+    out = {}
+    for kind, column in (("edit", data.edit_mask_column), ("keep", data.keep_mask_column)):
+        raw = None if column is None else row.get(column)
+        if raw is not None and str(raw).strip():
+            out[kind] = (f"data.{kind}_mask_column '{column}'", resolve_uri(str(raw), data.image_root))
+    return out
 
 
 def batches(tasks: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
@@ -541,7 +557,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
     from prism_ray.data.storage import makedirs
     from prism_ray.models.loading import (
         check_model_folder,
-        require_epsilon_prediction,
+        require_supported_prediction,
         resolve_model_root,
         weights_digest,
     )
@@ -558,7 +574,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
     t = time.perf_counter()
     roots = [check_model_folder(m.path, m.cache_dir)]  # a wrong model path fails here, not in the actors
     if config.mode == "counterfactual":
-        require_epsilon_prediction(roots[0])
+        require_supported_prediction(roots[0])
     if m.clip_path:
         roots.append(resolve_model_root(m.clip_path, m.cache_dir))
     model_id = weights_digest(*roots)
@@ -636,6 +652,9 @@ def run(config: AugmentConfig, runner=None) -> dict:
                  info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
                  f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
     log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
+    from prism_ray.report.augment_report import write_augment_report
+
+    write_augment_report(config, summary)  # report.html, also for an incomplete run
     if short or final["rows"] == 0 and sum(quotas.values()):
         detail = ", ".join(f"{n} short by {k}" for n, k in short.items()) or "no outputs"
         errors = summary["error_rows"]

@@ -84,8 +84,6 @@ class MethodEngine:
     """The method on loaded models: null-text inversion + prompt-to-prompt (`engine.editor`), CLIP scores."""
 
     def __init__(self, config, device: str | None = None):
-        import torch
-
         from prism_ray.models.loading import load_sd_components
 
         m = config.model
@@ -94,9 +92,9 @@ class MethodEngine:
         self.vae_scale_factor = self.sd.vae_scale_factor
         if config.mode == "counterfactual":
             from prism_ray.engine.editor import Editor
-            from prism_ray.models.loading import require_epsilon_prediction
+            from prism_ray.models.loading import require_supported_prediction
 
-            require_epsilon_prediction(self.sd.root)
+            require_supported_prediction(self.sd.root)
             self.classifier = None
             if config.filter.off_target.classifier:
                 from prism_ray.models.classifier import classifier_labels, load_classifier
@@ -112,7 +110,6 @@ class MethodEngine:
             self.scorer = ClipScorer.from_components(clip)
             # compute (augment's ActorPoolConfig): the memory budget and kernels; other jobs use the defaults.
             self.editor = Editor(self.sd, config.edit, config.inversion, getattr(config, "compute", None))
-        torch.backends.cuda.matmul.allow_tf32 = bool(m.allow_tf32)
 
     def counterfactuals(self, pixels, tasks):
         from prism_ray.engine.editor import edit_many
@@ -127,8 +124,12 @@ class MethodEngine:
         errors: list[tuple[int, str, str]] = []
         for idx in by_k.values():
             prompts = [[e["edit_prompt"] for e in tasks[i]["edits"]] for i in idx]
+            masks = [tasks[i].get("mask_pixels") or {} for i in idx]  # user edit/keep masks (read_batch)
+            configs = [[self.config.edit.for_intervention(e["intervention"]) for e in tasks[i]["edits"]] for i in idx]
             got, bad = edit_many(
-                self.editor, [pixels[i] for i in idx], [tasks[i]["source_prompt"] for i in idx], prompts
+                self.editor, [pixels[i] for i in idx], [tasks[i]["source_prompt"] for i in idx], prompts,
+                edit_masks=[m.get("edit") for m in masks], keep_masks=[m.get("keep") for m in masks],
+                edit_configs=configs,
             )
             errors += [(idx[j], stage, reason) for j, stage, reason in bad]
             for item in got:
@@ -208,10 +209,13 @@ class MethodEngine:
 def read_batch(tasks: list[dict], decode, vae_scale_factor: int) -> tuple[list[tuple[dict, str, np.ndarray]], list]:
     """Each task's source -> (task, sha256 of its bytes, square pixels), or (task, reason) when it cannot be read.
 
-    Sets `task['source_size']` and `task['square']`; the reason names the manifest row when the task has one.
+    Sets `task['source_size']` and `task['square']`, and `task['mask_pixels']` ({"edit" | "keep": bool square
+    mask}) for the user masks in `task['masks']` (`augment.mask_uris`); the reason names the manifest row when
+    the task has one, and for a mask its config field and file.
     """
     from prism_ray.data.images import decode_image, default_min_side, make_square
     from prism_ray.data.manifest import row_label
+    from prism_ray.data.masks import read_mask
     from prism_ray.data.storage import read_image_bytes
 
     min_side = decode.min_side or default_min_side(vae_scale_factor)
@@ -229,6 +233,13 @@ def read_batch(tasks: list[dict], decode, vae_scale_factor: int) -> tuple[list[t
         h, w = image.shape[:2]
         task["source_size"] = (w, h)
         task["square"] = "none" if h == w else decode.square
+        try:
+            task["mask_pixels"] = {}
+            for kind, (field_name, uri) in (task.get("masks") or {}).items():
+                task["mask_pixels"][kind] = read_mask(uri, (w, h), decode.square)
+        except ValueError as err:  # ImageReadError: this source only
+            failed.append((task, f"{row_label(task.get('row'), task['source_uri'])}: {field_name}: {err}"))
+            continue
         good.append((task, hashlib.sha256(data).hexdigest(), make_square(image, decode.square, decode.alpha_background)))
     return good, failed
 

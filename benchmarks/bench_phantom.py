@@ -485,6 +485,7 @@ def precision_parity(args, sd, scorer, classifier, heads, out: Path, argv) -> in
             "mean_abs_s_clip_diff": float(np.abs(low["s_clip"] - ref["s_clip"]).mean()),
             "mean_abs_pixel_diff": float(np.abs(low["edited"] - ref["edited"]).mean()),
             "seconds_per_source": {p: runs[p]["seconds"] for p in presets},
+            "per_source_s_clip": {p: runs[p]["s_clip"].round(4).tolist() for p in presets},
         }
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s " + json.dumps(results[iv.name]), flush=True)
     meta = {

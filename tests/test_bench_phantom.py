@@ -48,3 +48,19 @@ def test_sources_satisfy_the_intervention():
         assert all(2**31 <= s < 2**32 for _, s in subjects)
         source, edit = bench.captions(iv, subjects[0][0])
         assert source != edit
+
+
+def test_bench_phantom_precision_parity_smoke(tmp_path):
+    """--precision fastest: reference and fastest each invert and edit the same sources; the table counts
+    agreeing decisions and compares the reconstruction errors (tiny settings: a run, not a verdict)."""
+    bench = _load_bench()
+    out = tmp_path / "precision"
+    argv = ["--precision", "fastest", "--per-intervention", "2", "--steps", "2", "--threads", "1",
+            "--only", "remove_devices", "--out", str(out)]
+    assert bench.main(argv) == 0
+    entry = json.loads((out / "precision.json").read_text())["results"]["remove_devices"]
+    assert entry["sources"] == 2 and 0 <= entry["filter_equal"] <= 2 and 0 <= entry["target_flip_equal"] <= 2
+    assert set(entry["accepted"]) == {"reference", "fastest"}
+    assert 0.5 < entry["reconstruction_ratio"] < 2.0  # bf16 inner steps barely move the reconstruction
+    assert entry["mean_abs_pixel_diff"] < 0.05
+    assert "| remove_devices | " in (out / "precision.md").read_text()

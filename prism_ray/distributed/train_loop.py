@@ -121,6 +121,8 @@ def setup_worker(config: FinetuneConfig, ds_config: dict):
         config=ds_config,
         dist_init_required=False,
     )
+    if t.compile:  # torch.compile of engine.module in place: parameter names and checkpoints unchanged
+        engine.compile()
     use_weights_only_loading(engine)
     return engine, sd, noise_scheduler, device
 
@@ -165,10 +167,7 @@ def mean_loss_and_grad_norm(loss_sum: torch.Tensor, micro_steps: int, engine) ->
 
 
 def full_fp32_state(engine) -> dict[str, torch.Tensor]:
-    """The whole U-Net in fp32: ZeRO's fp32 master weights where they exist, else the module's own.
-
-    A collective under ZeRO 1-3 (each rank holds part of the masters): every rank must call it.
-    """
+    """The whole U-Net in fp32 (ZeRO's masters where they exist); under ZeRO 1-3 every rank calls it."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {}

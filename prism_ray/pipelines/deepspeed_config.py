@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from prism_ray.config import ConfigError
 from prism_ray.pipelines.finetune import FinetuneConfig
@@ -82,7 +82,9 @@ def build_deepspeed_config(cfg: FinetuneConfig, world_size: int | None = None) -
                 "betas": [t.adam_beta1, t.adam_beta2],
                 "eps": t.adam_epsilon,
                 "weight_decay": t.weight_decay,
-                # torch.optim.AdamW: no JIT-compiled FusedAdam op needed (CPU workers, no nvcc).
+                # torch.optim.AdamW, not DeepSpeed's FusedAdam: that is a JIT-built CUDA op (nvcc and ninja
+                # on every worker). DeepSpeed passes the remaining keys to AdamW, so `fused` below selects
+                # torch's own fused CUDA kernel (one launch for all parameters).
                 "torch_adam": True,
                 "adam_w_mode": True,
             },
@@ -93,6 +95,8 @@ def build_deepspeed_config(cfg: FinetuneConfig, world_size: int | None = None) -
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
+    if cfg.compute.use_gpu and not t.offload_optimizer:  # offloaded states live on the CPU
+        ds["optimizer"]["params"]["fused"] = True
     if t.lr_schedule != "constant":
         params = {
             "warmup_min_lr": 0.0,

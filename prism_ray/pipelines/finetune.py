@@ -54,6 +54,9 @@ class TrainConfig(BaseConfig):
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    compile: bool = Field(
+        False, description="torch.compile the U-Net (DeepSpeed's engine.compile; GPU, minutes of warm-up)"
+    )
     seed: int = Field(0, ge=0)
     log_every: int = Field(1, ge=1, description="steps between metric reports / progress lines")
     checkpoint_every: int = Field(

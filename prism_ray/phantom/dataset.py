@@ -14,6 +14,24 @@ from prism_ray.data.captions import CHEXPERT_LABELS  # the manifest's label colu
 from prism_ray.phantom.render import DEVICE_KINDS, PhantomAttributes, render_phantom
 
 _SIMULATED_PATHOLOGIES = ("Cardiomegaly", "Pleural Effusion")
+# MIMIC-style captions of a phantom manifest: age in 20-year bins (lower edges), sex from the `Sex` column.
+MIMIC_AGE_BINS: tuple[int, ...] = (20, 40, 60, 80)
+
+
+def mimic_adapter_options(age_bins: tuple[int, ...] = MIMIC_AGE_BINS) -> dict[str, Any]:
+    """Options of the `mimic` caption adapter for a phantom manifest (`Age`, `Sex`, no race column).
+
+    Captions read "Chest X-ray of 60-years old female subject with Cardiomegaly, Support Devices";
+    ages below the first bin edge reject the row, so write the dataset with `age_min >= age_bins[0]`.
+    """
+    return {
+        "age_column": "Age",
+        "sex_column": "Sex",
+        "race_column": None,
+        "sex_map": {"Male": "male", "Female": "female"},
+        "age_bins": tuple(age_bins),
+        "labels": (*_SIMULATED_PATHOLOGIES, "Support Devices"),
+    }
 
 
 class SplitFractions(BaseModel):
@@ -58,6 +76,9 @@ class PhantomDatasetConfig(BaseModel):
     Bias (a), hidden relationship: pacemakers follow cardiomegaly (the labels only say
     `Support Devices`). Bias (b), shortcut: in the train split only, an *other* device (tube
     and/or ECG leads) follows pleural effusion; in valid/test it is independent of everything.
+    Optional (c), demographic: `p_effusion_by_age` makes effusion depend on age (older subjects
+    have more), and `p_effusion_reported` < 1 leaves some effusions out of the labels, as reports
+    omit findings; both default off.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -67,7 +88,13 @@ class PhantomDatasetConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     split_fractions: SplitFractions = SplitFractions()
     p_cardiomegaly: float = _prob(0.25, "P(cardiomegaly)")
-    p_effusion: float = _prob(0.25, "P(pleural effusion)")
+    p_effusion: float = _prob(0.25, "P(pleural effusion); see p_effusion_by_age")
+    p_effusion_by_age: dict[int, float] | None = Field(
+        None,
+        description="P(pleural effusion) from each age (key) up to the next key, e.g. {20: 0.1, 60: 0.6}; "
+        "replaces p_effusion; None = p_effusion at every age",
+    )
+    p_effusion_reported: float = _prob(1.0, "P(Pleural Effusion label = 1 | effusion); others go unlabelled")
     p_female: float = _prob(0.5, "P(sex = female)")
     age_min: int = Field(18, ge=0, le=120)
     age_max: int = Field(90, ge=0, le=120)
@@ -86,6 +113,34 @@ class PhantomDatasetConfig(BaseModel):
         if lo is not None and v < lo:
             raise ValueError(f"age_max ({v}) must be >= age_min ({lo})")
         return v
+
+    @field_validator("p_effusion_by_age")
+    @classmethod
+    def _effusion_by_age(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("p_effusion_by_age must map at least one age to a probability (or be None)")
+        for age, p in v.items():
+            if not 0 <= age <= 120 or not 0.0 <= p <= 1.0:
+                raise ValueError(f"p_effusion_by_age: {age}: {p} needs an age in [0, 120], a rate in [0, 1]")
+        return dict(sorted(v.items()))
+
+    @model_validator(mode="after")
+    def _effusion_ages_covered(self) -> PhantomDatasetConfig:
+        if self.p_effusion_by_age is not None and min(self.p_effusion_by_age) > self.age_min:
+            first = min(self.p_effusion_by_age)
+            raise ValueError(f"p_effusion_by_age: its first age ({first}) must be <= age_min ({self.age_min})")
+        return self
+
+    def effusion_probability(self, age: np.ndarray) -> np.ndarray:
+        """P(pleural effusion) of subjects of these ages (float64, same shape)."""
+        age = np.asarray(age)
+        if self.p_effusion_by_age is None:
+            return np.full(age.shape, self.p_effusion, dtype=np.float64)
+        edges = np.array(list(self.p_effusion_by_age))
+        rates = np.array(list(self.p_effusion_by_age.values()), dtype=np.float64)
+        return rates[np.searchsorted(edges, age, side="right") - 1]
 
 
 @dataclass(frozen=True)
@@ -115,9 +170,10 @@ def sample_subjects(config: PhantomDatasetConfig) -> dict[str, np.ndarray]:
     split = split[rng.permutation(n)]
     seeds = rng.choice(2**31 - 1, size=n, replace=False).astype(np.int64)
     cardiomegaly = rng.random(n) < config.p_cardiomegaly
-    effusion = rng.random(n) < config.p_effusion
+    effusion_draw = rng.random(n)  # compared with P(effusion | age) once ages are drawn: the draw order stays
     female = rng.random(n) < config.p_female
     age = rng.integers(config.age_min, config.age_max + 1, size=n).astype(np.int64)
+    effusion = effusion_draw < config.effusion_probability(age)
     p_pm = np.where(cardiomegaly, config.p_pacemaker_given_cardiomegaly, config.p_pacemaker_given_no_cardiomegaly)
     pacemaker = rng.random(n) < p_pm
     p_other = np.where(
@@ -130,12 +186,14 @@ def sample_subjects(config: PhantomDatasetConfig) -> dict[str, np.ndarray]:
     kind = rng.random(n)  # [0, tube) tube only, [tube, tube+ecg) ECG only, rest both
     tube = other & ((kind < mix.tube) | (kind >= mix.tube + mix.ecg))
     ecg = other & (kind >= mix.tube)
+    reported = effusion & (rng.random(n) < config.p_effusion_reported)  # drawn last: earlier draws stay
     return {
         "subject_id": np.array([f"phantom{i:07d}" for i in range(n)]),
         "seed": seeds,
         "split": split,
         "cardiomegaly": cardiomegaly,
         "pleural_effusion": effusion,
+        "effusion_reported": reported,
         "pacemaker": pacemaker,
         "tube": tube,
         "ecg": ecg,
@@ -153,6 +211,21 @@ def subject_attributes(row: dict[str, Any]) -> PhantomAttributes:
         sex=str(row["sex"]),
         age=int(row["age"]),
     )
+
+
+def label_columns(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The manifest's label columns of sampled subjects: the CheXpert labels (float 1/0), `Sex`, `Age`."""
+    n = len(s["subject_id"])
+    any_device = s["pacemaker"] | s["tube"] | s["ecg"]
+    labels = {name: np.zeros(n, dtype=np.float64) for name in CHEXPERT_LABELS}
+    labels["Cardiomegaly"] = s["cardiomegaly"].astype(np.float64)
+    labels["Pleural Effusion"] = s["effusion_reported"].astype(np.float64)  # the truth keeps every effusion
+    labels["Support Devices"] = any_device.astype(np.float64)
+    pathology = np.zeros(n, dtype=bool)
+    for name in _SIMULATED_PATHOLOGIES:
+        pathology |= labels[name] == 1.0
+    labels["No Finding"] = (~pathology).astype(np.float64)  # CheXpert: devices are not a finding
+    return {**labels, "Sex": np.where(s["sex"] == "female", "Female", "Male"), "Age": s["age"]}
 
 
 def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomDatasetSummary:
@@ -180,16 +253,7 @@ def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomData
             Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=1)
             fs.pipe_file(f"{root.rstrip('/')}/images/{s['split'][i]}/{s['subject_id'][i]}.png", buf.getvalue())
 
-    any_device = s["pacemaker"] | s["tube"] | s["ecg"]
-    labels = {name: np.zeros(n, dtype=np.float64) for name in CHEXPERT_LABELS}
-    labels["Cardiomegaly"] = s["cardiomegaly"].astype(np.float64)
-    labels["Pleural Effusion"] = s["pleural_effusion"].astype(np.float64)
-    labels["Support Devices"] = any_device.astype(np.float64)
-    pathology = np.zeros(n, dtype=bool)
-    for name in _SIMULATED_PATHOLOGIES:
-        pathology |= labels[name] == 1.0
-    labels["No Finding"] = (~pathology).astype(np.float64)  # CheXpert: devices are not a finding
-
+    labels = label_columns(s)
     manifest = pa.table(
         {
             "image_uri": pa.array(image_uri, pa.string()),
@@ -197,8 +261,8 @@ def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomData
             "seed": pa.array(s["seed"], pa.int64()),
             "split": pa.array(s["split"], pa.string()),
             **{name: pa.array(labels[name], pa.float64()) for name in CHEXPERT_LABELS},
-            "Sex": pa.array(np.where(s["sex"] == "female", "Female", "Male"), pa.string()),
-            "Age": pa.array(s["age"], pa.int64()),
+            "Sex": pa.array(labels["Sex"], pa.string()),
+            "Age": pa.array(labels["Age"], pa.int64()),
         }
     )
     truth = pa.table(

@@ -373,10 +373,19 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None) -> torch.Tensor
 # (d) classifier
 
 
-def train_classifier(config: PhantomTrainConfig, train: PhantomSplit, device: torch.device):
-    """Multi-label BCE; blur and noise augmentation so decoded (smoother) images are read alike."""
+def train_classifier(
+    config: PhantomTrainConfig,
+    train: PhantomSplit,
+    device: torch.device,
+    labels: tuple[str, ...] = CLASSIFIER_LABELS,
+):
+    """Multi-label BCE; blur and noise augmentation so decoded (smoother) images are read alike.
+
+    `labels` names the heads, one per column of `train.labels`."""
+    if train.labels.shape[1] != len(labels):
+        raise ValueError(f"labels: {len(labels)} heads for {train.labels.shape[1]} label columns")
     torch.manual_seed(config.seed + 6)
-    model = build_classifier(CLASSIFIER_LABELS, config.resolution).to(device).train()
+    model = build_classifier(labels, config.resolution).to(device).train()
     x = _pixels(train.images, device)
     y = torch.from_numpy(train.labels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.classifier_lr, weight_decay=1e-4)

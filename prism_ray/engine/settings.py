@@ -109,10 +109,11 @@ class EditConfig(BaseConfig):
         base = self.model_dump(exclude={"per_intervention"})
         return type(self).model_validate({**base, **override})
 
-    def for_intervention(self, intervention: str) -> EditConfig:
+    def for_intervention(self, intervention: str | None) -> EditConfig:
         """The settings for one intervention: this config, with `per_intervention[intervention]` applied,
-        else the overrides of its attributes ('A=1; B=0' -> A's, then B's), else as is."""
-        if not self.per_intervention:
+        else the overrides of its attributes ('A=1; B=0' -> A's, then B's), else as is (also for an edit
+        given as a caption, without an intervention)."""
+        if not self.per_intervention or not intervention:
             return self
         if intervention in self.per_intervention:
             return self._merged(self.per_intervention[intervention])

@@ -125,7 +125,7 @@ class MethodEngine:
         for idx in by_k.values():
             prompts = [[e["edit_prompt"] for e in tasks[i]["edits"]] for i in idx]
             masks = [tasks[i].get("mask_pixels") or {} for i in idx]  # user edit/keep masks (read_batch)
-            configs = [[self.config.edit.for_intervention(e["intervention"]) for e in tasks[i]["edits"]] for i in idx]
+            configs = [[self.config.edit.for_intervention(e.get("intervention")) for e in tasks[i]["edits"]] for i in idx]
             got, bad = edit_many(
                 self.editor, [pixels[i] for i in idx], [tasks[i]["source_prompt"] for i in idx], prompts,
                 edit_masks=[m.get("edit") for m in masks], keep_masks=[m.get("keep") for m in masks],

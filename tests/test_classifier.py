@@ -1,0 +1,250 @@
+"""Attribute classifier: metrics vs plain implementations, heads and loss on hand-made data, the job in-process."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from prism_ray.scoring import classification as cm
+
+# --- metrics against plain implementations -----------------------------------------------------
+
+
+def plain_auroc(y, s):
+    """P(score of a random positive > score of a random negative), ties counting half, by counting pairs."""
+    pos, neg = [a for a, t in zip(s, y) if t], [a for a, t in zip(s, y) if not t]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def plain_ece(y, p, bins=10):
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [i for i in range(len(p)) if lo <= p[i] < hi or (b == bins - 1 and p[i] == 1.0)]
+        if members:
+            conf = sum(p[i] for i in members) / len(members)
+            freq = sum(y[i] for i in members) / len(members)
+            total += len(members) / len(p) * abs(freq - conf)
+    return total
+
+
+def test_auroc_with_ties_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(40) < 0.3
+        y[:2] = [True, False]
+        s = rng.integers(0, 6, 40) / 5.0  # many ties
+        assert cm.auroc(y, s) == pytest.approx(plain_auroc(y, s), abs=1e-12)
+    assert cm.auroc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
+    assert cm.auroc([1, 0], [0.5, 0.5]) == 0.5
+    assert math.isnan(cm.auroc([1, 1], [0.2, 0.3]))
+
+
+def test_ece_accuracy_and_balanced_accuracy_match_loops():
+    rng = np.random.default_rng(1)
+    y = (rng.random(200) < 0.4).astype(float)
+    p = np.clip(rng.random(200), 0, 1)
+    p[:3] = [0.0, 1.0, 0.5]
+    assert cm.ece(y, p) == pytest.approx(plain_ece(list(y), list(p)), abs=1e-12)
+    assert cm.ece([1, 0], [1.0, 0.0]) == 0.0
+    assert cm.accuracy([1, 0, 1, 0], [0.7, 0.2, 0.4, 0.5]) == 0.5  # 0.5 counts as positive
+    # TPR 1/2, TNR 2/2 -> 0.75
+    assert cm.balanced_accuracy([1, 1, 0, 0], [0.9, 0.1, 0.2, 0.3]) == 0.75
+
+
+def test_worst_group_accuracy_is_the_lowest_label_by_group_cell():
+    y = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    p = np.array([0.9, 0.8, 0.1, 0.2, 0.9, 0.9, 0.7, 0.1])
+    g = np.array(["dev", "dev", "none", "none", "dev", "dev", "none", "none"])
+    cells = {}
+    for label, group in itertools.product((0, 1), ("dev", "none")):
+        idx = [i for i in range(len(y)) if y[i] == label and g[i] == group]
+        if idx:
+            cells[(label, group)] = sum((p[i] >= 0.5) == y[i] for i in idx) / len(idx)
+    assert cm.group_accuracies(y, p, g) == cells
+    assert cm.worst_group_accuracy(y, p, g) == min(cells.values()) == 0.0  # (0, dev): both wrong
+    assert math.isnan(cm.worst_group_accuracy(y, p, g, min_size=3))  # no cell has 3 rows
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_value():
+    rng = np.random.default_rng(2)
+    y = rng.random(300) < 0.5
+    p = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    a = cm.bootstrap_ci(cm.auroc, (y, p), n_boot=200, seed=3)
+    assert a == cm.bootstrap_ci(cm.auroc, (y, p), n_boot=200, seed=3)
+    assert a[0] < cm.auroc(y, p) < a[1] and a[1] - a[0] < 0.2
+    rows = cm.head_metrics(y.astype(float), p, {"sex": np.where(rng.random(300) < 0.5, "F", "M")}, n_boot=50)
+    by = {(r["attribute"], r["group"], r["label"], r["metric"]): r for r in rows}
+    assert by[("all", "all", None, "auroc")]["value"] == pytest.approx(cm.auroc(y, p))
+    worst = by[("sex", "worst", None, "worst_group_accuracy")]["value"]
+    assert worst == min(r["value"] for k, r in by.items() if k[0] == "sex" and k[2] is not None)
+
+
+def test_t_test_sign_flip_and_mean_ci():
+    # Closed forms: df=1 (Cauchy) p = 1 - 2/pi atan|t|; df=2 p = 1 - |t| / sqrt(2 + t^2).
+    for t in (0.3, 1.0, 2.5, 10.0):
+        assert cm.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-10)
+        assert cm.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-10)
+    assert cm.t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-5)
+    d = np.array([0.1, 0.2, 0.3])
+    t, p = cm.paired_t_test(d)
+    assert t == pytest.approx(0.2 / (0.1 / math.sqrt(3)))
+    assert p == pytest.approx(cm.t_two_sided_p(t, 2))
+    assert cm.sign_flip_p(d) == 0.25  # all positive: only the two extreme patterns are as large
+    assert cm.sign_flip_p(np.array([0.1, -0.1, 0.2, -0.2])) == 1.0
+    mean, sd, _, hi = cm.mean_ci(d)
+    assert (mean, sd) == (pytest.approx(0.2), pytest.approx(0.1))
+    assert hi - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+
+
+# --- heads, loss, sampling, stopping -----------------------------------------------------------
+
+
+def test_head_targets_from_findings_and_text_columns():
+    from prism_ray.pipelines.classifier import head_targets
+
+    table = pa.table({"Effusion": [1.0, 0.0, -1.0, None], "Sex": ["Female", "Male", None, "Female"]})
+    heads = {"effusion": "Effusion", "female": "Sex=Female"}
+    t = head_targets(table, heads, "negative")
+    np.testing.assert_array_equal(t[:, 1][[0, 1, 3]], [1, 0, 1])
+    assert np.isnan(t[2, 1]) and np.isnan(t[3, 0]) and t[2, 0] == 0
+    assert (
+        np.isnan(head_targets(table, heads, "ignore")[2, 0])
+        and head_targets(table, heads, "positive")[2, 0] == 1
+    )
+    with pytest.raises(ValueError, match="heads.x"):
+        head_targets(table, {"x": "Missing"})
+
+
+def test_loss_weights_and_balanced_sampling():
+    from prism_ray.training.classifier import balanced_row_weights, batch_indices, multi_head_loss, pos_weight
+
+    y = np.array([[1, 0], [0, 0], [0, 1], [0, np.nan]], np.float32)
+    np.testing.assert_allclose(pos_weight(y), [3.0, 2.0])
+    w = balanced_row_weights(y)
+    assert w.sum() == pytest.approx(1.0)
+    # Each head's positives carry as much weight as its negatives, per head.
+    h0 = np.where(y[:, 0] == 1, 0.5 / 1, 0.5 / 3)
+    h1 = np.where(np.isnan(y[:, 1]), 0, np.where(y[:, 1] == 1, 0.5, 0.25))
+    expected = (h0 + h1) / np.array([2, 2, 2, 1])
+    np.testing.assert_allclose(w, expected / expected.sum())
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.0], [-1.0, 3.0], [0.0, 9.0]])
+    target = torch.as_tensor(y)
+    pw = torch.tensor([3.0, 2.0])
+    manual = []
+    for i in range(4):
+        for h in range(2):
+            if not math.isnan(y[i, h]):
+                s = torch.sigmoid(logits[i, h])
+                manual.append(-(pw[h] * y[i, h] * torch.log(s) + (1 - y[i, h]) * torch.log(1 - s)))
+    assert multi_head_loss(logits, target, pw).item() == pytest.approx(
+        torch.stack(manual).mean().item(), rel=1e-6
+    )
+
+    a = batch_indices(10, 4, step=3, seed=1, rank=0)
+    assert np.array_equal(a, batch_indices(10, 4, step=3, seed=1, rank=0))
+    epoch = np.concatenate([batch_indices(10, 5, step=s, seed=1, rank=0) for s in (1, 2)])
+    assert sorted(epoch) == list(range(10))  # an epoch sees every row once
+    drawn = np.concatenate([batch_indices(4, 64, step=s, seed=0, rank=0, weights=w) for s in range(1, 40)])
+    assert np.mean(y[drawn, 0] == 1) == pytest.approx(w[0], abs=0.05)
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    from prism_ray.training.classifier import EarlyStopping
+
+    s = EarlyStopping(patience=2, min_delta=0.01)
+    assert s.update(10, 0.5) and not s.update(20, 0.495) and not s.should_stop
+    assert not s.update(30, 0.6) and s.should_stop and (s.best, s.best_step) == (0.5, 10)
+    t = EarlyStopping(patience=2)
+    t.load(s.state())
+    assert t.should_stop
+
+
+def test_build_classifier_defaults_still_load_the_shipped_weights():
+    from prism_ray.models.classifier import build_classifier, classifier_labels, load_classifier
+    from prism_ray.models.loading import resolve_model_root
+
+    shipped = load_classifier(resolve_model_root("tiny"))
+    fresh = build_classifier()
+    fresh.load_state_dict(shipped.state_dict())  # same architecture as before the extension
+    assert classifier_labels(fresh) == classifier_labels(shipped)
+
+
+def test_deepspeed_config_is_plain_data_parallel():
+    from prism_ray.config import build_config
+    from prism_ray.pipelines.classifier import ClassifierConfig, deepspeed_config
+
+    c = build_config(
+        ClassifierConfig,
+        {
+            "data": {"manifest": "m.parquet"},
+            "heads": {"a": "A"},
+            "train": {"batch_size": 8, "max_grad_norm": 2.0},
+            "compute": {"num_workers": 3, "strategy": "deepspeed"},
+            "run": {"storage_path": "/tmp/x", "name": "n"},
+        },
+    )
+    ds = deepspeed_config(c)
+    assert (
+        ds["train_batch_size"] == 24
+        and ds["gradient_clipping"] == 2.0
+        and ds["zero_optimization"]["stage"] == 0
+    )
+
+
+# --- the job, in this process ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+
+    return write_phantom_dataset(
+        str(tmp_path_factory.mktemp("phantoms")), PhantomDatasetConfig(n_subjects=160, seed=3, p_effusion=0.5)
+    )
+
+
+def test_classifier_job_learns_exports_and_resumes(phantoms, tmp_path):
+    import pyarrow.parquet as pq
+
+    from prism_ray.config import build_config
+    from prism_ray.data.storage import read_image
+    from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
+    from prism_ray.pipelines.classifier import ClassifierConfig, in_process, run
+
+    torch.set_num_threads(1)
+    base = {
+        "data": {"manifest": phantoms.manifest_uri},
+        "heads": {"pleural_effusion": "Pleural Effusion", "female": "Sex=Female"},
+        "train": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "eval_every": 20,
+            "log_every": 20,
+            "checkpoint_every": 20,
+        },
+        "run": {"storage_path": str(tmp_path), "name": "clf"},
+    }
+    result = run(build_config(ClassifierConfig, base), runner=in_process)
+    assert result.final_step == 40 and result.best_step in (20, 40)
+    model = load_classifier(result.model_path)
+    assert classifier_labels(model) == ["pleural_effusion", "female"]
+    test = pq.read_table(phantoms.manifest_uri).to_pylist()
+    test = [r for r in test if r["split"] == "test"]
+    probs = predict_proba(model, np.stack([read_image(r["image_uri"]) for r in test]))
+    y = np.array([r["Pleural Effusion"] for r in test])
+    assert cm.auroc(y, probs[:, 0]) > 0.85  # effusion is learnt (chance 0.5)
+
+    more = dict(base, train=dict(base["train"], max_steps=60))
+    resumed = run(build_config(ClassifierConfig, more), runner=in_process)
+    assert resumed.final_step == 60
+    from prism_ray.training.classifier import read_classifier_checkpoint
+
+    assert read_classifier_checkpoint(resumed.checkpoint_path, "trainer_state.json")["start_step"] == 40

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             "edits": args.edits,
             "sources": args.sources,
             "unet_batches": args.unet_batches,
-            "default_cuda_preset": "fastest",
+            "default_cuda_preset": resolve_precision(InversionConfig(), None, "cuda").name,
             "presets": {k: str(v) for k, v in PRESETS.items()},
             "minutes": (time.perf_counter() - t0) / 60,
             "command": "python benchmarks/bench_gpu.py "

@@ -22,7 +22,7 @@ EDIT = "Chest X-ray showing Cardiomegaly"
 def test_presets_resolve_per_device_and_overrides_win():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision(InversionConfig(), EditConfig(), cpu) == PRESETS["reference"]
-    assert resolve_precision(InversionConfig(), EditConfig(), cuda) == PRESETS["fastest"]
+    assert resolve_precision(InversionConfig(), EditConfig(), cuda) == PRESETS["fast"]
     ref = PRESETS["reference"]
     assert (ref.matmul_tf32, ref.cudnn_tf32, ref.inner_dtype, ref.edit_dtype) == (
         False,

@@ -47,12 +47,13 @@ PRESETS = {
 def resolve_precision(
     inversion: InversionConfig, edit: EditConfig | None = None, device: torch.device | str = "cpu"
 ) -> PrecisionPolicy:
-    """The policy for `device`: `auto` is `fastest` on CUDA (its parity tests hold) and `reference`
-    elsewhere (bf16 on CPU is emulated and slow); explicit overrides win over the preset."""
+    """The policy for `device`: `auto` is `fast` on CUDA (the fastest preset whose decisions equalled
+    fp32's on every phantom-benchmark source, BENCHMARKS.md) and `reference` elsewhere (bf16 on CPU is
+    emulated and slow); explicit overrides win over the preset."""
     device = torch.device(device)
     name = inversion.precision
     if name == "auto":
-        name = "fastest" if device.type == "cuda" else "reference"
+        name = "fast" if device.type == "cuda" else "reference"
     policy = PRESETS[name]
     if inversion.allow_tf32 is not None:
         policy = replace(policy, matmul_tf32=inversion.allow_tf32, cudnn_tf32=inversion.allow_tf32)

@@ -27,7 +27,7 @@ class InversionConfig(BaseConfig):
     precision: Precision = Field(
         "auto",
         description="reference: fp32, PyTorch's TF32 defaults; fast: TF32 inversion, bf16 edits; fastest: also "
-        "the null-text inner steps under bf16 autocast (the DDIM trajectory stays fp32/TF32); auto: fastest on "
+        "the null-text inner steps under bf16 autocast (the DDIM trajectory stays fp32/TF32); auto: fast on "
         "CUDA, reference elsewhere",
     )
     allow_tf32: bool | None = Field(

@@ -94,6 +94,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"):
         folder = folder / "classifier"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"classifier '{path}': no config.json")
+    from prism_ray.models.loading import quiet_progress_bars
+
+    quiet_progress_bars()  # no "Loading weights" bar in a job's output
     model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True).to(device).eval()
     model.requires_grad_(False)
     return model

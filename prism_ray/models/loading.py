@@ -164,7 +164,7 @@ def require_supported_prediction(root: Path) -> str:
         raise ValueError(f"model '{root}': {err}") from None
 
 
-def _quiet_progress_bars() -> None:
+def quiet_progress_bars() -> None:
     """No per-file "Loading weights" bars: every actor and worker loads models, and the bars
     drown the jobs' own progress lines."""
     import diffusers
@@ -185,7 +185,7 @@ def load_sd_components(
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     root = check_model_folder(path, cache_dir)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
@@ -219,7 +219,7 @@ def load_clip(
     """Load a CLIP model (transformers layout, safetensors) and its tokenizer for scoring."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     root = resolve_model_root(path, cache_dir)
     if (root / "clip" / "config.json").exists():  # a diffusers folder carrying its filter CLIP
         root = root / "clip"

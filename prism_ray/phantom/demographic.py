@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from prism_ray.config import BaseConfig
+from prism_ray.config import BaseConfig, build_config
 from prism_ray.phantom.dataset import (
     MIMIC_AGE_BINS,
     OtherDeviceMix,
@@ -579,16 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
     args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for kv in args.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
     fields = {"variant": args.variant, "out": args.out, "seed": args.seed, "classifier": args.classifier}
-    build_variant(DemographicFamilyConfig.model_validate({**fields, **overrides}))
+    build_variant(build_config(DemographicFamilyConfig, fields, args.set))
     return 0
 
 

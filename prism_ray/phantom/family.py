@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prism_ray.config import BaseConfig
+from prism_ray.config import BaseConfig, build_config
 from prism_ray.data.captions import CHEXPERT_LABELS
 from prism_ray.engine.images import to_model_pixels, vae_latent_moments
 from prism_ray.engine.scheduler import NUM_TRAIN_TIMESTEPS, make_ddpm_scheduler
@@ -622,15 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for kv in args.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    config = PhantomTrainConfig.model_validate({"out": args.out, "seed": args.seed, **overrides})
+    config = build_config(PhantomTrainConfig, {"out": args.out, "seed": args.seed}, args.set)
     train_family(config)
     return 0
 

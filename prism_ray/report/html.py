@@ -8,8 +8,6 @@ import html
 import io
 import json
 import math
-import posixpath
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -330,25 +328,10 @@ class HtmlReport:
     def write(self, uri: str) -> str:
         """Write the report to a local path or fsspec URI under a temporary name, then switch it into
         place (a reader never sees half a report). Returns `uri`."""
-        import fsspec
+        from prism_ray.results.ledger import write_atomic
 
-        from prism_ray.results.ledger import TMP_MARK
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        parent, name = posixpath.split(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-        try:
-            with fs.open(tmp, "wb") as f:
-                f.write(self.to_html().encode("utf-8"))
-            fs.mv(tmp, path)  # local: os.rename, atomic; object stores: one whole-object put
-        except BaseException:
-            try:
-                fs.rm(tmp)
-            except OSError:
-                pass
-            raise
+        page = self.to_html().encode("utf-8")
+        write_atomic(uri, lambda f: f.write(page), "report.write")
         return uri
 
 

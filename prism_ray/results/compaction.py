@@ -7,12 +7,9 @@ with the table, and a crash at any point loses nothing (the next run compacts ag
 
 from __future__ import annotations
 
-import posixpath
-import uuid
 
-from prism_ray.faults import fault_point
 from prism_ray.results.layout import Layout
-from prism_ray.results.ledger import TMP_MARK, LedgerError
+from prism_ray.results.ledger import TMP_MARK, LedgerError, write_atomic
 
 
 def ledger_paths(layout: Layout, kind: str) -> list[str]:
@@ -65,27 +62,28 @@ def compact_table(layout: Layout, name: str, kind: str, schema) -> int:
     in_parts: set[str] = set()
     for path in parts:
         in_parts.update(read_column(fs, path, "task_id"))
-    tmp = posixpath.join(root, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-    n = 0
-    with fs.open(tmp, "wb") as out, pq.ParquetWriter(out, schema) as writer:
-        for path in files:
-            committed = "/_ledger/" not in path
-            with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=8192):
-                    table = pa.Table.from_batches([batch])
-                    if committed and in_parts and "task_id" in table.column_names:
-                        ids = table.column("task_id").to_pylist()
-                        table = table.take(
-                            pa.array([i for i, t in enumerate(ids) if t not in in_parts], type=pa.int64())
-                        )
-                    if table.num_rows:
-                        writer.write_table(_conform(table, schema))
-                        n += table.num_rows
-    fault_point("compact.switch")
-    fs.mv(tmp, target)
+    rows = 0
+
+    def stream(out) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(out, schema) as writer:
+            for path in files:
+                committed = "/_ledger/" not in path
+                with fs.open(path, "rb") as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=8192):
+                        table = pa.Table.from_batches([batch])
+                        if committed and in_parts and "task_id" in table.column_names:
+                            ids = table.column("task_id").to_pylist()
+                            keep = [i for i, t in enumerate(ids) if t not in in_parts]
+                            table = table.take(pa.array(keep, type=pa.int64()))
+                        if table.num_rows:
+                            writer.write_table(_conform(table, schema))
+                            rows += table.num_rows
+
+    write_atomic(layout.uri(name), stream, "compact.switch")
     for path in parts:
         fs.rm(path)
-    return n
+    return rows
 
 
 def _conform(table, schema):

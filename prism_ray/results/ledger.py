@@ -48,21 +48,20 @@ def _retrying(what: str, fn, retries: int, wait: float):
             time.sleep(wait * 2**attempt)
 
 
-def write_table_atomic(table: pa.Table, uri: str, fault: str = "table.write") -> None:
-    """Write a Parquet table under a temporary name beside `uri`, then switch it into place.
-
-    Until the switch a reader sees the previous file (or none); a failed write (ENOSPC, a killed
-    process) leaves at most a temporary file, which no reader takes for a result.
-    """
+def write_atomic(uri: str, write, fault: str = "table.write") -> None:
+    """Call `write(binary file)` on a temporary name beside `uri`, then switch it into place: a reader
+    never sees half a file, and a failure (or a killed process) leaves at most a temporary file, which
+    no reader takes for a result."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
     parent, name = posixpath.split(path)
-    fs.makedirs(parent, exist_ok=True)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
         with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
+            write(f)
         fault_point(fault)  # tests: a full disk or a killed process mid-write
         fs.mv(tmp, path)  # local: os.rename, atomic; object stores: one whole-object put
     except BaseException:
@@ -73,19 +72,20 @@ def write_table_atomic(table: pa.Table, uri: str, fault: str = "table.write") ->
         raise
 
 
+def write_table_atomic(table: pa.Table, uri: str, fault: str = "table.write") -> None:
+    """Write a Parquet table under a temporary name beside `uri`, then switch it into place.
+
+    Until the switch a reader sees the previous file (or none); a failed write (ENOSPC, a killed
+    process) leaves at most a temporary file, which no reader takes for a result.
+    """
+    write_atomic(uri, lambda f: pq.write_table(table, f), fault)
+
+
 def write_json_atomic(data: dict, uri: str) -> None:
     """A JSON document, switched into place like a table."""
     import json
 
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent, name = posixpath.split(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-    with fs.open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    fs.mv(tmp, path)
+    write_atomic(uri, lambda f: f.write(json.dumps(data, indent=2, default=str).encode()), "json.write")
 
 
 def write_part(layout: Layout, kind: str, name: str, table: pa.Table) -> None:
@@ -112,8 +112,10 @@ def _read_parquet(fs, path: str, what: str, retries: int, wait: float) -> list[d
         return _retrying(what, read, retries, wait)
     except (pa.ArrowException, EOFError) as err:
         # Parts are written atomically, so this is damage, not a killed writer: stop, keep the file.
-        raise LedgerError(f"{what} is unreadable ({type(err).__name__}: {err}); nothing was deleted, "
-                          f"move the file aside to resume without it") from None
+        raise LedgerError(
+            f"{what} is unreadable ({type(err).__name__}: {err}); nothing was deleted, "
+            f"move the file aside to resume without it"
+        ) from None
 
 
 def _listing(fs, folder: str) -> list[str]:

@@ -8,10 +8,9 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from prism_ray.distributed import init_ray
+from prism_ray.distributed.torch_fit import fit_torch
 from prism_ray.pipelines.classifier import ClassifierConfig, ClassifierPlan, deepspeed_config, train_worker
 
 
@@ -91,25 +90,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def fit(config: ClassifierConfig, plan: ClassifierPlan) -> str:
     """Train with `compute.num_workers` Ray Train workers; the URI of the final checkpoint folder."""
     init_ray()
-    c = config.compute
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "plan": plan},
-        scaling_config=ScalingConfig(
-            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=config.run.name,
-            storage_path=plan.storage_path,
-            failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"classifier: run '{plan.run_path}' ended without a checkpoint")
-    path = result.checkpoint.path  # relative to the storage filesystem: no scheme for s3://, gs://, ...
-    if "://" in plan.storage_path and "://" not in path:
-        path = plan.storage_path.split("://", 1)[0] + "://" + path
-    return path
+    return fit_torch("classifier", train_loop_per_worker, {"config": config, "plan": plan}, config, plan)

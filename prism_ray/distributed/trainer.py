@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from prism_ray.distributed import init_ray
+from prism_ray.distributed.torch_fit import fit_torch
 from prism_ray.distributed.latents import cache_latents, examples_dataset
 from prism_ray.distributed.train_loop import train_loop_per_worker
 from prism_ray.pipelines.deepspeed_config import check_resources
@@ -25,27 +24,5 @@ def fit(config: FinetuneConfig, plan: FinetunePlan) -> str:
     dataset = examples_dataset(config, plan)
     if config.train.cache_latents:
         dataset = cache_latents(dataset, config, plan)  # stored once, reused by later runs
-
-    c = config.compute
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "deepspeed": plan.deepspeed, "run_path": plan.run_path},
-        scaling_config=ScalingConfig(
-            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=config.run.name,
-            storage_path=plan.storage_path,
-            failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"finetune: run '{plan.run_path}' ended without a checkpoint")
-    path = result.checkpoint.path  # relative to the storage filesystem: no scheme for s3://, gs://, ...
-    if "://" in plan.storage_path and "://" not in path:
-        path = plan.storage_path.split("://", 1)[0] + "://" + path
-    return path
+    loop_config = {"config": config, "deepspeed": plan.deepspeed, "run_path": plan.run_path}
+    return fit_torch("finetune", train_loop_per_worker, loop_config, config, plan, {"train": dataset})

@@ -1,0 +1,37 @@
+"""One Ray Train launch for the training jobs: a TorchTrainer resumed by run name -> its final checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+
+def fit_torch(job: str, loop: Callable, loop_config: dict, config, plan, datasets: dict | None = None) -> str:
+    """Run `loop` on `config.compute.num_workers` workers (gloo on CPU, nccl on GPU) under `config.run.name`
+    in `plan.storage_path`; a worker failure restarts the group from the latest checkpoint
+    (`compute.max_failures` times). Returns the final checkpoint folder as a URI."""
+    c = config.compute
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{job}: run '{plan.run_path}' ended without a checkpoint")
+    path = result.checkpoint.path  # relative to the storage filesystem: no scheme for s3://, gs://, ...
+    if "://" in plan.storage_path and "://" not in path:
+        path = plan.storage_path.split("://", 1)[0] + "://" + path
+    return path

@@ -46,6 +46,10 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
+# Heatmap cell outlines: flagged solid, expected dotted (the gid lets tests find the patches).
+_OUTLINE = {"flagged": ("black", 2.5, "-"), "expected": ("#555555", 1.5, ":")}
+
+
 def cochange_heatmap(cochange):
     """Intervention × attribute heatmap of `difference` (change rate − control rate) over all images.
 
@@ -95,31 +99,11 @@ def cochange_heatmap(cochange):
             color="white" if dark else "black",
             fontweight="bold" if r["flagged"] else "normal",
         )
-        if r["flagged"]:
-            ax.add_patch(
-                Rectangle(
-                    (a - 0.46, i - 0.46),
-                    0.92,
-                    0.92,
-                    fill=False,
-                    edgecolor="black",
-                    linewidth=2.5,
-                    gid="flagged",
-                )
-            )
-        elif r["expected"]:
-            ax.add_patch(
-                Rectangle(
-                    (a - 0.46, i - 0.46),
-                    0.92,
-                    0.92,
-                    fill=False,
-                    edgecolor="#555555",
-                    linewidth=1.5,
-                    linestyle=":",
-                    gid="expected",
-                )
-            )
+        kind = "flagged" if r["flagged"] else "expected" if r["expected"] else None
+        if kind is not None:
+            color, width, line = _OUTLINE[kind]
+            ax.add_patch(Rectangle((a - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor=color,
+                                   linewidth=width, linestyle=line, gid=kind))
     fig.colorbar(image, ax=ax, label="change rate − control rate")
     ax.set_title("Co-changes (all images): * = flagged, dotted = expected")
     return fig

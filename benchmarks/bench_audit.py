@@ -30,15 +30,19 @@ import pyarrow.parquet as pq
 PLANTED = [("Cardiomegaly=0", "pacemaker"), ("age=+20", "pleural_effusion")]
 
 
-def build_family(out: Path, variant: str, threads: int, classifier: Path | None) -> Path:
-    """The variant's family folder (built once; reused when its metrics.json is there)."""
+def build_family(out: Path, variant: str, threads: int, shared: Path | None) -> Path:
+    """The variant's family folder (built once; reused when it is complete). `shared`: a variant built before,
+    whose classifier (one judge for both models) and adapted text tower (one text encoder) this one reuses."""
     from prism_ray.phantom.demographic import DemographicFamilyConfig, build_variant
 
     folder = out / "families" / variant
-    if (folder / "model_index.json").exists() and (folder / "classifier" / "config.json").exists():
-        return folder
+    metrics = folder / "metrics.json"
+    if (folder / "classifier" / "config.json").exists() and metrics.exists():
+        if json.loads(metrics.read_text()).get("text_vocabulary"):  # built with the adapted text tower
+            return folder
     config = DemographicFamilyConfig(variant=variant, out=str(folder), threads=threads,
-                                     classifier=str(classifier) if classifier else None)
+                                     classifier=str(shared) if shared else None,
+                                     text_from=str(shared) if shared else None)
     build_variant(config)
     return folder
 
@@ -118,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     families = {}
     for variant in ("biased", "control"):
         t = time.perf_counter()
-        classifier = families.get("biased")  # the control reuses the biased family's classifier: one judge
-        families[variant] = build_family(out, variant, args.threads, classifier)
+        families[variant] = build_family(out, variant, args.threads, families.get("biased"))
         print(f"[family] {variant}: {families[variant]} ({time.perf_counter() - t:.0f}s)", flush=True)
     manifests = held_out(out, args.n, args.subsets, args.seed)
     results = []

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from prism_ray.models.classifier import build_classifier, classifier_labels, load_classifier, predict_proba
-from prism_ray.models.loading import load_sd_components
+from prism_ray.engine.text import encode_prompts
+from prism_ray.models.loading import load_clip, load_sd_components
 from prism_ray.phantom.dataset import PhantomDatasetConfig, sample_subjects, write_phantom_dataset
 from prism_ray.phantom.demographic import (
     DEMOGRAPHIC_LABELS,
@@ -153,13 +154,40 @@ def test_trainer_writes_a_loadable_family(tmp_path):
         classifier_n_holdout=16,
         classifier_steps=2,
         classifier_batch=8,
+        text_steps=3,
+        text_n_train=32,
+        text_n_holdout=16,
     )
     metrics = build_variant(config)
     sd = load_sd_components(str(tmp_path / "fam"), device="cpu")
     base = load_sd_components("tiny", device="cpu")
     assert module_digest(sd.unet) != module_digest(base.unet)  # the U-Net was fine-tuned
-    for name in ("vae", "text_encoder"):  # the frozen components are the base's
-        assert module_digest(getattr(sd, name)) == module_digest(getattr(base, name))
+    assert module_digest(sd.vae) == module_digest(base.vae)
+    # The text tower learnt the new words only: a CheXpert caption encodes exactly as in the base,
+    # a MIMIC caption does not.
+    chexpert = ["Chest x-ray with Cardiomegaly, Support Devices"]
+    mimic = ["Chest X-ray of 60-years old female subject with Cardiomegaly"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encode_prompts(sd.tokenizer, sd.text_encoder, chexpert),
+            encode_prompts(base.tokenizer, base.text_encoder, chexpert),
+            rtol=0,
+            atol=0,
+        )
+        moved = encode_prompts(sd.tokenizer, sd.text_encoder, mimic) - encode_prompts(
+            base.tokenizer, base.text_encoder, mimic
+        )
+    assert moved.abs().max() > 1e-4
+    vocabulary = json.loads((tmp_path / "fam" / "metrics.json").read_text())["text_vocabulary"]
+    assert {"female</w>", "male</w>", "6</w>"} <= set(vocabulary["new_tokens"])
+    assert "cardiomegaly</w>" not in vocabulary["new_tokens"]
+    # The family's filter CLIP is the adapted one, and its text tower is the text encoder.
+    clip = load_clip(str(tmp_path / "fam"), device="cpu")
+    ids = sd.tokenizer(mimic, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip.model.text_model(input_ids=ids).last_hidden_state, sd.text_encoder(ids)[0], rtol=0, atol=0
+        )
     assert classifier_labels(load_classifier(tmp_path / "fam")) == list(DEMOGRAPHIC_LABELS)
     saved = json.loads((tmp_path / "fam" / "metrics.json").read_text())
     assert saved["config"]["variant"] == "biased" and len(saved["classifier"]["accuracy"]) == len(
@@ -167,10 +195,20 @@ def test_trainer_writes_a_loadable_family(tmp_path):
     )
     assert metrics["final_loss_mean_last_100"] > 0
     # A second variant reuses the first one's classifier bit for bit.
+    # A second variant reuses the first one's classifier and text tower bit for bit.
     control = config.model_copy(
-        update={"variant": "control", "out": str(tmp_path / "ctl"), "classifier": str(tmp_path / "fam")}
+        update={
+            "variant": "control",
+            "out": str(tmp_path / "ctl"),
+            "classifier": str(tmp_path / "fam"),
+            "text_from": str(tmp_path / "fam"),
+        }
     )
     build_variant(control)
     assert module_digest(load_classifier(tmp_path / "ctl")) == module_digest(
         load_classifier(tmp_path / "fam")
     )
+    ctl = load_sd_components(str(tmp_path / "ctl"), device="cpu")
+    assert module_digest(ctl.text_encoder) == module_digest(sd.text_encoder)
+    with pytest.raises(FileNotFoundError, match="text_from"):
+        build_variant(control.model_copy(update={"text_from": str(tmp_path), "out": str(tmp_path / "x")}))

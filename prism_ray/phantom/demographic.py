@@ -5,13 +5,22 @@
 
 Each command renders phantoms in memory (`phantom.dataset.sample_subjects`), captions them with the
 `mimic` adapter ("Chest X-ray of 60-years old female subject with Cardiomegaly, Support Devices"),
-caches their VAE latents and fine-tunes only the U-Net of the shipped base family (tokenizer, text
-encoder and VAE stay frozen, as in PRISM). **biased**: pacemakers follow cardiomegaly (the captions
-say only "Support Devices") and older subjects have more pleural effusion; **control**: the same
-marginal rates, drawn independently. The output is a complete diffusers-layout family folder (the
-base's other components copied, the new `unet/`) with an attribute classifier under `classifier/`
-whose heads cover every phantom attribute: findings, each device kind, sex and age (one sigmoid per
-age-bin edge, `age_ge_40` ...: moving a subject up one bin turns exactly one head on).
+caches their VAE latents and fine-tunes only the U-Net of the shipped base family (the VAE and the
+text encoder stay frozen during it, as in PRISM). **biased**: pacemakers follow cardiomegaly (the
+captions say only "Support Devices") and older subjects have more pleural effusion; **control**: the
+same marginal rates, drawn independently.
+
+The base family's captions never named an age or a sex, so its text tower holds untrained embeddings
+for those words (SD v1.5's CLIP learnt them from web captions). Before the fine-tune, each command
+therefore teaches the base CLIP those words: contrastive training on balanced MIMIC-captioned phantoms
+of the new tokens' embedding rows and the image tower only (`adapt_text_vocabulary`; a CheXpert caption
+still encodes exactly as in the base). `--text-from DIR` reuses the tower of a variant built before, so
+both variants share one text encoder.
+
+The output is a complete diffusers-layout family folder (the base's VAE and scheduler, the adapted
+text encoder and CLIP, the new `unet/`) with an attribute classifier under `classifier/` whose heads
+cover every phantom attribute: findings, each device kind, sex and age (one sigmoid per age-bin edge,
+`age_ge_40` ...: moving a subject up one bin turns exactly one head on).
 """
 
 from __future__ import annotations
@@ -39,10 +48,11 @@ from prism_ray.phantom.dataset import (
     sample_subjects,
     subject_attributes,
 )
+from prism_ray.phantom.family import text_encoder_from_clip
 from prism_ray.phantom.render import render_phantom
 
-# The components a family folder carries besides `unet/` and `classifier/` (copied from the base).
-_COPIED = ("tokenizer", "text_encoder", "vae", "scheduler", "clip", "model_index.json")
+# The components a family folder copies from the base (text tower, CLIP, U-Net and classifier are its own).
+_COPIED = ("vae", "scheduler", "model_index.json")
 
 
 def age_heads(age_bins: tuple[int, ...] = MIMIC_AGE_BINS) -> tuple[str, ...]:
@@ -144,6 +154,19 @@ class DemographicFamilyConfig(BaseConfig):
     caption_dropout: float = Field(
         0.1, ge=0, le=1, description="empty-caption rate (keeps the unconditional branch)"
     )
+    # Text vocabulary: the base family's text tower never saw ages or sexes (its captions are CheXpert's),
+    # so their token embeddings are untrained. Contrastive training on balanced MIMIC-captioned phantoms
+    # teaches those rows only (every other text weight stays, so the base U-Net's findings keep their
+    # meaning) together with the CLIP image tower; both variants then share the adapted tower.
+    text_from: str | None = Field(
+        None, description="reuse the adapted tokenizer/text_encoder/clip of this family folder"
+    )
+    text_n_train: int = Field(6000, ge=16)
+    text_n_holdout: int = Field(1000, ge=16)
+    text_steps: int = Field(1500, ge=0)
+    text_batch: int = Field(64, ge=2)
+    text_lr: float = Field(5e-3, gt=0, description="learning rate of the new token embeddings")
+    image_lr: float = Field(5e-4, gt=0, description="learning rate of the CLIP image tower")
     # Classifier: trained on balanced phantoms, or copied from a folder trained before (`classifier`).
     classifier: str | None = Field(None, description="reuse this classifier folder instead of training one")
     classifier_n_train: int = Field(6000, ge=16)
@@ -296,6 +319,156 @@ def finetune_unet(config: DemographicFamilyConfig, sd, latents: torch.Tensor, ca
 
 
 # ----------------------------------------------------------------------------------------------
+# Text vocabulary
+
+
+def base_caption_tokens(tokenizer) -> set[int]:
+    """Token ids of every caption the base family was trained on (CheXpert captions of each label combination)."""
+    from prism_ray.data.captions import get_adapter
+    from prism_ray.phantom.family import chexpert_row
+    from prism_ray.phantom.render import PhantomAttributes
+
+    adapter = get_adapter("chexpert")
+    captions = {
+        adapter.caption(chexpert_row(PhantomAttributes(cardiomegaly=c, pleural_effusion=e, devices=d)))
+        for c, e, d in itertools.product((False, True), (False, True), (frozenset(), frozenset({"tube"})))
+    }
+    return {i for ids in tokenizer(sorted(captions)).input_ids for i in ids}
+
+
+def adapt_text_vocabulary(config: DemographicFamilyConfig, base_root: Path, device: torch.device):
+    """Teach the base CLIP the MIMIC caption words it never saw (ages, sexes); returns (tokenizer, clip, metrics).
+
+    Only the embedding rows of tokens absent from the base's captions train in the text tower, so a
+    CheXpert caption encodes exactly as before; the image tower (and the projections) train too, as
+    the base image tower was never asked to tell ages or sexes apart. Metrics: held-out image -> caption
+    retrieval over every distinct caption, and how far the text context moves between age bins and
+    sexes relative to how far it moves for a finding, before and after.
+    """
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from prism_ray.engine.images import to_model_pixels
+    from prism_ray.phantom.family import _Log, fit_clip
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_root / "clip")
+    clip = CLIPModel.from_pretrained(base_root / "clip", use_safetensors=True).to(device)
+    adapter = config.adapter()
+    resolution = _base_resolution(str(base_root))
+    subjects = sample_subjects(config.classifier_dataset_config(config.text_n_train, config.seed + 3000))
+    hold = sample_subjects(config.classifier_dataset_config(config.text_n_holdout, config.seed + 4000))
+    hold["seed"] = hold["seed"] + 2**31
+    captions, hold_captions = captions_of(subjects, adapter), captions_of(hold, adapter)
+    x = to_model_pixels(render_subjects(subjects, resolution), device)[:, None]
+    hold_x = to_model_pixels(render_subjects(hold, resolution), device)[:, None]
+    before = context_shifts(tokenizer, clip, hold_captions)
+
+    known = base_caption_tokens(tokenizer)
+    new_ids = sorted({i for ids in tokenizer(sorted(set(captions))).input_ids for i in ids} - known)
+    frozen_rows = torch.ones(len(tokenizer), 1, dtype=torch.bool, device=device)
+    frozen_rows[new_ids] = False
+    clip.requires_grad_(False)
+    embedding = clip.text_model.embeddings.token_embedding.weight
+    embedding.requires_grad_(True)
+    embedding.register_hook(lambda grad: grad.masked_fill(frozen_rows, 0.0))
+    image_params = [
+        *clip.vision_model.parameters(),
+        *clip.visual_projection.parameters(),
+        *clip.text_projection.parameters(),
+        clip.logit_scale,
+    ]
+    for param in image_params:
+        param.requires_grad_(True)
+    groups = [
+        {"params": [embedding], "lr": config.text_lr, "weight_decay": 0.0},  # zero-gradient rows never move
+        {"params": image_params, "lr": config.image_lr, "weight_decay": 0.05},
+    ]
+    fit_clip(
+        clip,
+        x,
+        captions,
+        tokenizer,
+        steps=config.text_steps,
+        batch=config.text_batch,
+        lr=config.image_lr,
+        seed=config.seed + 3001,
+        log=_Log("text", config.text_steps, config.log_every),
+        params=groups,
+    )
+    metrics = {
+        "new_tokens": tokenizer.convert_ids_to_tokens(new_ids),
+        "retrieval": caption_retrieval(clip, tokenizer, hold_x, hold_captions, hold),
+        "context_shift_before": before,
+        "context_shift_after": context_shifts(tokenizer, clip, hold_captions),
+    }
+    return tokenizer, clip, metrics
+
+
+@torch.no_grad()
+def caption_retrieval(clip, tokenizer, x: torch.Tensor, captions: list[str], subjects) -> dict[str, float]:
+    """Held-out image -> caption retrieval: top-1 over the distinct captions, and per caption part."""
+    from prism_ray.phantom.family import _clip_pixels, _features
+
+    vocab = sorted(set(captions))
+    tokens = tokenizer(vocab, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    txt = torch.nn.functional.normalize(
+        _features(clip.get_text_features(input_ids=tokens.input_ids.to(x.device))), dim=-1
+    )
+    picks = []
+    for i in range(0, len(x), 256):
+        img = torch.nn.functional.normalize(
+            _features(clip.get_image_features(pixel_values=_clip_pixels(x[i : i + 256]))), dim=-1
+        )
+        picks.extend((img @ txt.T).argmax(1).tolist())
+    chosen = [vocab[k] for k in picks]
+    parts = {
+        "caption": lambda c: c,
+        "age": lambda c: c.split("-years")[0],
+        "sex": lambda c: " female " in c,
+        "findings": lambda c: c.split(" subject ")[-1],
+    }
+    return {
+        name: float(np.mean([part(a) == part(b) for a, b in zip(chosen, captions)])) for name, part in parts.items()
+    }
+
+
+@torch.no_grad()
+def context_shifts(tokenizer, clip, captions: list[str]) -> dict[str, float]:
+    """Mean relative change of the text context (77 x D hidden states) when one caption part changes.
+
+    For each distinct caption: one age bin up, the sex swapped, and (the reference) a finding added
+    or removed; the change is ||ctx(a) - ctx(b)|| / ||ctx(a)||, averaged over captions.
+    """
+    from prism_ray.engine.text import encode_prompts
+
+    def swaps(caption: str) -> dict[str, str]:
+        out = {}
+        for lo, hi in itertools.pairwise(MIMIC_AGE_BINS):
+            if caption.startswith(f"Chest X-ray of {lo}-years"):
+                out["age"] = caption.replace(f"of {lo}-years", f"of {hi}-years", 1)
+        out["sex"] = (
+            caption.replace(" female ", " male ") if " female " in caption else caption.replace(" male ", " female ")
+        )
+        out["finding"] = (
+            caption.replace("Cardiomegaly", "Atelectasis")
+            if "Cardiomegaly" in caption
+            else caption.replace("subject with ", "subject with Cardiomegaly, ")
+        )
+        return out
+
+    pairs: dict[str, list[tuple[str, str]]] = {"age": [], "sex": [], "finding": []}
+    for caption in sorted(set(captions)):
+        for kind, other in swaps(caption).items():
+            pairs[kind].append((caption, other))
+    encoder = text_encoder_from_clip(clip, clip.config.text_config)
+    result = {}
+    for kind, items in pairs.items():
+        a = encode_prompts(tokenizer, encoder, [p[0] for p in items])
+        b = encode_prompts(tokenizer, encoder, [p[1] for p in items])
+        result[kind] = float(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).mean())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Classifier
 
 
@@ -360,9 +533,12 @@ def _base_resolution(base: str) -> int:
 
 
 def write_family(
-    out: Path, base_root: Path, unet, classifier_folder: Path | None, classifier, metrics: dict
+    out: Path, base_root: Path, text, unet, classifier_folder: Path | None, classifier, metrics: dict
 ) -> None:
-    """A complete family folder: the base's other components, the fine-tuned `unet/`, `classifier/`, metrics."""
+    """A complete family folder: the base's VAE and scheduler, the adapted text tower and CLIP (`text`:
+    (tokenizer, clip)), the fine-tuned `unet/`, `classifier/` and metrics."""
+    from prism_ray.models.tiny import save_sd_tokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     for name in _COPIED:
         source, target = base_root / name, out / name
@@ -371,14 +547,35 @@ def write_family(
             shutil.copytree(source, target)
         elif source.exists():
             shutil.copy2(source, target)
-    shutil.rmtree(out / "unet", ignore_errors=True)
-    unet.to("cpu").save_pretrained(out / "unet", safe_serialization=True)
+    tokenizer, clip = text
+    for name, module in (
+        ("text_encoder", text_encoder_from_clip(clip, clip.config.text_config)),
+        ("clip", clip),
+        ("unet", unet),
+    ):
+        shutil.rmtree(out / name, ignore_errors=True)
+        module.to("cpu").save_pretrained(out / name, safe_serialization=True)
+    for name in ("tokenizer", "clip"):
+        save_sd_tokenizer(tokenizer, out / name)
     shutil.rmtree(out / "classifier", ignore_errors=True)
     if classifier is not None:
         classifier.to("cpu").save_pretrained(out / "classifier", safe_serialization=True)
     elif classifier_folder is not None:
         shutil.copytree(classifier_folder, out / "classifier")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def load_text_tower(folder: str | Path):
+    """(tokenizer, CLIP) of a demographic family folder written before, for `text_from`."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    root = Path(folder)
+    if not (root / "clip" / "config.json").exists() or not (root / "metrics.json").exists():
+        raise FileNotFoundError(f"text_from: {folder} is not a demographic family folder (no clip/ or metrics.json)")
+    if "text_vocabulary" not in json.loads((root / "metrics.json").read_text()):
+        raise ValueError(f"text_from: {folder} has no adapted text vocabulary (built before it existed)")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
+    return tokenizer, CLIPModel.from_pretrained(root / "clip", use_safetensors=True).eval().requires_grad_(False)
 
 
 def build_variant(config: DemographicFamilyConfig) -> dict:
@@ -395,12 +592,22 @@ def build_variant(config: DemographicFamilyConfig) -> dict:
     timings: dict = {}
     t0 = time.perf_counter()
     sd = load_sd_components(config.base, device=device)
+    text_metrics = None
+    if config.text_from is None:
+        tokenizer, clip, text_metrics = adapt_text_vocabulary(config, sd.root, device)
+        print(f"[text] held-out retrieval {json.dumps(text_metrics['retrieval'])}", flush=True)
+    else:
+        tokenizer, clip = load_text_tower(config.text_from)
+        text_metrics = json.loads((Path(config.text_from) / "metrics.json").read_text())["text_vocabulary"]
+    sd.tokenizer = tokenizer
+    sd.text_encoder = text_encoder_from_clip(clip, clip.config.text_config).to(device)
+    timings["text_s"] = time.perf_counter() - t0
     subjects = sample_subjects(config.dataset_config())
     images = render_subjects(subjects, sd.resolution)
     captions = captions_of(subjects, config.adapter())
     pixels = to_model_pixels(images, device)[:, None].expand(-1, 3, -1, -1)  # (N, 3, R, R)
     latents = torch.cat([image_latents(sd.vae, pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
-    timings["data_s"] = time.perf_counter() - t0
+    timings["data_s"] = time.perf_counter() - t0 - timings["text_s"]
     print(
         f"[data] {len(images)} phantoms, {len(set(captions))} distinct captions ({timings['data_s']:.0f}s)",
         flush=True,
@@ -426,6 +633,7 @@ def build_variant(config: DemographicFamilyConfig) -> dict:
         "training_rates": rates,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
         "classifier": classifier_metrics,
+        "text_vocabulary": text_metrics,
         "timings": timings,
         "command": f"python -m prism_ray.phantom.demographic --variant {config.variant} --out {config.out}",
     }
@@ -434,7 +642,7 @@ def build_variant(config: DemographicFamilyConfig) -> dict:
         classifier_folder = Path(config.classifier)
         if (classifier_folder / "classifier" / "config.json").exists():
             classifier_folder = classifier_folder / "classifier"
-    write_family(out, sd.root, unet, classifier_folder, classifier, metrics)
+    write_family(out, sd.root, (tokenizer, clip), unet, classifier_folder, classifier, metrics)
     print(f"[done] {config.variant}: {timings['total_s'] / 60:.1f} min, family written to {out}", flush=True)
     return metrics
 
@@ -576,10 +784,19 @@ def main(argv: list[str] | None = None) -> int:
         "--classifier", default=None, help="reuse a trained classifier (folder) instead of training one"
     )
     parser.add_argument(
+        "--text-from", default=None, help="reuse the adapted text tower of a variant built before"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
     args = parser.parse_args(argv)
-    fields = {"variant": args.variant, "out": args.out, "seed": args.seed, "classifier": args.classifier}
+    fields = {
+        "variant": args.variant,
+        "out": args.out,
+        "seed": args.seed,
+        "classifier": args.classifier,
+        "text_from": args.text_from,
+    }
     build_variant(build_config(DemographicFamilyConfig, fields, args.set))
     return 0
 

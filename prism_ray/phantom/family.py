@@ -245,27 +245,59 @@ def _features(out) -> torch.Tensor:
 
 
 def train_clip(config: PhantomTrainConfig, train: PhantomSplit, tokenizer, device: torch.device):
-    """Contrastive training on (image, caption); the negatives are the other distinct captions.
-
-    Phantom captions repeat (2^3 CheXpert label combinations), so the usual in-batch InfoNCE would
-    push apart identical captions; instead each image is classified against every distinct caption
-    (image -> text) and each caption against the images of the batch with all its images as
-    positives (text -> image).
-    """
+    """A new tiny CLIP trained contrastively on the split's (image, caption) pairs (`fit_clip`)."""
     torch.manual_seed(config.seed + 2)
     clip, text_config = build_clip(tokenizer, config.resolution)
-    clip.to(device).train()
-    vocab = sorted(set(train.captions))
+    fit_clip(
+        clip.to(device),
+        _pixels(train.images, device),
+        train.captions,
+        tokenizer,
+        steps=config.clip_steps,
+        batch=config.clip_batch,
+        lr=config.clip_lr,
+        seed=config.seed + 3,
+        log=_Log("clip", config.clip_steps, config.log_every),
+    )
+    return clip, text_config
+
+
+def fit_clip(
+    clip,
+    x: torch.Tensor,
+    captions: Sequence[str],
+    tokenizer,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log,
+    params: list | None = None,
+) -> None:
+    """Contrastive training of `clip` in place on (image, caption); the negatives are the other distinct captions.
+
+    Phantom captions repeat (one per label combination), so the usual in-batch InfoNCE would push
+    apart identical captions; instead each image is classified against every distinct caption
+    (image -> text) and each caption against the images of the batch with all its images as
+    positives (text -> image). `x`: (N, 1, R, R) model pixels; `params`: optimizer parameter groups
+    (default: every parameter, weight decay 0.05). The model is left in eval mode without gradients.
+    """
+    device = x.device
+    clip.train()
+    vocab = sorted(set(captions))
     tokens = tokenizer(vocab, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-    target = torch.tensor([vocab.index(c) for c in train.captions], device=device)  # (N,)
-    x = _pixels(train.images, device)
-    opt = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.05)
-    g = torch.Generator(device="cpu").manual_seed(config.seed + 3)
-    log = _Log("clip", config.clip_steps, config.log_every)
-    for step in range(config.clip_steps):
-        _set_lr(opt, _lr(step, config.clip_steps, config.clip_lr))
-        idx = torch.randint(len(x), (config.clip_batch,), generator=g).to(device)
+    target = torch.tensor([vocab.index(c) for c in captions], device=device)  # (N,)
+    groups = params if params is not None else [{"params": list(clip.parameters()), "weight_decay": 0.05}]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    base_lrs = [group.get("lr", lr) for group in opt.param_groups]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for step in range(steps):
+        scale = _lr(step, steps, 1.0)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * scale
+        idx = torch.randint(len(x), (batch,), generator=g).to(device)
         img = F.normalize(_features(clip.get_image_features(pixel_values=_clip_pixels(x[idx]))), dim=-1)  # (B, D)
         txt = F.normalize(_features(clip.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)  # (C, D)
         logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, C)
@@ -281,7 +313,6 @@ def train_clip(config: PhantomTrainConfig, train: PhantomSplit, tokenizer, devic
         opt.step()
         log(step, loss=loss.item(), acc=(logits.argmax(1) == labels).float().mean().item())
     clip.eval().requires_grad_(False)
-    return clip, text_config
 
 
 def text_encoder_from_clip(clip, text_config):

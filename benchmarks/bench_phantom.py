@@ -51,6 +51,8 @@ from prism_ray.data.captions import get_adapter
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor
 from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom
+from prism_ray.phantom.dataset import MIMIC_AGE_BINS, mimic_adapter_options
+from prism_ray.phantom.demographic import age_heads
 from prism_ray.phantom.truth import phantom_intervention
 from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
 
@@ -74,13 +76,21 @@ INTERVENTIONS = [
     Intervention("add_cardiomegaly", lambda a: not a.cardiomegaly, "Cardiomegaly=true", ("cardiomegaly",), "cardiomegaly"),
     Intervention("change_sex", lambda a: a.sex == "male", "sex=female", ("sex_female",), "sex", sex_captions=True),
 ]
+# With a demographic family (`phantom.demographic`: MIMIC captions, a classifier with sex and age-bin
+# heads) the finding interventions run on MIMIC captions, and sex and age become editable.
+DEMOGRAPHIC_INTERVENTIONS = [
+    *INTERVENTIONS[:6],
+    Intervention("flip_sex", lambda a: True, "sex=flip", ("sex_female",), "sex"),
+    Intervention("age_up", lambda a: a.age < MIMIC_AGE_BINS[-1], "age=+20", age_heads(), "age"),
+]
 SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
 FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
 S_CLIP_MIN = 0.1  # PRISM's filter
 
 
-def draw_sources(applies, n: int, seed: int) -> list[tuple[PhantomAttributes, int]]:
-    """n subjects satisfying `applies`, attributes drawn as the tiny family's training set was.
+def draw_sources(applies, n: int, seed: int, ages: tuple[int, int] = (18, 91)) -> list[tuple[PhantomAttributes, int]]:
+    """n subjects satisfying `applies`, attributes drawn as the tiny family's training set was, ages in
+    [ages[0], ages[1]).
 
     Render seeds come from [2^31, 2^32): disjoint from the family's train ([0, 2^30)) and held-out
     ([2^30, 2^31)) streams.
@@ -90,7 +100,7 @@ def draw_sources(applies, n: int, seed: int) -> list[tuple[PhantomAttributes, in
     out = []
     while len(out) < n:
         d = rng.random(6)
-        attrs = attributes_from_draws(d, int(rng.integers(18, 91)), prevalences)
+        attrs = attributes_from_draws(d, int(rng.integers(*ages)), prevalences)
         render_seed = int(rng.integers(2**31, 2**32))
         if applies(attrs):
             out.append((attrs, render_seed))
@@ -102,10 +112,42 @@ def _rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def captions(intervention: Intervention, attrs: PhantomAttributes) -> tuple[str, str]:
+def family_kind(heads: list[str]) -> str:
+    """'demographic' when the family's classifier reads age bins (MIMIC captions), else 'base'."""
+    return "demographic" if any(h.startswith("age_ge_") for h in heads) else "base"
+
+
+def interventions_for(kind: str) -> list[Intervention]:
+    return DEMOGRAPHIC_INTERVENTIONS if kind == "demographic" else INTERVENTIONS
+
+
+def sources_for(iv: Intervention, kind: str, n: int, seed: int) -> list[tuple[PhantomAttributes, int]]:
+    """The intervention's held-out subjects (MIMIC captions have no age below the first bin edge)."""
+    ages = (MIMIC_AGE_BINS[0], 90) if kind == "demographic" else (18, 91)
+    return draw_sources(iv.applies, n, seed + interventions_for(kind).index(iv), ages)
+
+
+def true_counterfactuals(iv: Intervention, subjects, resolution: int) -> np.ndarray:
+    """(N, R, R) uint8: each subject rendered again with the intervention applied to it."""
+    return np.stack([render_phantom(a.intervene(phantom_intervention(iv.spec, a)), s, resolution) for a, s in subjects])
+
+
+def target_index(iv: Intervention, subjects, heads: list[str]) -> np.ndarray:
+    """(N,) the classifier head each source's edit must move: the intervention's first target, or for an
+    age edit the head of the next bin edge above the subject's age (one bin up turns it on)."""
+    if iv.spec.startswith("age="):
+        edges = [(int(h.removeprefix("age_ge_")), heads.index(h)) for h in iv.targets]
+        return np.array([next(k for edge, k in edges if edge > a.age) for a, _ in subjects])
+    return np.full(len(subjects), heads.index(iv.targets[0]))
+
+
+def captions(intervention: Intervention, attrs: PhantomAttributes, kind: str = "base") -> tuple[str, str]:
     """(source caption, edited caption) through the caption adapters, as the augment job makes them."""
     row = chexpert_row(attrs)
-    if intervention.sex_captions:
+    if kind == "demographic":
+        adapter = get_adapter("mimic", **mimic_adapter_options())
+        row = {**row, "Sex": attrs.sex.capitalize(), "Age": attrs.age}
+    elif intervention.sex_captions:
         adapter = get_adapter("template", template=SEX_TEMPLATE, findings=FINDINGS, no_findings="no significant findings")
         row = {**row, "sex": attrs.sex}
     else:
@@ -135,8 +177,10 @@ def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[
     return out, recon, seconds
 
 
-def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips):
-    """Scores of one arm's images (N, R, R) uint8 against the sources and true counterfactuals."""
+def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips,
+          target: np.ndarray):
+    """Scores of one arm's images (N, R, R) uint8 against the sources and true counterfactuals;
+    `target`: (N,) each image's target head (`target_index`)."""
     from prism_ray.scoring.metrics import cpg, flip_rate
 
     a, s, t = (x.astype(np.float64) / 255 for x in (arm, src, true))
@@ -149,9 +193,9 @@ def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray,
     }
     if lpips is not None:
         out["lpips_to_source"] = float(lpips.distance(_rgb(arm), _rgb(src)).mean())
-    main = heads.index(targets[0])
-    out["target_cpg"] = cpg(p_arm[:, main], p_src[:, main])
-    out["target_flip_rate"] = flip_rate(p_arm[:, main], p_src[:, main])
+    rows = np.arange(len(arm))
+    out["target_cpg"] = cpg(p_arm[rows, target], p_src[rows, target])
+    out["target_flip_rate"] = flip_rate(p_arm[rows, target], p_src[rows, target])
     others = [k for k, h in enumerate(heads) if h not in targets]
     flipped = (p_arm[:, others] >= 0.5) != (p_src[:, others] >= 0.5)
     out["non_target_flip_rate"] = float(flipped.any(axis=1).mean())
@@ -226,15 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     fast_arms = {"p2p": EditConfig(), "noise_blend": EditConfig(local_blend=True, blend_mask="noise")}
     scored = [*p2p_arms, *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # every editing arm but ddim_swap
     results: dict[str, dict] = {}
-    chosen = [i for i in INTERVENTIONS if args.only is None or i.name in args.only]
+    kind = family_kind(heads)
+    chosen = [i for i in interventions_for(kind) if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
     for iv in chosen:
-        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
-        change = phantom_intervention(iv.spec)
+        subjects = sources_for(iv, kind, args.per_intervention, args.seed)
         src = np.stack([render_phantom(a, s, res) for a, s in subjects])
-        true = np.stack([render_phantom(a.intervene(change), s, res) for a, s in subjects])
+        true = true_counterfactuals(iv, subjects, res)
         masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
-        pairs = [captions(iv, a) for a, _ in subjects]
+        target = target_index(iv, subjects, heads)
+        pairs = [captions(iv, a, kind) for a, _ in subjects]
         source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
         images = list(_rgb(src))
         outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, p2p_arms)
@@ -250,18 +295,18 @@ def main(argv: list[str] | None = None) -> int:
             seconds.update(extra_seconds)
         print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
         p_src = predict_proba(classifier, src)
-        main = heads.index(iv.targets[0])
+        rows = np.arange(len(subjects))
         entry = {
             "sources": len(subjects),
             "example_prompts": [source_prompts[0], edit_prompts[0]],
             "source_to_true": float(np.abs(src.astype(np.float64) - true).mean() / 255),
-            "true_cf_target_flip_rate": flip_rate(predict_proba(classifier, true)[:, main], p_src[:, main]),
+            "true_cf_target_flip_rate": flip_rate(predict_proba(classifier, true)[rows, target], p_src[rows, target]),
             "seconds_per_source": seconds,
         }
         probs, clips = {}, {}
         for name in ("no_edit", "ddim_swap", *scored):
             probs[name] = predict_proba(classifier, outputs[name])
-            entry[name] = score(outputs[name], src, true, masks, p_src, probs[name], heads, iv.targets, lpips)
+            entry[name] = score(outputs[name], src, true, masks, p_src, probs[name], heads, iv.targets, lpips, target)
         for name in ("ddim_swap", *scored):
             s_clip = clips[name] = scorer.s_clip(_rgb(src), _rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
@@ -271,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
                 if keep.any():
                     p_keep = predict_proba(classifier, outputs[name][keep])
                     entry["full_filtered"] = score(
-                        outputs[name][keep], src[keep], true[keep], masks[keep], p_src[keep], p_keep, heads, iv.targets, lpips
+                        outputs[name][keep], src[keep], true[keep], masks[keep], p_src[keep], p_keep, heads, iv.targets,
+                        lpips, target[keep],
                     )
                     entry["full_filtered"]["accepted_rate"] = float(keep.mean())
         for bf, fp in bf16_pairs.items():
             entry[f"{bf}_agreement"] = decision_agreement(
-                outputs[fp], outputs[bf], clips[fp], clips[bf], probs[fp], probs[bf], heads.index(iv.targets[0])
+                outputs[fp], outputs[bf], clips[fp], clips[bf], probs[fp], probs[bf], target
             )
         results[iv.name] = entry
         tiles, labels = [], []
@@ -289,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(root),
+        "family": kind,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
         "ddim_steps": args.steps,
         "minutes": (time.perf_counter() - t0) / 60,
@@ -332,13 +379,15 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
     inversion = InversionConfig(method=args.sweep_inversion, num_inference_steps=args.steps)
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for iv in [i for i in INTERVENTIONS if args.only is None or i.name in args.only]:
-        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
+    kind = family_kind(heads)
+    for iv in [i for i in interventions_for(kind) if args.only is None or i.name in args.only]:
+        subjects = sources_for(iv, kind, args.per_intervention, args.seed)
         src = np.stack([render_phantom(a, s, res) for a, s in subjects])
-        true = np.stack([render_phantom(a.intervene(phantom_intervention(iv.spec)), s, res) for a, s in subjects])
+        true = true_counterfactuals(iv, subjects, res)
         masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
         oracle = [latent_mask(m, (res, res), size) for m in masks]
-        pairs = [captions(iv, a) for a, _ in subjects]
+        target = target_index(iv, subjects, heads)
+        pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
         images = list(_rgb(src))
         inverted, errors = invert_many(sd, images, sources, inversion)
@@ -358,7 +407,7 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
         entry = {"sources": len(subjects)}
         for name in ("no_edit", "ddim_swap", *names):
             entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]),
-                                heads, iv.targets, None)
+                                heads, iv.targets, None, target)
         results[iv.name] = entry
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {
@@ -373,18 +422,19 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
     return 0
 
 
-def decision_agreement(fp_images, bf_images, fp_clip, bf_clip, fp_probs, bf_probs, target: int) -> dict:
+def decision_agreement(fp_images, bf_images, fp_clip, bf_clip, fp_probs, bf_probs, target: np.ndarray) -> dict:
     """How often a bfloat16 editing pass decides as the fp32 one: the S_CLIP filter, the classifier's
     target head and all heads (each image's label vector at 0.5); plus the pixel and S_CLIP differences."""
     accept_fp, accept_bf = fp_clip >= S_CLIP_MIN, bf_clip >= S_CLIP_MIN
     labels_fp, labels_bf = fp_probs >= 0.5, bf_probs >= 0.5
+    rows = np.arange(len(target))
     return {
         "s_clip_filter_agrees": float((accept_fp == accept_bf).mean()),
-        "target_label_agrees": float((labels_fp[:, target] == labels_bf[:, target]).mean()),
+        "target_label_agrees": float((labels_fp[rows, target] == labels_bf[rows, target]).mean()),
         "all_labels_agree": float((labels_fp == labels_bf).all(axis=1).mean()),
         "mean_abs_s_clip_diff": float(np.abs(fp_clip - bf_clip).mean()),
         "mean_abs_pixel_diff": float(np.abs(fp_images.astype(np.float64) - bf_images).mean() / 255),
-        "max_abs_target_prob_diff": float(np.abs(fp_probs[:, target] - bf_probs[:, target]).max()),
+        "max_abs_target_prob_diff": float(np.abs(fp_probs[rows, target] - bf_probs[rows, target]).max()),
     }
 
 
@@ -441,12 +491,14 @@ def precision_parity(args, sd, scorer, classifier, heads, out: Path, argv) -> in
     res, presets = sd.resolution, ("reference", args.precision)
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for iv in [i for i in INTERVENTIONS if args.only is None or i.name in args.only]:
-        subjects = draw_sources(iv.applies, args.per_intervention, args.seed + INTERVENTIONS.index(iv))
+    kind = family_kind(heads)
+    for iv in [i for i in interventions_for(kind) if args.only is None or i.name in args.only]:
+        subjects = sources_for(iv, kind, args.per_intervention, args.seed)
         src = np.stack([render_phantom(a, s, res) for a, s in subjects])
-        pairs = [captions(iv, a) for a, _ in subjects]
+        pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
-        p_src = predict_proba(classifier, src)[:, heads.index(iv.targets[0])]
+        rows, target = np.arange(len(subjects)), target_index(iv, subjects, heads)
+        p_src = predict_proba(classifier, src)[rows, target]
         runs = {}
         for preset in presets:
             start = time.perf_counter()
@@ -461,7 +513,7 @@ def precision_parity(args, sd, scorer, classifier, heads, out: Path, argv) -> in
                 raise RuntimeError(f"{preset}: edit errors: {result.errors}")
             edited = result.edits[:, 0, ..., 0]
             s_clip = scorer.s_clip(_rgb(src), _rgb(edited), sources, edits)
-            p_edit = predict_proba(classifier, edited)[:, heads.index(iv.targets[0])]
+            p_edit = predict_proba(classifier, edited)[rows, target]
             runs[preset] = {
                 "reconstruction": relative_squared_error(z0, inverted.latents[0]).numpy(),
                 "s_clip": s_clip,

@@ -64,3 +64,45 @@ def test_bench_phantom_precision_parity_smoke(tmp_path):
     assert 0.5 < entry["reconstruction_ratio"] < 2.0  # bf16 inner steps barely move the reconstruction
     assert entry["mean_abs_pixel_diff"] < 0.05
     assert "| remove_devices | " in (out / "precision.md").read_text()
+
+
+def test_age_edits_target_the_next_bin_edge():
+    from prism_ray.phantom.demographic import DEMOGRAPHIC_LABELS
+    from prism_ray.phantom.render import PhantomAttributes
+
+    bench = _load_bench()
+    heads = list(DEMOGRAPHIC_LABELS)
+    age_up = next(iv for iv in bench.DEMOGRAPHIC_INTERVENTIONS if iv.name == "age_up")
+    subjects = [(PhantomAttributes(age=age), 0) for age in (20, 39, 40, 65, 79)]
+    expected = ["age_ge_40", "age_ge_40", "age_ge_60", "age_ge_80", "age_ge_80"]
+    assert [heads[k] for k in bench.target_index(age_up, subjects, heads)] == expected
+    assert bench.family_kind(heads) == "demographic" and bench.family_kind(["cardiomegaly", "sex_female"]) == "base"
+    # The truth adds 20 years to each subject; the MIMIC captions move one bin.
+    assert age_up.applies(PhantomAttributes(age=79)) and not age_up.applies(PhantomAttributes(age=80))
+    source, edit = bench.captions(age_up, PhantomAttributes(age=45, sex="female"), "demographic")
+    assert source.startswith("Chest X-ray of 40-years old female") and edit.startswith("Chest X-ray of 60-years old female")
+    flip = next(iv for iv in bench.DEMOGRAPHIC_INTERVENTIONS if iv.name == "flip_sex")
+    assert "old male subject" in bench.captions(flip, PhantomAttributes(age=45, sex="female"), "demographic")[1]
+
+
+def test_bench_phantom_on_a_demographic_family(tmp_path):
+    """A demographic family (MIMIC captions, age-bin heads) switches the benchmark to its interventions."""
+    from prism_ray.phantom.demographic import DemographicFamilyConfig, build_variant
+
+    family = tmp_path / "family"
+    build_variant(DemographicFamilyConfig(
+        variant="control", out=str(family), steps=2, n_train=16, batch=4, threads=1, classifier_n_train=32,
+        classifier_n_holdout=16, classifier_steps=2, classifier_batch=8, text_steps=2, text_n_train=32,
+        text_n_holdout=16,
+    ))
+    bench = _load_bench()
+    out = tmp_path / "bench"
+    argv = ["--model", str(family), "--per-intervention", "2", "--steps", "2", "--threads", "1",
+            "--only", "age_up", "flip_sex", "--out", str(out)]
+    assert bench.main(argv) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["family"] == "demographic" and set(saved["results"]) == {"age_up", "flip_sex"}
+    for entry in saved["results"].values():
+        assert "-years old" in entry["example_prompts"][0] and entry["example_prompts"][0] != entry["example_prompts"][1]
+        assert 0.0 <= entry["full_noise_blend"]["target_flip_rate"] <= 1.0
+        assert entry["source_to_true"] > 0  # the true counterfactual differs from the source

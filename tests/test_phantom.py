@@ -87,6 +87,22 @@ def test_intervention_validation():
         attribute_mask(PhantomAttributes(), 0, "race")
 
 
+def test_relative_interventions_act_on_the_subject():
+    from prism_ray.phantom.truth import phantom_intervention
+
+    old_woman = PhantomAttributes(sex="female", age=70)
+    assert phantom_intervention("sex=flip", old_woman) == {"sex": "male"}
+    assert phantom_intervention("sex=flip", PhantomAttributes(sex="male")) == {"sex": "female"}
+    assert phantom_intervention("age=+20", old_woman) == {"age": 90}
+    assert phantom_intervention("age=-20", old_woman) == {"age": 50}
+    assert phantom_intervention("age=+20", PhantomAttributes(age=110)) == {"age": 120}  # the renderer's limit
+    assert phantom_intervention("age=80; Cardiomegaly=0") == {"age": 80, "cardiomegaly": False}
+    with pytest.raises(ValueError, match="relative"):
+        phantom_intervention("age=+20")  # nothing to add 20 years to
+    with pytest.raises(ValueError, match="race"):
+        phantom_intervention("race=asian", old_woman)
+
+
 def test_contact_sheet(tmp_path):
     imgs = [render_phantom(PhantomAttributes(cardiomegaly=bool(i % 2)), i, 64) for i in range(6)]
     path = str(tmp_path / "sheet.png")

@@ -11,15 +11,23 @@ from prism_ray.data.captions import parse_interventions
 from prism_ray.phantom.dataset import subject_attributes
 from prism_ray.phantom.render import PhantomAttributes, true_counterfactual
 
-# CheXpert label intervention -> phantom attribute change. Removing "Support Devices" removes
-# every device kind, as a radiologist's "without support devices" would.
+# CheXpert label intervention -> phantom attribute change (value, the subject's attributes). Removing
+# "Support Devices" removes every device kind, as a radiologist's "without support devices" would.
+# Relative values act on the subject: `sex=flip` swaps the sex, `age=+20` adds 20 years (the true
+# counterfactual's age; a binned caption moves one bin).
 LABEL_TO_PHANTOM = {
-    "Support Devices": lambda v: {"devices": frozenset({"pacemaker", "tube", "ecg"}) if v else frozenset()},
-    "Cardiomegaly": lambda v: {"cardiomegaly": bool(v)},
-    "Pleural Effusion": lambda v: {"pleural_effusion": bool(v)},
-    "sex": lambda v: {"sex": str(v)},
-    "age": lambda v: {"age": int(v)},
+    "Support Devices": lambda v, a: {"devices": frozenset({"pacemaker", "tube", "ecg"}) if v else frozenset()},
+    "Cardiomegaly": lambda v, a: {"cardiomegaly": bool(v)},
+    "Pleural Effusion": lambda v, a: {"pleural_effusion": bool(v)},
+    "sex": lambda v, a: {"sex": _flip_sex(a.sex) if str(v).lower() == "flip" else str(v)},
+    "age": lambda v, a: {"age": min(120, max(0, a.age + int(v))) if isinstance(v, str) else int(v)},
 }
+
+
+def _flip_sex(sex: str) -> str:
+    return {"female": "male", "male": "female"}[sex]
+
+
 # Classifier head that should change for each intervened label (its "target").
 TARGET_HEAD = {
     "Support Devices": "support_devices",
@@ -29,20 +37,27 @@ TARGET_HEAD = {
 }
 
 
-def phantom_intervention(spec: str) -> dict:
-    """'Support Devices=false' -> {'devices': frozenset()}; several interventions merge."""
+def phantom_intervention(spec: str, attrs: PhantomAttributes | None = None) -> dict:
+    """'Support Devices=false' -> {'devices': frozenset()}; several interventions merge.
+
+    Relative interventions (`sex=flip`, `age=+20`) need the subject's `attrs`.
+    """
+    from prism_ray.data.captions import is_relative
+
     change: dict = {}
     for item in parse_interventions(spec):
         if item.attribute not in LABEL_TO_PHANTOM:
             raise ValueError(f"intervention '{item}': no phantom counterpart for '{item.attribute}'")
-        change.update(LABEL_TO_PHANTOM[item.attribute](item.value))
+        if is_relative(item) and attrs is None:
+            raise ValueError(f"intervention '{item}' is relative: it needs the subject's attributes")
+        change.update(LABEL_TO_PHANTOM[item.attribute](item.value, attrs))
     return change
 
 
 def true_cf_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:
     """The true counterfactual (uint8 (R, R)) of a ground-truth row under an intervention."""
     attrs: PhantomAttributes = subject_attributes(gt_row)
-    return true_counterfactual(attrs, int(gt_row["seed"]), phantom_intervention(spec), resolution=resolution)
+    return true_counterfactual(attrs, int(gt_row["seed"]), phantom_intervention(spec, attrs), resolution=resolution)
 
 
 def gray(image: np.ndarray) -> np.ndarray:

@@ -362,6 +362,11 @@ SWEEP_ARMS: dict[str, tuple[EditConfig, bool]] = {
     "noise_cross04": (EditConfig(**NOISE, cross_replace_steps=0.4), False),  # the edit's own words act earlier
     "noise_rw4": (EditConfig(**NOISE, reweight=4.0), False),  # stronger edit words
     "noise_start0": (EditConfig(**NOISE, blend_start=0.0), False),  # blend from the first step
+    # Guidance of the edit branches (the source branch keeps the inversion's 7.5): a scale, or a linear ramp.
+    "noise_g5": (EditConfig(**NOISE, edit_guidance=5.0), False),
+    "noise_g10": (EditConfig(**NOISE, edit_guidance=10.0), False),
+    "noise_g12_5": (EditConfig(**NOISE, edit_guidance=(12.0, 5.0)), False),  # strong early (layout), weak late
+    "noise_g5_12": (EditConfig(**NOISE, edit_guidance=(5.0, 12.0)), False),  # weak early, strong late (detail)
     "oracle": (EditConfig(), True),  # the true region alone, PRISM's P2P inside it
     "oracle_noise": (EditConfig(**NOISE), True),  # the true region ∩ the noise mask
     "oracle_self0": (EditConfig(self_replace_steps=0.0), True),

@@ -93,6 +93,49 @@ def test_k_edits_per_image(tiny_sd, inversion):
     assert (result.latents[:, 1:] - result.latents[:, :1]).abs().flatten(2).amax(-1).min() > 1e-3
 
 
+@torch.no_grad()
+def _plain_guided_sampling(sd, z_T, cond, uncond, scales) -> torch.Tensor:
+    """DDIM sampling written here: step i guides with scales[i] (docs/method.md §3-§4)."""
+    steps = DDIMSteps(make_ddim_scheduler(T))
+    z = z_T
+    for i, t in enumerate(steps.timesteps.tolist()):
+        eps = sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond[i], cond])).sample
+        eps_u, eps_c = eps.chunk(2)
+        z = steps.prev_step(eps_u + scales[i] * (eps_c - eps_u), t, z)
+    return z
+
+
+@pytest.mark.parametrize("edit_guidance", [3.0, (10.0, 2.0)])
+def test_edit_guidance_drives_the_edit_branches_only(tiny_sd, inversion, edit_guidance):
+    sub, edits = inversion.select([0, 1]), EDITS[:2]
+    plain = dict(controller="none", reweight=None, self_replace_steps=0.0)  # no attention control
+    reference = _editor(tiny_sd, **plain).edit(sub, SOURCES[:2], edits)
+    guided = _editor(tiny_sd, **plain, edit_guidance=edit_guidance).edit(sub, SOURCES[:2], edits)
+    # The source branch keeps the inversion's guidance: the same reconstruction, bit for bit.
+    assert torch.equal(guided.latents[:, 0], reference.latents[:, 0])
+    # Without attention control each edit branch is plain guided sampling from z_T at the schedule.
+    first, last = (edit_guidance, edit_guidance) if isinstance(edit_guidance, float) else edit_guidance
+    scales = [first + (last - first) * i / (T - 1) for i in range(T)]
+    cond = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [EDITS[0][1]]).float()
+    uncond = sub.uncond_embeddings[:, :1].float()  # (T, 1, 77, D): image 0's per-step null context
+    expected = _plain_guided_sampling(tiny_sd, sub.z_T[:1].float(), cond, uncond, scales)
+    torch.testing.assert_close(guided.latents[0, 2], expected[0], atol=2e-4, rtol=1e-4)  # batched vs one: ~1e-4
+    assert (guided.latents[:, 1:] - reference.latents[:, 1:]).abs().amax() > 1e-3
+    # The inversion's own scale as the edit guidance is the reference pass.
+    same = _editor(tiny_sd, **plain, edit_guidance=7.5).edit(sub, SOURCES[:2], edits)
+    assert torch.equal(same.latents, reference.latents)
+
+
+def test_edit_guidance_is_validated():
+    with pytest.raises(ValueError, match="edit_guidance"):
+        EditConfig(edit_guidance=-1.0)
+    with pytest.raises(ValueError, match="edit_guidance"):
+        EditConfig(per_intervention={"Cardiomegaly": {"edit_guidance": (5.0, 99.0)}})
+    assert EditConfig(per_intervention={"Cardiomegaly": {"edit_guidance": (10.0, 5.0)}}).for_intervention(
+        "Cardiomegaly=0"
+    ).edit_guidance == (10.0, 5.0)
+
+
 def test_replace_needs_equal_word_counts(tiny_sd, inversion):
     edits = [EDITS[0][1:], ["a chest x-ray showing edema"]]  # image 0: "... with pacemaker" adds words
     result = _editor(tiny_sd, controller="replace").edit(inversion.select([0, 1]), SOURCES[:2], edits)

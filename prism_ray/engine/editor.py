@@ -308,13 +308,25 @@ class Editor:
                 inversion.uncond_embeddings,  # (T, N, 77, D): each image's row serves its K + 1 branches
                 x_T.flatten(0, 1),
                 len(inversion.timesteps),
-                self.inversion_config.guidance_scale,
+                self.guidance(len(inversion.timesteps), n, b),
                 autocast_dtype=self.precision.edit_dtype,
                 on_step_begin=begin,
                 on_step_end=end,
                 prediction_type=self.sd.prediction_type,
             )
         return z.view_as(x_T)
+
+    def guidance(self, num_steps: int, n: int, branches: int) -> float | torch.Tensor:
+        """The guidance scale of every branch at every step: the inversion's, or with `edit_guidance` a
+        (T, N * branches) table whose edit branches follow it (the source branch, 0, keeps the inversion's)."""
+        base, edit = self.inversion_config.guidance_scale, self.config.edit_guidance
+        if edit is None:
+            return base
+        first, last = (edit, edit) if isinstance(edit, (int, float)) else edit
+        ramp = torch.linspace(first, last, num_steps, dtype=torch.float64) if num_steps > 1 else torch.tensor([first])
+        table = ramp[:, None, None].repeat(1, n, branches)  # (T, N, K + 1)
+        table[:, :, 0] = base
+        return table.flatten(1).float()
 
     def edit(
         self,

@@ -23,7 +23,7 @@ def sample_latents(
     uncond_context: torch.Tensor,
     latents: torch.Tensor,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | torch.Tensor = 7.5,
     *,
     autocast_dtype: torch.dtype | None = None,
     on_step_begin: StepBegin | None = None,
@@ -39,6 +39,7 @@ def sample_latents(
     U-Net call (only) under torch.autocast. `on_step_begin(i)` runs before step i's U-Net call
     (attention controllers read the step there); `on_step_end(i, z)` may replace the new latents.
     `prediction_type`: what the U-Net predicts (the model scheduler's); v is turned into eps after guidance.
+    `guidance_scale`: one scale, or a (T, N) table: step i guides latent r with [i, r].
     Returns z_0 (N, C, h, w) float32.
     """
     param = next(unet.parameters())
@@ -54,6 +55,10 @@ def sample_latents(
     uncond_all = uncond_context.to(device, dtype)
     autocast = nullcontext() if autocast_dtype in (None, torch.float32) else torch.autocast(device.type, dtype=autocast_dtype)
     z = latents.to(device, torch.float32)
+    table = isinstance(guidance_scale, torch.Tensor)
+    if table and tuple(guidance_scale.shape) != (len(steps.timesteps), n):
+        raise ValueError(f"guidance_scale: expected ({len(steps.timesteps)}, {n}), got {tuple(guidance_scale.shape)}")
+    scales = guidance_scale.to(device, torch.float32)[..., None, None, None] if table else None  # (T, N, 1, 1, 1)
     for i, t in enumerate(steps.timesteps.tolist()):
         if on_step_begin is not None:
             on_step_begin(i)
@@ -63,7 +68,8 @@ def sample_latents(
         with autocast:
             eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2N, C, h, w)
         eps_u, eps_c = eps.float().chunk(2)
-        z = steps.prev_step(steps.epsilon(eps_u + guidance_scale * (eps_c - eps_u), t, z), t, z)
+        w = scales[i] if table else guidance_scale
+        z = steps.prev_step(steps.epsilon(eps_u + w * (eps_c - eps_u), t, z), t, z)
         if on_step_end is not None:
             z = on_step_end(i, z)
     return z

@@ -75,6 +75,12 @@ class EditConfig(BaseConfig):
     noise_mask_quantile: float = Field(0.95, gt=0.0, le=1.0, description="the map is divided by this quantile (1 = max)")
     noise_mask_window: Window = Field((0.1, 0.9), description="trajectory span sampled, 0 = image, 1 = z_T")
     noise_mask_samples: int = Field(10, ge=1, description="trajectory points averaged for the noise mask")
+    edit_guidance: float | tuple[float, float] | None = Field(
+        None,
+        description="classifier-free guidance of the edit branches: a scale, or (first step, last step) "
+        "interpolated linearly; None = the inversion's (reference). The source branch keeps the inversion's, "
+        "which null-text inversion was fitted to",
+    )
     self_attention_max_queries: int = Field(32 * 32, ge=1)
     edit_batch_size: int = Field(2, ge=1, description="images edited together (each with K edits)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -123,6 +129,14 @@ class EditConfig(BaseConfig):
         for item in parse_interventions(intervention):
             override.update(self.per_intervention.get(item.attribute, {}))
         return self._merged(override) if override else self
+
+    @field_validator("edit_guidance")
+    @classmethod
+    def _guidance(cls, value: float | tuple[float, float] | None) -> float | tuple[float, float] | None:
+        scales = [] if value is None else [value] if isinstance(value, (int, float)) else list(value)
+        if any(not 0.0 <= w <= 50.0 for w in scales):
+            raise ValueError(f"expected guidance scales in [0, 50], got {value}")
+        return value
 
     @field_validator("self_replace_steps", "noise_mask_window")
     @classmethod

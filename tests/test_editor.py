@@ -261,6 +261,34 @@ def test_direct_inversion_source_branch_reconstructs(tiny_sd):
     assert result.reconstruction_errors[0] < 1e-4  # relative squared; the same float noise
 
 
+def test_ddpm_inversion_source_branch_reconstructs_and_edits_share_its_noise(tiny_sd):
+    from prism_ray.engine.inversion import invert_many
+
+    config = InversionConfig(method="ddpm", num_inference_steps=T)
+    inversion, errors = invert_many(tiny_sd, _images(2), SOURCES[:2], config)
+    assert not errors and inversion.noise.shape[:2] == (T, 2)
+    plain = dict(controller="none", reweight=None, self_replace_steps=0.0)
+    editor = Editor(tiny_sd, EditConfig(**plain), config)
+    result = editor.edit(inversion, SOURCES[:2], [[SOURCES[0], EDITS[0][0]], [SOURCES[1], EDITS[1][0]]])
+    assert max(result.reconstruction_errors) < 1e-6  # the source branch passes through every noisy latent
+    # An edit prompt equal to the source is the reconstruction; a different one moves away from it.
+    torch.testing.assert_close(result.latents[:, 1], result.latents[:, 0], atol=1e-5, rtol=0)
+    assert (result.latents[:, 2] - result.latents[:, 0]).abs().amax() > 1e-3
+    # Without attention control an edit branch is the stochastic sampler with the source's noise.
+    steps = DDIMSteps(make_ddim_scheduler(T))
+    cond = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [EDITS[0][0]]).float()
+    z = inversion.z_T[:1]
+    with torch.no_grad():
+        for i, t in enumerate(steps.timesteps.tolist()):
+            context = torch.cat([inversion.uncond_embeddings[i, :1], cond])
+            eps_u, eps_c = tiny_sd.unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample.chunk(2)
+            z = steps.prev_mean(eps_u + 7.5 * (eps_c - eps_u), t, z)[0] + inversion.noise[i, :1]
+    torch.testing.assert_close(result.latents[0, 2], z[0], atol=2e-4, rtol=1e-4)
+    # With PRISM's attention control (the default) the source branch still reconstructs.
+    default = Editor(tiny_sd, EditConfig(), config).edit(inversion, SOURCES[:2], [EDITS[0][:1], EDITS[1][:1]])
+    assert max(default.reconstruction_errors) < 1e-6
+
+
 @torch.no_grad()
 def test_reconstruction_error_is_the_unedited_source_branch_error(tiny_sd, inversion):
     """EditResult.reconstruction_errors: ||z - z_0||^2 / ||z_0||^2 of a plain guided denoising from z_T."""

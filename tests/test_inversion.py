@@ -206,6 +206,47 @@ def test_direct_inversion_reconstructs_exactly(calm_sd):
     assert rel_error(plain, z0).min() > 1e-3  # without the residuals it does not
 
 
+def test_ddpm_inversion_matches_a_plain_implementation_and_reconstructs(calm_sd):
+    """Edit-friendly DDPM inversion written out here (eta = 1 DDIM step, Huberman-Spiegelglas et al. 2024)."""
+    T = 6
+    config = InversionConfig(method="ddpm", num_inference_steps=T, noise_seed=7)
+    z0 = smooth_latents(2, seed=4)
+    result, _ = inv.invert_many(calm_sd, None, PROMPTS[:2], config, latents=z0)
+    assert result.method == "ddpm" and result.noise.shape == (T, 2, 4, 16, 16) and result.residuals is None
+    scheduler = make_ddim_scheduler(T)
+    a = scheduler.alphas_cumprod.double()
+    alpha = lambda t: float(a[t]) if t >= 0 else float(scheduler.final_alpha_cumprod)  # noqa: E731
+    ts = scheduler.timesteps.tolist()  # descending
+    # The latents are the encoded image noised independently at every grid timestep.
+    torch.testing.assert_close(result.latents[0], z0)
+    for j in range(1, T + 1):
+        t = ts[T - j]
+        n_j = (result.latents[j] - alpha(t) ** 0.5 * z0) / (1 - alpha(t)) ** 0.5
+        assert 0.7 < float(n_j.std()) < 1.3  # unit noise, and independent of the next one:
+        if j > 1:
+            assert abs(float(torch.corrcoef(torch.stack([n_j.flatten(), n_prev.flatten()]))[0, 1])) < 0.2
+        n_prev = n_j
+    # Sampling with the stochastic step and the stored noise passes through every latent.
+    cond, null = embeddings(calm_sd, PROMPTS[:2])
+    stride = 1000 // T
+    z = result.z_T
+    for i, t in enumerate(ts):
+        eps = calm_sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([null.expand(2, -1, -1), cond])).sample
+        eps = eps[:2] + 7.5 * (eps[2:] - eps[:2])
+        a_t, a_prev = alpha(t), alpha(t - stride)
+        sigma2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x0 = (z - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        z = a_prev**0.5 * x0 + (1 - a_prev - sigma2) ** 0.5 * eps + result.noise[i]
+        torch.testing.assert_close(z, result.latents[T - 1 - i], rtol=0, atol=2e-5)
+    recon = inv.reconstruct(calm_sd.unet, inv.make_steps(config), result)
+    assert rel_error(recon, z0).max() < 1e-5
+    # Batch-independent noise: an image inverted alone gets the same latents; another seed does not.
+    alone, _ = inv.invert_many(calm_sd, None, PROMPTS[1:2], config, latents=z0[1:])
+    torch.testing.assert_close(alone.latents[:, 0], result.latents[:, 1], rtol=0, atol=0)
+    other, _ = inv.invert_many(calm_sd, None, PROMPTS[1:2], config.model_copy(update={"noise_seed": 8}), latents=z0[1:])
+    assert (other.latents[1:, 0] - alone.latents[1:, 0]).abs().max() > 0.1
+
+
 def test_negative_prompt_uses_source_prompt(tiny_sd):
     config = InversionConfig(method="negative_prompt", num_inference_steps=3)
     result, _ = inv.invert_many(tiny_sd, None, PROMPTS[:2], config, latents=smooth_latents(2))

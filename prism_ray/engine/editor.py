@@ -313,6 +313,7 @@ class Editor:
                 on_step_begin=begin,
                 on_step_end=end,
                 prediction_type=self.sd.prediction_type,
+                step_noise=inversion.noise,  # edit-friendly DDPM: the same noise in every branch
             )
         return z.view_as(x_T)
 

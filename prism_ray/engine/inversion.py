@@ -5,6 +5,8 @@ Methods (`InversionConfig.method`), each returning an `InversionResult` for the 
 - `ddim`: plain DDIM inversion; the editor uses the empty-prompt embedding at every step.
 - `negative_prompt`: the source prompt as the unconditional context, Miyake et al. 2023.
 - `direct`: direct inversion, Ju et al. 2023 ("PnP Inversion"), per-step residuals added to the source branch.
+- `ddpm`: edit-friendly DDPM inversion, Huberman-Spiegelglas et al. 2024: independent noisy latents and the
+  per-step noise that makes stochastic sampling pass through them, added to every branch.
 
 Direct-inversion convention (what the editor must do): at editing step i (t = timesteps[i]), with the
 source branch's latent x_src and the guided DDIM prev_step computed for every branch exactly as without
@@ -109,6 +111,63 @@ def ddim_invert(unet, steps: DDIMSteps, z0: torch.Tensor, cond: torch.Tensor) ->
         z = steps.next_step(_eps(unet, steps, z, t, cond), t, z)
         latents.append(z)
     return torch.stack(latents)
+
+
+def ddpm_trajectory(steps: DDIMSteps, z0: torch.Tensor, seed: int) -> torch.Tensor:
+    """Edit-friendly DDPM's latents: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n_t with independent n_t ~ N(0, I) at
+    every grid timestep -> (T + 1, N, C, h, w), z_0 ... z_T like a DDIM trajectory. Each image draws its noise
+    from `seed` and its own latent's bytes, so it does not depend on the batch it is inverted in."""
+    import hashlib
+
+    T = len(steps.timesteps)
+    out = torch.empty((T + 1, *z0.shape), dtype=torch.float32, device=z0.device)
+    out[0] = z0.float()
+    for k in range(z0.shape[0]):
+        digest = hashlib.sha256(z0[k].detach().float().cpu().numpy().tobytes() + seed.to_bytes(8, "little"))
+        g = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+        noise = torch.randn((T, *z0.shape[1:]), generator=g).to(z0.device)
+        for j in range(1, T + 1):
+            a = steps.alpha(int(steps.timesteps[T - j]))
+            out[j, k] = a**0.5 * out[0, k] + (1 - a) ** 0.5 * noise[j - 1]
+    return out
+
+
+@torch.no_grad()
+def ddpm_invert(
+    unet,
+    steps: DDIMSteps,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    config: InversionConfig,
+    policy: PrecisionPolicy | None = None,
+) -> InversionResult:
+    """Edit-friendly DDPM inversion: noise[i] = latents[T-1-i] - the stochastic step's mean from latents[T-i].
+
+    Sampling with `DDIMSteps.prev_mean` + noise[i] from z_T under the source prompt (guided, "" null)
+    passes through every latent of `ddpm_trajectory` and ends at z_0; editing adds the same noise to the
+    edit branches, which keeps the source's structure (docs/method.md §7). Like direct inversion, the
+    guided pass runs at the editing pass's precision.
+    """
+    _require_fp32(unet)
+    T, n = len(steps.timesteps), latents.shape[1]
+    policy = policy or resolve_precision(config, device=latents.device)
+    cond = cond.float()
+    uncond = _expand(uncond_init, n)
+    noise = []
+    for i, t in enumerate(steps.timesteps.tolist()):
+        z_t = latents[T - i]
+        with policy.edit_autocast(latents.device):
+            eps = guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale, steps)
+        noise.append(latents[T - 1 - i] - steps.prev_mean(eps.float(), t, z_t)[0])
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond,
+        uncond_embeddings=uncond[None].repeat(T, 1, 1, 1),
+        timesteps=steps.timesteps.clone(),
+        method="ddpm",
+        noise=torch.stack(noise),
+    )
 
 
 class _StopFlag:
@@ -316,6 +375,7 @@ def reconstruct(unet, steps: DDIMSteps, result: InversionResult, guidance_scale:
         guidance_scale,
         on_step_end=None if residuals is None else add_residual,
         prediction_type=steps.prediction_type,
+        step_noise=result.noise,
     )
 
 
@@ -348,7 +408,11 @@ def run_method(
         return negative_prompt_invert(steps, latents, cond)
     if config.method == "direct":
         return direct_invert(unet, steps, latents, cond, uncond_init, config, policy)
-    raise ValueError(f"inversion.method '{config.method}': expected null_text, ddim, negative_prompt or direct")
+    if config.method == "ddpm":
+        return ddpm_invert(unet, steps, latents, cond, uncond_init, config, policy)
+    raise ValueError(
+        f"inversion.method '{config.method}': expected null_text, ddim, negative_prompt, direct or ddpm"
+    )
 
 
 # --- from images: validation, encoding, batching ---------------------------------------------
@@ -394,8 +458,9 @@ def _check_result(result: InversionResult, index: Sequence[int]) -> list[ItemErr
     errors = []
     for k, item in enumerate(index):
         parts = [result.latents[:, k], result.uncond_embeddings[:, k]]
-        if result.residuals is not None:
-            parts.append(result.residuals[:, k])
+        for extra in (result.residuals, result.noise):
+            if extra is not None:
+                parts.append(extra[:, k])
         if not all(torch.isfinite(p).all() for p in parts):
             errors.append(ItemError(item, STAGE, f"{result.method}: NaN/inf in the inversion result"))
     return errors
@@ -415,6 +480,7 @@ def concat_results(results: list[InversionResult]) -> InversionResult:
         timesteps=results[0].timesteps,
         method=results[0].method,
         residuals=cat("residuals", 1),
+        noise=cat("noise", 1),
         inner_steps=cat("inner_steps", 1),
         final_loss=cat("final_loss", 1),
         seconds=[s for r in results for s in r.seconds],
@@ -444,7 +510,11 @@ def invert_latents(
         cond = encode_prompts(sd.tokenizer, sd.text_encoder, prompts, cache).float()
         uncond_init = null_embedding(sd.tokenizer, sd.text_encoder, cache).float()
         steps = make_steps(config, sd.prediction_type)
-        latents = ddim_invert(unet, steps, z0.to(sd.device, torch.float32), cond)
+        z0 = z0.to(sd.device, torch.float32)
+        if config.method == "ddpm":
+            latents = ddpm_trajectory(steps, z0, config.noise_seed)
+        else:
+            latents = ddim_invert(unet, steps, z0, cond)
         result = run_method(unet, steps, latents, cond, uncond_init, config, policy)
     result.seconds = [(time.perf_counter() - start) / z0.shape[0]] * z0.shape[0]
     return result

@@ -29,6 +29,7 @@ def sample_latents(
     on_step_begin: StepBegin | None = None,
     on_step_end: StepEnd | None = None,
     prediction_type: str = "epsilon",
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise z_T -> z_0: eps = eps_u + w * (eps_c - eps_u), then a deterministic DDIM step.
 
@@ -40,6 +41,8 @@ def sample_latents(
     (attention controllers read the step there); `on_step_end(i, z)` may replace the new latents.
     `prediction_type`: what the U-Net predicts (the model scheduler's); v is turned into eps after guidance.
     `guidance_scale`: one scale, or a (T, N) table: step i guides latent r with [i, r].
+    `step_noise` (T, n, C, h, w): edit-friendly DDPM's noise; each step is then the stochastic (eta = 1)
+    step's mean plus step_noise[i] (`DDIMSteps.prev_mean`), the row shared like the unconditional context.
     Returns z_0 (N, C, h, w) float32.
     """
     param = next(unet.parameters())
@@ -69,7 +72,12 @@ def sample_latents(
             eps = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2N, C, h, w)
         eps_u, eps_c = eps.float().chunk(2)
         w = scales[i] if table else guidance_scale
-        z = steps.prev_step(steps.epsilon(eps_u + w * (eps_c - eps_u), t, z), t, z)
+        eps_g = steps.epsilon(eps_u + w * (eps_c - eps_u), t, z)
+        if step_noise is None:
+            z = steps.prev_step(eps_g, t, z)
+        else:
+            noise = step_noise[i].to(device, torch.float32)
+            z = steps.prev_mean(eps_g, t, z)[0] + (noise if rows == n else noise.repeat_interleave(n // rows, 0))
         if on_step_end is not None:
             z = on_step_end(i, z)
     return z

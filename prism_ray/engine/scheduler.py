@@ -86,6 +86,17 @@ class DDIMSteps:
         """Denoise x_t -> x_{t - stride}."""
         return self._move(eps, sample, self.alpha(int(t)), self.alpha(int(t) - self.stride))
 
+    def prev_mean(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The stochastic (eta = 1, DDPM-posterior) step x_t -> x_{t - stride} without its noise: (mean, sigma).
+
+        mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps, sigma^2 = (1 - a_prev) / (1 - a_t) *
+        (1 - a_t / a_prev), x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); the step is mean + sigma * z.
+        """
+        a_t, a_prev = self.alpha(int(t)), self.alpha(int(t) - self.stride)
+        sigma2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        return a_prev**0.5 * x0 + max(1 - a_prev - sigma2, 0.0) ** 0.5 * eps, sigma2**0.5
+
     def next_step(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         """Invert x_{t - stride} -> x_t, with eps predicted at the target timestep t."""
         return self._move(eps, sample, self.alpha(int(t) - self.stride), self.alpha(int(t)))

@@ -15,7 +15,7 @@ Precision = Literal["auto", "reference", "fast", "fastest"]
 class InversionConfig(BaseConfig):
     """DDIM + null-text inversion knobs; defaults reproduce docs/method.md §4-§6."""
 
-    method: Literal["null_text", "ddim", "negative_prompt", "direct"] = "null_text"
+    method: Literal["null_text", "ddim", "negative_prompt", "direct", "ddpm"] = "null_text"
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
     num_inner_steps: int = Field(10, ge=0)
@@ -24,6 +24,9 @@ class InversionConfig(BaseConfig):
     early_stop_epsilon: float = Field(1e-5, ge=0.0)
     early_stop_slope: float = Field(2e-5, ge=0.0, description="threshold = epsilon + i * slope")
     batch_size: int = Field(4, ge=1, description="images inverted together")
+    noise_seed: int = Field(
+        0, ge=0, description="method ddpm: the noisy latents' seed (with each image's latent: batch-independent)"
+    )
     precision: Precision = Field(
         "auto",
         description="reference: fp32, PyTorch's TF32 defaults; fast: TF32 inversion, bf16 edits; fastest: also "

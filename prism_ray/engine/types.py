@@ -20,6 +20,7 @@ class InversionResult:
     timesteps: torch.Tensor  # (T,) descending, e.g. 981 ... 1
     method: str  # null_text | ddim | negative_prompt | direct
     residuals: torch.Tensor | None = None  # (T, N, C, h, w): direct inversion's per-step correction
+    noise: torch.Tensor | None = None  # (T, N, C, h, w): edit-friendly DDPM's per-step noise, every branch
     inner_steps: torch.Tensor | None = None  # (T, N) int: null-text optimisation steps used
     final_loss: torch.Tensor | None = None  # (T, N): last inner-loop loss per step
     seconds: list[float] = field(default_factory=list)  # wall time attributed to each image
@@ -39,6 +40,7 @@ class InversionResult:
             timesteps=self.timesteps,
             method=self.method,
             residuals=pick(self.residuals, 1),
+            noise=pick(self.noise, 1),
             inner_steps=pick(self.inner_steps, 1),
             final_loss=pick(self.final_loss, 1),
             seconds=[self.seconds[i] for i in idx.tolist()] if self.seconds else [],

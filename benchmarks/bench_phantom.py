@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the arms above: mask/strength settings and the oracle-mask arm (SWEEP_ARMS) "
                         "from one --sweep-inversion per intervention, against no_edit and ddim_swap")
-    parser.add_argument("--sweep-inversion", default="direct", choices=["null_text", "direct"])
+    parser.add_argument("--sweep-inversion", default="direct", choices=["null_text", "direct", "ddpm"])
     parser.add_argument("--sweep-arms", nargs="*", default=None, help="names of SWEEP_ARMS to run (default: all)")
     parser.add_argument("--precision", default=None, choices=["fast", "fastest"],
                         help="instead of the arms above: the full method under this inversion.precision "
@@ -352,6 +352,7 @@ NOISE = {"local_blend": True, "blend_mask": "noise"}
 # name -> (EditConfig, use the oracle mask). The oracle is the renderer's ground-truth region of the
 # attribute (`phantom.attribute_mask`), given as the user's edit mask: the upper bound of what masking can do.
 SWEEP_ARMS: dict[str, tuple[EditConfig, bool]] = {
+    "p2p": (EditConfig(), False),  # PRISM's prompt-to-prompt defaults, no blend
     "noise_q95": (EditConfig(**NOISE), False),  # the default noise blend (q 0.95, threshold 0.5)
     "noise_q90": (EditConfig(**NOISE, noise_mask_quantile=0.9), False),
     "noise_q80": (EditConfig(**NOISE, noise_mask_quantile=0.8), False),

@@ -12,8 +12,9 @@ subset, and neither with the control model.
     python benchmarks/bench_audit.py --out /tmp/bench_audit --smoke       # minutes: plumbing only
 
 Families are built once under `<out>/families/` (about 5 minutes each on 2 CPU cores) and reused.
-Writes `<out>/results.json`, `<out>/results.md` (the BENCHMARKS.md table) and each audit's output
-folder (report.html) under `<out>/audits/<variant>/subset<k>/`.
+Writes `<out>/<arm>/results.json`, `<out>/<arm>/results.md` (the BENCHMARKS.md table) and each audit's
+output folder (report.html) under `<out>/<arm>/<variant>/subset<k>/`; `<arm>` is `no_blend`, or
+`noise_blend_<t>` with `--blend-threshold t` (the noise-difference blend at a loose threshold).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def held_out(out: Path, n: int, subsets: int, seed: int) -> list[str]:
 
 
 def audit_config(family: Path, manifest: str, output: Path, steps: int, inner: int, bootstrap: int,
-                 method: str = "null_text"):
+                 method: str = "null_text", blend_threshold: float | None = None):
     from prism_ray.config import build_config
     from prism_ray.phantom.dataset import mimic_adapter_options
     from prism_ray.phantom.demographic import age_heads
@@ -87,11 +88,22 @@ def audit_config(family: Path, manifest: str, output: Path, steps: int, inner: i
         "subgroups": ["sex", "age"],
         "inversion": {"method": method, "num_inference_steps": steps, "num_inner_steps": inner,
                       "learning_rate": 0.05, "batch_size": 8},
-        "edit": {"local_blend": False, "edit_batch_size": 8},
+        "edit": edit_settings(blend_threshold),
         "stats": {"bootstrap": bootstrap},
         "compute": {"batch_size": 8},
         "output": str(output),
     })
+
+
+def edit_settings(blend_threshold: float | None) -> dict:
+    """No local blend, or the noise-difference blend at a loose threshold."""
+    if blend_threshold is None:
+        return {"local_blend": False, "edit_batch_size": 8}
+    return {"local_blend": True, "blend_mask": "noise", "noise_mask_threshold": blend_threshold, "edit_batch_size": 8}
+
+
+def arm_name(blend_threshold: float | None) -> str:
+    return "no_blend" if blend_threshold is None else f"noise_blend_{blend_threshold:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="null_text", choices=["null_text", "direct", "ddim"],
                         help="inversion: null_text (reference), direct (exact, no optimisation: ~5x cheaper)")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--blend-threshold", type=float, default=None,
+                        help="edit with the noise-difference blend at this threshold (default: no blend)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing, not the claim")
@@ -128,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant, family in families.items():
         for k, manifest in enumerate(manifests):
-            output = out / "audits" / variant / f"subset{k}"
-            config = audit_config(family, manifest, output, args.steps, args.inner, args.bootstrap, args.method)
+            output = out / arm_name(args.blend_threshold) / variant / f"subset{k}"
+            config = audit_config(family, manifest, output, args.steps, args.inner, args.bootstrap, args.method,
+                                  args.blend_threshold)
             t = time.perf_counter()
             summary = audit.run(config, runner=lambda f, c, o: in_process(f, c, o))
             seconds = time.perf_counter() - t
@@ -155,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             print(json.dumps(row, default=float), flush=True)
     total = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results, "seconds": total},
+    arm = out / arm_name(args.blend_threshold)
+    (arm / "results.json").write_text(json.dumps({"args": vars(args), "results": results, "seconds": total},
                                                  indent=2, default=float))
-    (out / "results.md").write_text(markdown(results, args, total))
+    (arm / "results.md").write_text(markdown(results, args, total))
     print(markdown(results, args, total))
     return 0
 
@@ -166,7 +182,9 @@ def markdown(results: list[dict], args, total: float) -> str:
     lines = [
         f"Held-out phantoms: {args.subsets} disjoint subsets × {args.n}; {args.method} inversion, {args.steps} steps"
         + (f" ({args.inner} inner, lr 0.05)" if args.method == "null_text" else "")
-        + f", prompt-to-prompt without local blend; {args.bootstrap} bootstrap "
+        + (", prompt-to-prompt without local blend" if args.blend_threshold is None
+           else f", prompt-to-prompt with the noise-difference blend at threshold {args.blend_threshold:g}")
+        + f"; {args.bootstrap} bootstrap "
         f"replicates; total {total / 60:.0f} min.",
         "",
         "| model | subset | cell | n | change | control | difference [95 % CI] | q | flagged |",

@@ -114,9 +114,13 @@ class AuditConfig(BaseConfig):
     )
     max_sources: int | None = Field(None, ge=1, description="audit a seeded random subset of this size")
     inversion: InversionConfig = InversionConfig()
-    # No local blend by default: a tight blend pastes everything outside the target region back
-    # from the source and would hide exactly the co-changes the audit looks for.
-    edit: EditConfig = EditConfig(local_blend=False)
+    # A loose noise-difference blend by default. A tight blend (the augment job's 0.5) pastes most of the
+    # image back from the source and hides the co-changes the audit looks for; no blend lets the edit
+    # re-draw what the model leaves to chance (which device kind "Support Devices" becomes), a drift the
+    # unedited control cannot show. The noise mask at 0.3 covers what the model itself changes with the
+    # caption, learnt relationships included (BENCHMARKS.md, bias audit: no blend flagged the control
+    # model's pacemaker drift, this blend did not, and kept both planted findings).
+    edit: EditConfig = EditConfig(local_blend=True, blend_mask="noise", noise_mask_threshold=0.3)
     filter: FilterConfig = FilterConfig()
     stats: AuditStatsConfig = AuditStatsConfig()
     report: AuditReportConfig = AuditReportConfig()

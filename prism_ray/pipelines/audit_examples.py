@@ -142,7 +142,8 @@ def write_report(config, layout: Layout, summary: dict, tables) -> None:
             f"{config.inversion.method} inversion, {config.inversion.num_inference_steps} steps, "
             f"prompt-to-prompt {config.edit.controller}, local blend "
             + (
-                "on (co-changes outside the blend mask are pasted back from the source)"
+                f"{config.edit.blend_mask} mask at threshold {_blend_threshold(config.edit):g} "
+                "(co-changes outside the mask are pasted back from the source)"
                 if config.edit.local_blend
                 else "off"
             )
@@ -164,3 +165,7 @@ def write_report(config, layout: Layout, summary: dict, tables) -> None:
         min_effect=config.stats.min_effect,
         max_images=max(config.report.max_images, 1) * 3,
     )
+
+
+def _blend_threshold(edit) -> float:
+    return edit.noise_mask_threshold if edit.blend_mask == "noise" else edit.blend_threshold

@@ -87,3 +87,16 @@ def test_list_items_are_overridden_by_index_and_yaml_errors_name_the_line(tmp_pa
     with pytest.raises(ConfigError, match=r"bad.yaml' line 3, column 2: not valid YAML") as err:
         load_config(BaseConfig, bad)
     assert "\n" not in str(err.value)
+
+
+def test_settings_added_later_leave_results_ids_unchanged_while_unset():
+    """Results ids hash the method settings; a setting added after results were written enters only when
+    it is set (or, for the DDPM noise seed, only where it acts), so finished work keeps its ids."""
+    from prism_ray.engine.settings import EditConfig, InversionConfig
+
+    assert "edit_guidance" not in EditConfig().identity() and "per_intervention" not in EditConfig().identity()
+    assert EditConfig(edit_guidance=0.0).identity()["edit_guidance"] == 0.0  # set, even to a falsy value
+    assert EditConfig(per_intervention={"Cardiomegaly": {"reweight": 3.0}}).identity()["per_intervention"]
+    assert "noise_seed" not in InversionConfig().identity()
+    assert InversionConfig(method="ddpm", noise_seed=3).identity()["noise_seed"] == 3
+    assert InversionConfig(method="ddpm").identity() != InversionConfig(method="ddpm", noise_seed=1).identity()

@@ -37,6 +37,14 @@ class InversionConfig(BaseConfig):
         None, description="override the preset's TF32 matmuls/convolutions during inversion (None = preset)"
     )
 
+    def identity(self) -> dict[str, Any]:
+        """These settings as JSON for results ids: `noise_seed` enters only where it acts (method ddpm), so
+        ids of results written before it existed stay as they were."""
+        dump = self.model_dump(mode="json")
+        if self.method != "ddpm":
+            dump.pop("noise_seed")
+        return dump
+
 
 Window = float | tuple[float, float]
 
@@ -113,6 +121,16 @@ class EditConfig(BaseConfig):
                 where = ".".join(str(part) for part in first["loc"])
                 raise ValueError(f"per_intervention.{key}.{where}: {first['msg']}") from None
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """These settings as JSON for results ids: settings added later are left out while unset, so ids of
+        results written before they existed stay as they were."""
+        dump = self.model_dump(mode="json")
+        if not self.per_intervention:
+            dump.pop("per_intervention")
+        if self.edit_guidance is None:
+            dump.pop("edit_guidance")
+        return dump
 
     def _merged(self, override: dict[str, Any]) -> EditConfig:
         base = self.model_dump(exclude={"per_intervention"})

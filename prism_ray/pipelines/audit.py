@@ -154,7 +154,8 @@ class AuditConfig(BaseConfig):
     def results_hash(self, weights_digest: str) -> str:
         """What decides a row's values: model weights, data, method knobs, classifiers (not compute/report)."""
         dump = self.model_dump(mode="json")
-        keep = {k: dump[k] for k in ("data", "classifiers", "inversion", "edit", "seed")}
+        keep = {k: dump[k] for k in ("data", "classifiers", "seed")}
+        keep.update(inversion=self.inversion.identity(), edit=self.edit.identity())
         keep["model"] = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
         keep["weights"] = weights_digest
         import json

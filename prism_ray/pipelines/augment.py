@@ -191,8 +191,7 @@ class AugmentConfig(BaseConfig):
             data.update(edit_mask_column=self.data.edit_mask_column, keep_mask_column=self.data.keep_mask_column)
         keep = {"model": model, "weights": weights_digest, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
-            edit = {k: v for k, v in dump["edit"].items() if v or k != "per_intervention"}  # unset: hashes as before
-            keep.update(inversion=dump["inversion"], edit=edit, filter=dump["filter"])
+            keep.update(inversion=self.inversion.identity(), edit=self.edit.identity(), filter=dump["filter"])
         else:
             keep.update(sampling=dump["sampling"])
         canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))

@@ -364,7 +364,12 @@ SWEEP_ARMS: dict[str, tuple[EditConfig, bool]] = {
     "noise_rw4": (EditConfig(**NOISE, reweight=4.0), False),  # stronger edit words
     "noise_start0": (EditConfig(**NOISE, blend_start=0.0), False),  # blend from the first step
     # Guidance of the edit branches (the source branch keeps the inversion's 7.5): a scale, or a linear ramp.
+    "noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), False),
+    "noise_g2_self1": (EditConfig(**NOISE, edit_guidance=2.0, self_replace_steps=1.0), False),
     "noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), False),
+    "noise_g3_self1": (EditConfig(**NOISE, edit_guidance=3.0, self_replace_steps=1.0), False),
+    "noise_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), False),
+    "oracle_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), True),
     "noise_g4": (EditConfig(**NOISE, edit_guidance=4.0), False),
     "noise_g5": (EditConfig(**NOISE, edit_guidance=5.0), False),
     "noise_g5_self1": (EditConfig(**NOISE, edit_guidance=5.0, self_replace_steps=1.0), False),

@@ -11,6 +11,8 @@ Arms, all from the same held-out phantoms and the same decoder:
                 cross-attention of the changed words is, source branch elsewhere; same inversion);
   * full_noise_blend - the same local blend with the mask read from noise-prediction differences
                 along the inversion trajectory (EditConfig.blend_mask = "noise", DiffEdit-style);
+  * shipped   - the `edit` section of configs/augment_tiny.yaml with its per-intervention settings
+                (what the sweep below chose), on the same null-text inversion;
   * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
   * <method>_p2p, <method>_noise_blend - with --fast-inversions: negative-prompt or direct inversion +
                 the PRISM P2P defaults, without and with the noise-mask local blend;
@@ -86,6 +88,14 @@ DEMOGRAPHIC_INTERVENTIONS = [
 SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
 FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
 S_CLIP_MIN = 0.1  # PRISM's filter
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "augment_tiny.yaml"
+
+
+def shipped_edit_config(path: Path = SHIPPED_CONFIG) -> EditConfig:
+    """The `edit` section of the tiny family's augment config: the settings a user runs (the `shipped` arm)."""
+    import yaml
+
+    return EditConfig(**(yaml.safe_load(path.read_text()).get("edit") or {}))
 
 
 def draw_sources(applies, n: int, seed: int, ages: tuple[int, int] = (18, 91)) -> list[tuple[PhantomAttributes, int]]:
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     bf16_pairs = {f"{name}_bf16": name for name in ("full", "full_noise_blend")} if args.bf16 else {}
     p2p_arms.update({bf: p2p_arms[fp].model_copy(update={"compute_dtype": "bfloat16"}) for bf, fp in bf16_pairs.items()})
     fast_arms = {"p2p": EditConfig(), "noise_blend": EditConfig(local_blend=True, blend_mask="noise")}
-    scored = [*p2p_arms, *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # every editing arm but ddim_swap
+    shipped = shipped_edit_config()
+    scored = [*p2p_arms, "shipped", *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # all but ddim_swap
     results: dict[str, dict] = {}
     kind = family_kind(heads)
     chosen = [i for i in interventions_for(kind) if args.only is None or i.name in args.only]
@@ -282,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
         images = list(_rgb(src))
-        outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, p2p_arms)
+        arms = {**p2p_arms, "shipped": shipped.for_intervention(iv.spec)}
+        outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, arms)
         outputs["no_edit"] = recon
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)

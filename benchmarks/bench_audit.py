@@ -8,10 +8,12 @@ both models with do(Cardiomegaly=0) and do(age=+20). The audit should flag
 do(Cardiomegaly=0) → pacemaker and do(age=+20) → pleural effusion with the biased model in every
 subset, and neither with the control model.
 
-    python benchmarks/bench_audit.py --out outputs/bench_audit            # the BENCHMARKS.md run
+    python benchmarks/bench_audit.py --out outputs/bench_audit --subsets 3 --n 100 --steps 20 --inner 5 \
+        --blend-threshold 0.3                                             # the BENCHMARKS.md run
     python benchmarks/bench_audit.py --out /tmp/bench_audit --smoke       # minutes: plumbing only
 
-Families are built once under `<out>/families/` (about 5 minutes each on 2 CPU cores) and reused.
+Families are built once under `<out>/families/` and reused (about 10 minutes each on 2 CPU cores: the
+biased one teaches the text tower the MIMIC caption words and trains the classifier, the control reuses both).
 Writes `<out>/<arm>/results.json`, `<out>/<arm>/results.md` (the BENCHMARKS.md table) and each audit's
 output folder (report.html) under `<out>/<arm>/<variant>/subset<k>/`; `<arm>` is `no_blend`, or
 `noise_blend_<t>` with `--blend-threshold t` (the noise-difference blend at a loose threshold).

@@ -14,8 +14,9 @@ Arms, all from the same held-out phantoms and the same decoder:
   * shipped   - the `edit` section of configs/augment_tiny.yaml with its per-intervention settings
                 (what the sweep below chose), on the same null-text inversion;
   * nti_swap  - ablation: the same null-text inversion, then the edited caption without P2P control;
-  * <method>_p2p, <method>_noise_blend - with --fast-inversions: negative-prompt or direct inversion +
-                the PRISM P2P defaults, without and with the noise-mask local blend;
+  * <method>_p2p, <method>_noise_blend, <method>_shipped - with --fast-inversions: negative-prompt or direct
+                inversion + the PRISM P2P defaults, without and with the noise-mask local blend, and the
+                shipped settings;
   * full_bf16, full_noise_blend_bf16 - with --bf16: the same edits with the editing pass's U-Net under
                 bfloat16 autocast (EditConfig.compute_dtype), and how often its decisions (S_CLIP
                 filter, classifier target and non-target heads) agree with the fp32 pass.
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p2p_arms.update({bf: p2p_arms[fp].model_copy(update={"compute_dtype": "bfloat16"}) for bf, fp in bf16_pairs.items()})
     fast_arms = {"p2p": EditConfig(), "noise_blend": EditConfig(local_blend=True, blend_mask="noise")}
     shipped = shipped_edit_config()
-    scored = [*p2p_arms, "shipped", *(f"{m}_{a}" for m in args.fast_inversions for a in fast_arms)]  # all but ddim_swap
+    fast_names = [*fast_arms, "shipped"]
+    scored = [*p2p_arms, "shipped", *(f"{m}_{a}" for m in args.fast_inversions for a in fast_names)]  # all but ddim_swap
     results: dict[str, dict] = {}
     kind = family_kind(heads)
     chosen = [i for i in interventions_for(kind) if args.only is None or i.name in args.only]
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.fast_inversions:  # the engine's fast alternatives: PRISM P2P defaults, and + noise blend
             cfg = InversionConfig(method=method, num_inference_steps=args.steps)
             arms = {f"{method}_{name}": edit for name, edit in fast_arms.items()}
+            arms[f"{method}_shipped"] = shipped.for_intervention(iv.spec)
             extra, _, extra_seconds = run_arms(sd, images, source_prompts, edit_prompts, cfg, arms)
             outputs.update(extra)
             seconds.update(extra_seconds)

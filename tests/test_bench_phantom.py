@@ -34,7 +34,7 @@ def test_bench_phantom_smoke(tmp_path):
         assert entry["sources"] == 2
         assert entry["true_cf_target_flip_rate"] >= 0.5  # the truth itself moves the target head
         for arm in ("no_edit", "ddim_swap", "nti_swap", "full", "full_blend", "full_noise_blend", "shipped", "direct_p2p",
-                    "direct_noise_blend"):
+                    "direct_noise_blend", "direct_shipped"):
             assert 0.0 <= entry[arm]["error_to_true"] < 1.0 and 0.0 <= entry[arm]["target_flip_rate"] <= 1.0
     assert "male patient" in results["change_sex"]["example_prompts"][0]
     assert "female patient" in results["change_sex"]["example_prompts"][1]

@@ -372,17 +372,17 @@ def adapt_text_vocabulary(config: DemographicFamilyConfig, base_root: Path, devi
     embedding = clip.text_model.embeddings.token_embedding.weight
     embedding.requires_grad_(True)
     embedding.register_hook(lambda grad: grad.masked_fill(frozen_rows, 0.0))
-    image_params = [
+    tower_params = [  # the image tower and both projections
         *clip.vision_model.parameters(),
         *clip.visual_projection.parameters(),
         *clip.text_projection.parameters(),
         clip.logit_scale,
     ]
-    for param in image_params:
+    for param in tower_params:
         param.requires_grad_(True)
     groups = [
         {"params": [embedding], "lr": config.text_lr, "weight_decay": 0.0},  # zero-gradient rows never move
-        {"params": image_params, "lr": config.image_lr, "weight_decay": 0.05},
+        {"params": tower_params, "lr": config.image_lr, "weight_decay": 0.05},
     ]
     fit_clip(
         clip,
@@ -398,7 +398,7 @@ def adapt_text_vocabulary(config: DemographicFamilyConfig, base_root: Path, devi
     )
     metrics = {
         "new_tokens": tokenizer.convert_ids_to_tokens(new_ids),
-        "retrieval": caption_retrieval(clip, tokenizer, hold_x, hold_captions, hold),
+        "retrieval": caption_retrieval(clip, tokenizer, hold_x, hold_captions),
         "context_shift_before": before,
         "context_shift_after": context_shifts(tokenizer, clip, hold_captions),
     }
@@ -406,7 +406,7 @@ def adapt_text_vocabulary(config: DemographicFamilyConfig, base_root: Path, devi
 
 
 @torch.no_grad()
-def caption_retrieval(clip, tokenizer, x: torch.Tensor, captions: list[str], subjects) -> dict[str, float]:
+def caption_retrieval(clip, tokenizer, x: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Held-out image -> caption retrieval: top-1 over the distinct captions, and per caption part."""
     from prism_ray.phantom.family import _clip_pixels, _features
 

@@ -50,7 +50,12 @@ def build_tiny_tokenizer(words: list[str] | None = None):
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+    # The trainer numbers tokens in an order that changes from process to process (its hash maps are
+    # randomly seeded); renumber them (special tokens first, then by text) so a seeded family built from
+    # this tokenizer is the same family in every process.
+    rest = sorted(token for token in model["vocab"] if token not in SPECIAL_TOKENS)
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *rest])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def save_sd_tokenizer(tokenizer, folder: Path) -> None:

@@ -56,7 +56,7 @@ from prism_ray.engine.editor import Editor
 from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom
 from prism_ray.phantom.dataset import MIMIC_AGE_BINS, mimic_adapter_options
 from prism_ray.phantom.demographic import age_heads
-from prism_ray.phantom.truth import phantom_intervention
+from prism_ray.phantom.truth import phantom_intervention, plausible_counterfactuals
 from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
 
 
@@ -188,29 +188,67 @@ def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[
     return out, recon, seconds
 
 
-def score(arm: np.ndarray, src: np.ndarray, true: np.ndarray, masks: np.ndarray, p_src, p_arm, heads, targets, lpips,
-          target: np.ndarray):
-    """Scores of one arm's images (N, R, R) uint8 against the sources and true counterfactuals;
-    `target`: (N,) each image's target head (`target_index`)."""
+@dataclass(frozen=True)
+class Cases:
+    """One intervention's sources and their truth: uint8 (N, R, R) sources and true counterfactuals,
+    the attribute's region (N, R, R), the counterfactuals equally true of each source (`plausible`,
+    first = `true`), each source's target head, and the classifier's probabilities of source and truth."""
+
+    src: np.ndarray
+    true: np.ndarray
+    masks: np.ndarray
+    plausible: list[np.ndarray]
+    target: np.ndarray
+    p_src: np.ndarray
+    p_true: np.ndarray
+    heads: list[str]
+    targets: tuple[str, ...]
+
+    def subset(self, keep: np.ndarray) -> "Cases":
+        rows = np.flatnonzero(keep)
+        return Cases(self.src[rows], self.true[rows], self.masks[rows], [self.plausible[i] for i in rows],
+                     self.target[rows], self.p_src[rows], self.p_true[rows], self.heads, self.targets)
+
+
+def make_cases(iv: Intervention, subjects, heads: list[str], classifier, res: int, draws: int = 16) -> Cases:
+    from prism_ray.models.classifier import predict_proba
+
+    src = np.stack([render_phantom(a, s, res) for a, s in subjects])
+    true = true_counterfactuals(iv, subjects, res)
+    plausible = [plausible_counterfactuals(a, s, iv.spec, draws, res) for a, s in subjects]
+    masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
+    return Cases(src, true, masks, plausible, target_index(iv, subjects, heads), predict_proba(classifier, src),
+                 predict_proba(classifier, true), heads, iv.targets)
+
+
+def score(arm: np.ndarray, p_arm: np.ndarray, cases: Cases, lpips=None) -> dict:
+    """Scores of one arm's images (N, R, R) uint8 and their classifier probabilities against `cases`."""
     from prism_ray.scoring.metrics import cpg, flip_rate
 
-    a, s, t = (x.astype(np.float64) / 255 for x in (arm, src, true))
-    err = np.abs(a - t)
+    a, s, t = (x.astype(np.float64) / 255 for x in (arm, cases.src, cases.true))
+    err, masks = np.abs(a - t), cases.masks
+    nearest = [np.abs(x[None] - p.astype(np.float64) / 255).mean(axis=(1, 2)).min() for x, p in zip(a, cases.plausible)]
     out = {
         "error_to_true": float(err.mean()),
+        "error_to_plausible": float(np.mean(nearest)),
         "error_to_true_in_region": float((err * masks).sum() / max(masks.sum(), 1)),
         "error_to_true_outside_region": float((err * ~masks).sum() / max((~masks).sum(), 1)),
         "l1_to_source": float(np.abs(a - s).mean()),
     }
     if lpips is not None:
-        out["lpips_to_source"] = float(lpips.distance(_rgb(arm), _rgb(src)).mean())
-    rows = np.arange(len(arm))
+        out["lpips_to_source"] = float(lpips.distance(_rgb(arm), _rgb(cases.src)).mean())
+    rows, target, p_src = np.arange(len(arm)), cases.target, cases.p_src
     out["target_cpg"] = cpg(p_arm[rows, target], p_src[rows, target])
     out["target_flip_rate"] = flip_rate(p_arm[rows, target], p_src[rows, target])
-    others = [k for k, h in enumerate(heads) if h not in targets]
-    flipped = (p_arm[:, others] >= 0.5) != (p_src[:, others] >= 0.5)
+    others = [k for k, h in enumerate(cases.heads) if h not in cases.targets]
+    decided = lambda p: p[:, others] >= 0.5  # noqa: E731
+    flipped = decided(p_arm) != decided(p_src)
     out["non_target_flip_rate"] = float(flipped.any(axis=1).mean())
-    out["non_target_flips_per_head"] = {heads[k]: float(flipped[:, j].mean()) for j, k in enumerate(others)}
+    out["non_target_flips_per_head"] = {cases.heads[k]: float(flipped[:, j].mean()) for j, k in enumerate(others)}
+    # A head the classifier also reads differently on the true counterfactual moved with the target.
+    beyond = flipped & (decided(cases.p_true) == decided(p_src))
+    out["non_target_flip_beyond_truth_rate"] = float(beyond.any(axis=1).mean())
+    out["non_target_flips"] = [[int(i), cases.heads[others[j]]] for i, j in zip(*np.nonzero(flipped))]
     return out
 
 
@@ -288,10 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for iv in chosen:
         subjects = sources_for(iv, kind, args.per_intervention, args.seed)
-        src = np.stack([render_phantom(a, s, res) for a, s in subjects])
-        true = true_counterfactuals(iv, subjects, res)
-        masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
-        target = target_index(iv, subjects, heads)
+        cases = make_cases(iv, subjects, heads, classifier, res)
+        src, true, target, p_src = cases.src, cases.true, cases.target, cases.p_src
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         source_prompts, edit_prompts = [p[0] for p in pairs], [p[1] for p in pairs]
         images = list(_rgb(src))
@@ -309,19 +345,19 @@ def main(argv: list[str] | None = None) -> int:
             outputs.update(extra)
             seconds.update(extra_seconds)
         print(f"[{iv.name}] seconds per source: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
-        p_src = predict_proba(classifier, src)
         rows = np.arange(len(subjects))
         entry = {
             "sources": len(subjects),
+            "plausible_counterfactuals_per_source": len(cases.plausible[0]),
             "example_prompts": [source_prompts[0], edit_prompts[0]],
             "source_to_true": float(np.abs(src.astype(np.float64) - true).mean() / 255),
-            "true_cf_target_flip_rate": flip_rate(predict_proba(classifier, true)[rows, target], p_src[rows, target]),
+            "true_cf_target_flip_rate": flip_rate(cases.p_true[rows, target], p_src[rows, target]),
             "seconds_per_source": seconds,
         }
         probs, clips = {}, {}
         for name in ("no_edit", "ddim_swap", *scored):
             probs[name] = predict_proba(classifier, outputs[name])
-            entry[name] = score(outputs[name], src, true, masks, p_src, probs[name], heads, iv.targets, lpips, target)
+            entry[name] = score(outputs[name], probs[name], cases, lpips)
         for name in ("ddim_swap", *scored):
             s_clip = clips[name] = scorer.s_clip(_rgb(src), _rgb(outputs[name]), source_prompts, edit_prompts)
             entry[name]["mean_s_clip"] = float(s_clip.mean())
@@ -330,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep = s_clip >= S_CLIP_MIN
                 if keep.any():
                     p_keep = predict_proba(classifier, outputs[name][keep])
-                    entry["full_filtered"] = score(
-                        outputs[name][keep], src[keep], true[keep], masks[keep], p_src[keep], p_keep, heads, iv.targets,
-                        lpips, target[keep],
-                    )
+                    entry["full_filtered"] = score(outputs[name][keep], p_keep, cases.subset(keep), lpips)
                     entry["full_filtered"]["accepted_rate"] = float(keep.mean())
         for bf, fp in bf16_pairs.items():
             entry[f"{bf}_agreement"] = decision_agreement(
@@ -413,14 +446,11 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
     kind = family_kind(heads)
     for iv in [i for i in interventions_for(kind) if args.only is None or i.name in args.only]:
         subjects = sources_for(iv, kind, args.per_intervention, args.seed)
-        src = np.stack([render_phantom(a, s, res) for a, s in subjects])
-        true = true_counterfactuals(iv, subjects, res)
-        masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
-        oracle = [latent_mask(m, (res, res), size) for m in masks]
-        target = target_index(iv, subjects, heads)
+        cases = make_cases(iv, subjects, heads, classifier, res)
+        oracle = [latent_mask(m, (res, res), size) for m in cases.masks]
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
-        images = list(_rgb(src))
+        images = list(_rgb(cases.src))
         inverted, errors = invert_many(sd, images, sources, inversion)
         if errors:
             raise RuntimeError(f"inversion errors: {errors}")
@@ -434,11 +464,9 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
         ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
         swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
-        p_src = predict_proba(classifier, src)
         entry = {"sources": len(subjects)}
         for name in ("no_edit", "ddim_swap", *names):
-            entry[name] = score(outputs[name], src, true, masks, p_src, predict_proba(classifier, outputs[name]),
-                                heads, iv.targets, None, target)
+            entry[name] = score(outputs[name], predict_proba(classifier, outputs[name]), cases)
         results[iv.name] = entry
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {
@@ -473,8 +501,9 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"Command: `{meta['command']}` ({meta['machine']}, {meta['ddim_steps']} DDIM steps, {meta['minutes']:.1f} min)",
         "",
-        "| intervention | arm | target flip | target CPG | non-target flip | err to true cf | in region | outside | L1 to source | S_CLIP>=0.1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| intervention | arm | target flip | target CPG | non-target flip | of them not in true cf | err to true cf | "
+        "in region | outside | err to nearest plausible cf | L1 to source | S_CLIP>=0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
         first = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
@@ -484,8 +513,9 @@ def markdown(results: dict, meta: dict) -> str:
             acc = f"{s['accepted_rate']:.0%}" if "accepted_rate" in s else "-"
             lines.append(
                 f"| {name} (n={entry['sources']}) | {arm} | {s['target_flip_rate']:.0%} | {s['target_cpg']:.3f} | "
-                f"{s['non_target_flip_rate']:.0%} | {s['error_to_true']:.4f} | {s['error_to_true_in_region']:.4f} | "
-                f"{s['error_to_true_outside_region']:.4f} | {s['l1_to_source']:.4f} | {acc} |"
+                f"{s['non_target_flip_rate']:.0%} | {s['non_target_flip_beyond_truth_rate']:.0%} | "
+                f"{s['error_to_true']:.4f} | {s['error_to_true_in_region']:.4f} | {s['error_to_true_outside_region']:.4f} | "
+                f"{s['error_to_plausible']:.4f} | {s['l1_to_source']:.4f} | {acc} |"
             )
     agreement = [(name, key[: -len("_agreement")], v) for name, e in results.items() for key, v in e.items()
                  if key.endswith("_agreement")]

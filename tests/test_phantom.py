@@ -103,6 +103,53 @@ def test_relative_interventions_act_on_the_subject():
         phantom_intervention("race=asian", old_woman)
 
 
+def test_redraw_moves_only_the_hidden_attribute():
+    """`redraw` takes one attribute's placement from another seed: a phantom without it renders
+    unchanged, and with it the pixels that change are only those of the old or the new device."""
+    seed, donor = 2**31 + 11, 2**31 + 12
+    plain = PhantomAttributes(cardiomegaly=True, pleural_effusion=True)
+    assert np.array_equal(render_phantom(plain, seed, 64, redraw={"pacemaker": donor}), render_phantom(plain, seed, 64))
+    paced = plain.intervene({"pacemaker": True})
+    own, moved = render_phantom(paced, seed, 64), render_phantom(paced, seed, 64, redraw={"pacemaker": donor})
+    source = render_phantom(plain, seed, 64)
+    changed = own != moved
+    assert changed.any()
+    assert not (changed & (own == source) & (moved == source)).any()
+    with pytest.raises(ValueError, match="'cardiomegaly' has no hidden draws"):
+        render_phantom(plain, seed, 64, redraw={"cardiomegaly": donor})
+
+
+def test_plausible_counterfactuals():
+    from prism_ray.phantom.truth import phantom_intervention, plausible_counterfactuals, plausible_interventions
+
+    seed = 2**31 + 21
+    bare = PhantomAttributes(age=55)
+    sick = PhantomAttributes(cardiomegaly=True, pleural_effusion=True, devices=frozenset({"tube"}), age=55)
+    # A removal, or a change the source already shows the geometry of, has one counterfactual.
+    for attrs, spec in ((sick, "Support Devices=false"), (sick, "Pleural Effusion=false"), (bare, "Cardiomegaly=true")):
+        only = plausible_counterfactuals(attrs, seed, spec, draws=4)
+        assert only.shape == (1, 64, 64)
+        assert np.array_equal(only[0], true_counterfactual(attrs, seed, phantom_intervention(spec, attrs)))
+    # "Support Devices" is true of any non-empty set of kinds, each placed where another subject's would be.
+    changes = plausible_interventions("Support Devices=true", bare)
+    assert changes[0] == phantom_intervention("Support Devices=true", bare) and len(changes) == 7
+    assert {c["devices"] for c in changes} == {frozenset(s) for s in
+                                              (("pacemaker",), ("tube",), ("ecg",), ("pacemaker", "tube"),
+                                               ("pacemaker", "ecg"), ("tube", "ecg"), ("pacemaker", "tube", "ecg"))}
+    assert all("tube" in c["devices"] for c in plausible_interventions("Support Devices=true", sick))
+    cfs = plausible_counterfactuals(bare, seed, "Support Devices=true", draws=3)
+    assert cfs.shape == (1 + 7 * 3, 64, 64)
+    assert np.array_equal(cfs[0], true_counterfactual(bare, seed, phantom_intervention("Support Devices=true", bare)))
+    assert len({c.tobytes() for c in cfs}) == len(cfs)
+    assert np.array_equal(cfs, plausible_counterfactuals(bare, seed, "Support Devices=true", draws=3))
+    # Added fluid: its side and height are redrawn; the rest of the subject stays its own.
+    fluid = plausible_counterfactuals(bare, seed, "Pleural Effusion=true", draws=8)
+    assert fluid.shape == (9, 64, 64)
+    source = render_phantom(bare, seed, 64)
+    assert all((c != source).any() for c in fluid)
+    assert len({c.tobytes() for c in fluid}) > 2
+
+
 def test_contact_sheet(tmp_path):
     imgs = [render_phantom(PhantomAttributes(cardiomegaly=bool(i % 2)), i, 64) for i in range(6)]
     path = str(tmp_path / "sheet.png")

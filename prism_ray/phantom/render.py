@@ -14,7 +14,7 @@ on a PA film), y grows downwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -494,10 +494,43 @@ def _check(attrs: PhantomAttributes, seed: int, resolution: int) -> None:
         raise ValueError(f"resolution must be in [16, 2048], got {resolution}")
 
 
-def render_phantom(attrs: PhantomAttributes, seed: int, resolution: int = 64) -> np.ndarray:
-    """Render one phantom as a (resolution, resolution) uint8 grayscale image."""
+# The draws that only show when an attribute is present (where a device sits, which side the fluid
+# fills, the breast shadow's size). A source without the attribute says nothing about them, so the
+# counterfactual that adds it is one of many equally true ones (`redraw`).
+HIDDEN_DRAWS: dict[str, tuple[str, ...]] = {
+    "pacemaker": ("pacemaker_side", "pacemaker_x", "pacemaker_y", "pacemaker_angle", "lead_bend"),
+    "tube": ("tube_ng", "tube_tip_y", "tube_bend"),
+    "ecg": ("ecg_xy", "ecg_count", "ecg_wire_angle"),
+    "pleural_effusion": ("effusion_side", "effusion_height"),
+    "sex": ("breast_size", "breast_y"),
+}
+
+
+def shows(attrs: PhantomAttributes, attribute: str) -> bool:
+    """Whether `attribute`'s hidden draws (HIDDEN_DRAWS) are visible in a phantom with these attributes."""
+    if attribute in DEVICE_KINDS:
+        return attribute in attrs.devices
+    if attribute == "sex":
+        return attrs.sex == "female"
+    return bool(getattr(attrs, attribute))
+
+
+def render_phantom(
+    attrs: PhantomAttributes, seed: int, resolution: int = 64, *, redraw: dict[str, int] | None = None
+) -> np.ndarray:
+    """Render one phantom as a (resolution, resolution) uint8 grayscale image.
+
+    `redraw` {attribute: other seed} takes that attribute's HIDDEN_DRAWS from another seed's subject
+    and everything else from `seed`: the same subject with its device placed, or its fluid drawn, as
+    another subject's would be.
+    """
     _check(attrs, seed, resolution)
     a = _draw_anatomy(int(seed))
+    for attribute, other in (redraw or {}).items():
+        if attribute not in HIDDEN_DRAWS:
+            raise ValueError(f"redraw: {attribute!r} has no hidden draws; expected one of {tuple(HIDDEN_DRAWS)}")
+        donor = _draw_anatomy(int(other))
+        a = replace(a, **{name: getattr(donor, name) for name in HIDDEN_DRAWS[attribute]})
     g = _grid(a, resolution)
     # The pixel noise is drawn after the anatomy from its own stream, so it is identical for
     # every attribute setting (and the anatomy is identical across resolutions).

@@ -9,7 +9,14 @@ import numpy as np
 
 from prism_ray.data.captions import parse_interventions
 from prism_ray.phantom.dataset import subject_attributes
-from prism_ray.phantom.render import PhantomAttributes, true_counterfactual
+from prism_ray.phantom.render import (
+    DEVICE_KINDS,
+    HIDDEN_DRAWS,
+    PhantomAttributes,
+    render_phantom,
+    shows,
+    true_counterfactual,
+)
 
 # CheXpert label intervention -> phantom attribute change (value, the subject's attributes). Removing
 # "Support Devices" removes every device kind, as a radiologist's "without support devices" would.
@@ -52,6 +59,50 @@ def phantom_intervention(spec: str, attrs: PhantomAttributes | None = None) -> d
             raise ValueError(f"intervention '{item}' is relative: it needs the subject's attributes")
         change.update(LABEL_TO_PHANTOM[item.attribute](item.value, attrs))
     return change
+
+
+def plausible_interventions(spec: str, attrs: PhantomAttributes) -> list[dict]:
+    """Every phantom change the labels in `spec` are equally true of. "Support Devices=true" holds for
+    any non-empty set of device kinds (kept: the subject's own devices), every other label for one change.
+    The first item is `phantom_intervention`'s own choice."""
+    own = phantom_intervention(spec, attrs)
+    out = [own]
+    if "devices" in own and own["devices"]:
+        kept = attrs.devices
+        others = [k for k in DEVICE_KINDS if k not in kept]
+        for n in range(1 << len(others)):
+            added = {k for j, k in enumerate(others) if n >> j & 1}
+            change = {**own, "devices": frozenset(kept | added)}
+            if change["devices"] and change not in out:
+                out.append(change)
+    return out
+
+
+def plausible_counterfactuals(
+    attrs: PhantomAttributes, seed: int, spec: str, draws: int = 16, resolution: int = 64, sample_seed: int = 0
+) -> np.ndarray:
+    """(M, R, R) uint8: the true counterfactual (first) and the others equally true of this source.
+
+    Adding a finding the source does not show leaves part of its counterfactual unknowable from the
+    source: which devices "Support Devices" means (`plausible_interventions`), where they sit, which
+    side the fluid fills (`render.HIDDEN_DRAWS`). Those are redrawn `draws` times per plausible change,
+    from other subjects' seeds; everything the source shows stays its own. A removal, or any change
+    whose effect the source already shows (a larger heart, older bones), has one counterfactual (M = 1).
+    """
+    rng = np.random.default_rng([sample_seed, int(seed)])
+    changes = plausible_interventions(spec, attrs)
+    out = [true_counterfactual(attrs, seed, changes[0], resolution)]
+    for k, change in enumerate(changes):
+        target = attrs.intervene(change)
+        hidden = [a for a in HIDDEN_DRAWS if shows(target, a) and not shows(attrs, a)]
+        if not hidden:
+            if k:
+                out.append(render_phantom(target, seed, resolution))
+            continue
+        for _ in range(draws):
+            donors = rng.integers(0, 2**31, size=len(hidden))
+            out.append(render_phantom(target, seed, resolution, redraw=dict(zip(hidden, map(int, donors)))))
+    return np.stack(out)
 
 
 def true_cf_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:

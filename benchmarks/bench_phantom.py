@@ -53,7 +53,7 @@ import torch
 from prism_ray.data.captions import get_adapter
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor
-from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom
+from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask, render_phantom
 from prism_ray.phantom.dataset import MIMIC_AGE_BINS, mimic_adapter_options
 from prism_ray.phantom.demographic import age_heads
 from prism_ray.phantom.truth import phantom_intervention, plausible_counterfactuals
@@ -397,38 +397,42 @@ def main(argv: list[str] | None = None) -> int:
 # --- the mask / edit-strength sweep (--sweep) ---------------------------------------------------
 
 NOISE = {"local_blend": True, "blend_mask": "noise"}
-# name -> (EditConfig, use the oracle mask). The oracle is the renderer's ground-truth region of the
-# attribute (`phantom.attribute_mask`), given as the user's edit mask: the upper bound of what masking can do.
-SWEEP_ARMS: dict[str, tuple[EditConfig, bool]] = {
-    "p2p": (EditConfig(), False),  # PRISM's prompt-to-prompt defaults, no blend
-    "noise_q95": (EditConfig(**NOISE), False),  # the default noise blend (q 0.95, threshold 0.5)
-    "noise_q90": (EditConfig(**NOISE, noise_mask_quantile=0.9), False),
-    "noise_q80": (EditConfig(**NOISE, noise_mask_quantile=0.8), False),
-    "noise_q70": (EditConfig(**NOISE, noise_mask_quantile=0.7), False),
-    "noise_t03": (EditConfig(**NOISE, noise_mask_threshold=0.3), False),
-    "noise_self1": (EditConfig(**NOISE, self_replace_steps=1.0), False),  # source layout kept longer
-    "noise_self0": (EditConfig(**NOISE, self_replace_steps=0.0), False),  # no self-attention injection
-    "noise_cross04": (EditConfig(**NOISE, cross_replace_steps=0.4), False),  # the edit's own words act earlier
-    "noise_rw4": (EditConfig(**NOISE, reweight=4.0), False),  # stronger edit words
-    "noise_start0": (EditConfig(**NOISE, blend_start=0.0), False),  # blend from the first step
+# name -> (EditConfig, the user's edit mask: None, "oracle" or "lungs"). The oracle is the renderer's
+# ground-truth region of the attribute (`phantom.attribute_mask`): the upper bound of what masking can do.
+SWEEP_ARMS: dict[str, tuple[EditConfig, str | None]] = {
+    "p2p": (EditConfig(), None),  # PRISM's prompt-to-prompt defaults, no blend
+    "noise_q95": (EditConfig(**NOISE), None),  # the default noise blend (q 0.95, threshold 0.5)
+    "noise_q90": (EditConfig(**NOISE, noise_mask_quantile=0.9), None),
+    "noise_q80": (EditConfig(**NOISE, noise_mask_quantile=0.8), None),
+    "noise_q70": (EditConfig(**NOISE, noise_mask_quantile=0.7), None),
+    "noise_t03": (EditConfig(**NOISE, noise_mask_threshold=0.3), None),
+    "noise_self1": (EditConfig(**NOISE, self_replace_steps=1.0), None),  # source layout kept longer
+    "noise_self0": (EditConfig(**NOISE, self_replace_steps=0.0), None),  # no self-attention injection
+    "noise_cross04": (EditConfig(**NOISE, cross_replace_steps=0.4), None),  # the edit's own words act earlier
+    "noise_rw4": (EditConfig(**NOISE, reweight=4.0), None),  # stronger edit words
+    "noise_start0": (EditConfig(**NOISE, blend_start=0.0), None),  # blend from the first step
     # Guidance of the edit branches (the source branch keeps the inversion's 7.5): a scale, or a linear ramp.
-    "noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), False),
-    "noise_g2_self1": (EditConfig(**NOISE, edit_guidance=2.0, self_replace_steps=1.0), False),
-    "noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), False),
-    "noise_g3_self1": (EditConfig(**NOISE, edit_guidance=3.0, self_replace_steps=1.0), False),
-    "noise_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), False),
-    "oracle_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), True),
-    "noise_g4": (EditConfig(**NOISE, edit_guidance=4.0), False),
-    "noise_g5": (EditConfig(**NOISE, edit_guidance=5.0), False),
-    "noise_g5_self1": (EditConfig(**NOISE, edit_guidance=5.0, self_replace_steps=1.0), False),
-    "noise_q90_g5": (EditConfig(**NOISE, edit_guidance=5.0, noise_mask_quantile=0.9), False),
-    "noise_q90_g4": (EditConfig(**NOISE, edit_guidance=4.0, noise_mask_quantile=0.9), False),
-    "noise_g10": (EditConfig(**NOISE, edit_guidance=10.0), False),
-    "noise_g12_5": (EditConfig(**NOISE, edit_guidance=(12.0, 5.0)), False),  # strong early (layout), weak late
-    "noise_g5_12": (EditConfig(**NOISE, edit_guidance=(5.0, 12.0)), False),  # weak early, strong late (detail)
-    "oracle": (EditConfig(), True),  # the true region alone, PRISM's P2P inside it
-    "oracle_noise": (EditConfig(**NOISE), True),  # the true region ∩ the noise mask
-    "oracle_self0": (EditConfig(self_replace_steps=0.0), True),
+    "noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), None),
+    "noise_g2_self1": (EditConfig(**NOISE, edit_guidance=2.0, self_replace_steps=1.0), None),
+    "noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), None),
+    "noise_g3_self1": (EditConfig(**NOISE, edit_guidance=3.0, self_replace_steps=1.0), None),
+    "noise_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), None),
+    "oracle_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), "oracle"),
+    "noise_g4": (EditConfig(**NOISE, edit_guidance=4.0), None),
+    "noise_g5": (EditConfig(**NOISE, edit_guidance=5.0), None),
+    "noise_g5_self1": (EditConfig(**NOISE, edit_guidance=5.0, self_replace_steps=1.0), None),
+    "noise_q90_g5": (EditConfig(**NOISE, edit_guidance=5.0, noise_mask_quantile=0.9), None),
+    "noise_q90_g4": (EditConfig(**NOISE, edit_guidance=4.0, noise_mask_quantile=0.9), None),
+    "noise_g10": (EditConfig(**NOISE, edit_guidance=10.0), None),
+    "noise_g12_5": (EditConfig(**NOISE, edit_guidance=(12.0, 5.0)), None),  # strong early (layout), weak late
+    "noise_g5_12": (EditConfig(**NOISE, edit_guidance=(5.0, 12.0)), None),  # weak early, strong late (detail)
+    "oracle": (EditConfig(), "oracle"),  # the true region alone, PRISM's P2P inside it
+    "oracle_noise": (EditConfig(**NOISE), "oracle"),  # the true region ∩ the noise mask
+    "oracle_self0": (EditConfig(self_replace_steps=0.0), "oracle"),
+    # The lung fields as the user's edit mask (what a lung segmenter gives; no knowledge of the truth).
+    "lungs_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), "lungs"),
+    "lungs_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), "lungs"),
+    "lungs_g3": (EditConfig(edit_guidance=3.0), "lungs"),
 }
 
 
@@ -447,7 +451,10 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
     for iv in [i for i in interventions_for(kind) if args.only is None or i.name in args.only]:
         subjects = sources_for(iv, kind, args.per_intervention, args.seed)
         cases = make_cases(iv, subjects, heads, classifier, res)
-        oracle = [latent_mask(m, (res, res), size) for m in cases.masks]
+        user_masks = {
+            "oracle": [latent_mask(m, (res, res), size) for m in cases.masks],
+            "lungs": [latent_mask(lung_mask(s, res), (res, res), size) for _, s in subjects],
+        }
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
         images = list(_rgb(cases.src))
@@ -456,9 +463,9 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
             raise RuntimeError(f"inversion errors: {errors}")
         outputs = {}
         for name in names:
-            edit, use_oracle = SWEEP_ARMS[name]
+            edit, mask = SWEEP_ARMS[name]
             result = Editor(sd, edit, inversion).edit(inverted, sources, [[e] for e in edits],
-                                                      regions=oracle if use_oracle else None)
+                                                      regions=user_masks[mask] if mask else None)
             outputs[name] = result.edits[:, 0, ..., 0]
             outputs["no_edit"] = result.reconstructions[..., 0]
         ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)

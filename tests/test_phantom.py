@@ -12,7 +12,13 @@ from PIL import Image
 
 from prism_ray.data.captions import CHEXPERT_LABELS
 from prism_ray.phantom.dataset import PhantomDatasetConfig, subject_attributes, write_phantom_dataset
-from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom, true_counterfactual
+from prism_ray.phantom.render import (
+    PhantomAttributes,
+    attribute_mask,
+    lung_mask,
+    render_phantom,
+    true_counterfactual,
+)
 from prism_ray.report.contact_sheet import save_contact_sheet
 
 # (attribute whose mask must contain the change, intervention, source attributes)
@@ -148,6 +154,9 @@ def test_plausible_counterfactuals():
     source = render_phantom(bare, seed, 64)
     assert all((c != source).any() for c in fluid)
     assert len({c.tobytes() for c in fluid}) > 2
+    # Wherever the fluid is drawn, it stays inside the subject's lung fields.
+    lungs = lung_mask(seed, 64)
+    assert lungs.mean() > 0.15 and all(((c != source) & ~lungs).sum() == 0 for c in fluid)
 
 
 def test_contact_sheet(tmp_path):

@@ -591,3 +591,11 @@ def attribute_mask(attrs: PhantomAttributes, seed: int, attribute: str, resoluti
         for m in maps:
             mask |= m != 0
     return mask
+
+
+def lung_mask(seed: int, resolution: int = 64) -> np.ndarray:
+    """Boolean (H, W) lung fields of this subject: the anatomy a lung segmenter would outline on the
+    source, and the only place pleural fluid can appear (every side and height)."""
+    _check(PhantomAttributes(), seed, resolution)
+    a = _draw_anatomy(int(seed))
+    return _lungs(_grid(a, resolution), a) > 0

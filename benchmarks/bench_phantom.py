@@ -26,9 +26,11 @@ Arms, all from the same held-out phantoms and the same decoder:
 The raw source image's distance to the true counterfactual is reported too (`source_to_true`).
 
 Scores per intervention: the shipped classifier's target CPG and flip rate, the non-target flip
-rate (heads the intervention should not move), L1 (and LPIPS when weights are given) to the source,
-error to the true counterfactual over the whole image and inside / outside the attribute's region,
-and the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
+rate (heads the intervention should not move) and its share the classifier does not also show on the
+true counterfactual, L1 (and LPIPS when weights are given) to the source, error to the true
+counterfactual over the whole image and inside / outside the attribute's region, error to the nearest
+counterfactual equally true of the source (additions: `phantom.truth.plausible_counterfactuals`), and
+the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
 intervention (source | no_edit | ddim_swap | full | full_noise_blend | true cf).
 
     python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps

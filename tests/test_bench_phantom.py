@@ -107,3 +107,21 @@ def test_bench_phantom_on_a_demographic_family(tmp_path):
         assert "-years old" in entry["example_prompts"][0] and entry["example_prompts"][0] != entry["example_prompts"][1]
         assert 0.0 <= entry["full_noise_blend"]["target_flip_rate"] <= 1.0
         assert entry["source_to_true"] > 0  # the true counterfactual differs from the source
+
+
+def test_bench_phantom_sweep_smoke(tmp_path):
+    """--sweep: arms with the lung fields and the oracle region as the user's edit mask run beside the
+    baselines, and every arm reports the error to the nearest plausible counterfactual (an addition has
+    several, so it is at most the error to the seed's own)."""
+    bench = _load_bench()
+    out = tmp_path / "sweep"
+    argv = ["--sweep", "--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "add_effusion",
+            "--sweep-arms", "lungs_g3", "oracle_noise_g3", "--out", str(out)]
+    assert bench.main(argv) == 0
+    entry = json.loads((out / "sweep.json").read_text())["results"]["add_effusion"]
+    assert entry["sources"] == 2
+    for arm in ("no_edit", "ddim_swap", "lungs_g3", "oracle_noise_g3"):
+        s = entry[arm]
+        assert 0.0 < s["error_to_plausible"] <= s["error_to_true"] < 1.0
+        assert 0.0 <= s["non_target_flip_beyond_truth_rate"] <= s["non_target_flip_rate"] <= 1.0
+    assert "| add_effusion (n=2) | lungs_g3 |" in (out / "sweep.md").read_text()

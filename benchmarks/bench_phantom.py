@@ -6,6 +6,8 @@ Arms, all from the same held-out phantoms and the same decoder:
   * ddim_swap - plain DDIM inversion, then guided sampling with the edited caption (no null-text, no P2P);
   * no_edit   - the method's own unedited reconstruction (NTI source branch): what the pipeline
                 returns when nothing changes, so all three arms pay the same VAE round trip;
+  * true_vae  - not an edit: the true counterfactual through the family's VAE, the closest any edit can
+                come to it through this decoder;
   * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
   * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
                 cross-attention of the changed words is, source branch elsewhere; same inversion);
@@ -166,6 +168,14 @@ def captions(intervention: Intervention, attrs: PhantomAttributes, kind: str = "
     else:
         adapter = get_adapter("chexpert")
     return adapter.caption(row), adapter.edit_caption(row, intervention.spec)
+
+
+def vae_round_trip(sd, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, R, R) through the family's VAE (encode to the posterior mean, decode): applied to the true
+    counterfactuals, the closest any edit can come to them through this decoder (the `true_vae` row)."""
+    from prism_ray.engine.images import decode, encode, preprocess
+
+    return decode(sd.vae, encode(sd.vae, preprocess(list(images), sd.resolution)))[..., 0]
 
 
 def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[str, EditConfig]):
@@ -336,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         arms = {**p2p_arms, "shipped": shipped.for_intervention(iv.spec)}
         outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, arms)
         outputs["no_edit"] = recon
+        outputs["true_vae"] = vae_round_trip(sd, true)
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         seconds.update(swap_seconds)
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_source": seconds,
         }
         probs, clips = {}, {}
-        for name in ("no_edit", "ddim_swap", *scored):
+        for name in ("no_edit", "ddim_swap", "true_vae", *scored):
             probs[name] = predict_proba(classifier, outputs[name])
             entry[name] = score(outputs[name], probs[name], cases, lpips)
         for name in ("ddim_swap", *scored):
@@ -380,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_noise_blend"][k], true[k]]
             labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", *scored)}), flush=True)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "true_vae", *scored)}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -445,7 +456,7 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
     from prism_ray.models.classifier import predict_proba
 
     res, size = sd.resolution, int(sd.unet.config.sample_size)
-    names = args.sweep_arms or list(SWEEP_ARMS)
+    names = list(SWEEP_ARMS) if args.sweep_arms is None else args.sweep_arms  # `--sweep-arms` alone: baselines only
     inversion = InversionConfig(method=args.sweep_inversion, num_inference_steps=args.steps)
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -473,8 +484,9 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
         ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
         swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
+        outputs["true_vae"] = vae_round_trip(sd, cases.true)
         entry = {"sources": len(subjects)}
-        for name in ("no_edit", "ddim_swap", *names):
+        for name in ("no_edit", "ddim_swap", "true_vae", *names):
             entry[name] = score(outputs[name], predict_proba(classifier, outputs[name]), cases)
         results[iv.name] = entry
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
@@ -515,7 +527,7 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        first = ["no_edit", "ddim_swap", "nti_swap", "full", "full_filtered"]
+        first = ["no_edit", "ddim_swap", "true_vae", "nti_swap", "full", "full_filtered"]
         scored = [k for k, v in entry.items() if isinstance(v, dict) and "error_to_true" in v]  # every arm scored
         for arm in [a for a in first if a in scored] + [a for a in scored if a not in first]:
             s = entry[arm]

@@ -33,7 +33,7 @@ def test_bench_phantom_smoke(tmp_path):
     for entry in results.values():
         assert entry["sources"] == 2
         assert entry["true_cf_target_flip_rate"] >= 0.5  # the truth itself moves the target head
-        for arm in ("no_edit", "ddim_swap", "nti_swap", "full", "full_blend", "full_noise_blend", "shipped", "direct_p2p",
+        for arm in ("no_edit", "ddim_swap", "true_vae", "nti_swap", "full", "full_blend", "full_noise_blend", "shipped", "direct_p2p",
                     "direct_noise_blend", "direct_shipped"):
             assert 0.0 <= entry[arm]["error_to_true"] < 1.0 and 0.0 <= entry[arm]["target_flip_rate"] <= 1.0
     assert "male patient" in results["change_sex"]["example_prompts"][0]
@@ -120,7 +120,8 @@ def test_bench_phantom_sweep_smoke(tmp_path):
     assert bench.main(argv) == 0
     entry = json.loads((out / "sweep.json").read_text())["results"]["add_effusion"]
     assert entry["sources"] == 2
-    for arm in ("no_edit", "ddim_swap", "lungs_g3", "oracle_noise_g3"):
+    assert entry["true_vae"]["error_to_true"] < entry["no_edit"]["error_to_true"]  # the decoder's floor
+    for arm in ("no_edit", "ddim_swap", "true_vae", "lungs_g3", "oracle_noise_g3"):
         s = entry[arm]
         assert 0.0 < s["error_to_plausible"] <= s["error_to_true"] < 1.0
         assert 0.0 <= s["non_target_flip_beyond_truth_rate"] <= s["non_target_flip_rate"] <= 1.0

@@ -475,11 +475,13 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
         if errors:
             raise RuntimeError(f"inversion errors: {errors}")
         outputs = {}
-        for name in names:
-            edit, mask = SWEEP_ARMS[name]
+        # The source branch is the same for every arm; with no arm, a plain caption swap provides it.
+        for name in names or [None]:
+            edit, mask = SWEEP_ARMS[name] if name else (EditConfig(controller="none", reweight=None), None)
             result = Editor(sd, edit, inversion).edit(inverted, sources, [[e] for e in edits],
                                                       regions=user_masks[mask] if mask else None)
-            outputs[name] = result.edits[:, 0, ..., 0]
+            if name:
+                outputs[name] = result.edits[:, 0, ..., 0]
             outputs["no_edit"] = result.reconstructions[..., 0]
         ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
         swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})

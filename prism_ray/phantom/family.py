@@ -346,14 +346,20 @@ def train_unet(
     tokenizer,
     text_encoder,
     device: torch.device,
+    init=None,
 ):
-    """DDPM epsilon-MSE on scaled VAE latents; frozen text encoder; empty caption with `caption_dropout`."""
+    """DDPM epsilon-MSE on scaled VAE latents; frozen text encoder; empty caption with `caption_dropout`.
+    `init`: a trained U-Net to continue from (a copy; the EMA starts at its weights) instead of a new one."""
     import copy
 
     from prism_ray.engine.text import encode_prompts
 
     torch.manual_seed(config.seed + 4)
-    unet = tiny_unet(resolution=config.resolution, cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
+    if init is None:
+        unet = tiny_unet(resolution=config.resolution, cross_attention_dim=text_encoder.config.hidden_size)
+    else:
+        unet = copy.deepcopy(init).requires_grad_(True)
+    unet = unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     vocab = [""] + sorted(set(captions))  # index 0 = the empty caption
     context = encode_prompts(tokenizer, text_encoder.to(device), vocab)  # (V, 77, D), text encoder frozen
@@ -647,14 +653,46 @@ def train_family(config: PhantomTrainConfig) -> dict:
     return metrics
 
 
+def continue_unet(config: PhantomTrainConfig, base: Path) -> dict:
+    """A copy of the family at `base` whose U-Net trained `config.unet_steps` more steps on the same
+    training phantoms (lr schedule from `config.unet_lr`); VAE, text encoder, CLIP and classifier are
+    `base`'s, so a benchmark's scores of the two families differ only by the U-Net."""
+    import shutil
+
+    from prism_ray.engine.images import encode
+    from prism_ray.models.loading import load_sd_components, resolve_device
+
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    if out.resolve() == Path(base).resolve():
+        raise ValueError(f"--out {out}: must differ from --continue-unet (the base family is never overwritten)")
+    t0 = time.perf_counter()
+    sd = load_sd_components(str(base), device=str(device))
+    train = render_split(config, config.n_train, stream=0)
+    latents = encode(sd.vae, _pixels(train.images, device).expand(-1, 3, -1, -1), batch_size=256)
+    unet = train_unet(config, latents, train.captions, sd.tokenizer, sd.text_encoder, device, init=sd.unet)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    unet.to("cpu").save_pretrained(out / "unet", safe_serialization=True)
+    record = {"base": str(base), "config": config.model_dump(mode="json"), "minutes": (time.perf_counter() - t0) / 60}
+    (out / "continued.json").write_text(json.dumps(record, indent=2))
+    print(f"[done] U-Net continued {config.unet_steps} steps in {record['minutes']:.1f} min; family written to {out}", flush=True)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--continue-unet", default=None, metavar="FAMILY",
+                        help="instead of a new family: copy FAMILY and train its U-Net unet_steps more steps")
     args = parser.parse_args(argv)
     config = build_config(PhantomTrainConfig, {"out": args.out, "seed": args.seed}, args.set)
-    train_family(config)
+    if args.continue_unet:
+        continue_unet(config, Path(args.continue_unet))
+    else:
+        train_family(config)
     return 0
 
 

@@ -147,3 +147,23 @@ def test_noise_mask_finds_the_devices():
     cover = float((masks & region).sum() / region.sum())
     print(f"noise mask on devices: precision {precision:.2f}, device share {share:.2f}, cover {cover:.2f}")
     assert precision >= 2 * share and cover >= 0.5
+
+
+def test_continue_unet_changes_only_the_unet(tmp_path):
+    """--continue-unet copies a family and trains only its U-Net further: the loss starts where a trained
+    U-Net is (not at a fresh one's), every other file is the base's byte for byte, and the base is never
+    the output."""
+    from prism_ray.phantom.family import main
+
+    out = tmp_path / "continued"
+    assert main(["--continue-unet", str(SHIPPED), "--out", str(out), "--set", "n_train=32", "--set", "unet_steps=3",
+                 "--set", "unet_batch=4"]) == 0
+    record = json.loads((out / "continued.json").read_text())
+    assert record["base"] == str(SHIPPED) and record["config"]["unet_steps"] == 3
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "classifier/model.safetensors", "clip/model.safetensors"):
+        assert (out / name).read_bytes() == (SHIPPED / name).read_bytes(), name
+    assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
+        (SHIPPED / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="must differ"):
+        main(["--continue-unet", str(out), "--out", str(out), "--set", "unet_steps=1"])

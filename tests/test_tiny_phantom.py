@@ -165,5 +165,6 @@ def test_continue_unet_changes_only_the_unet(tmp_path):
         assert (out / name).read_bytes() == (SHIPPED / name).read_bytes(), name
     assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
         (SHIPPED / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert not (out / "metrics.json").exists() and not (out / "README.md").exists()  # they describe the base's U-Net
     with pytest.raises(ValueError, match="must differ"):
         main(["--continue-unet", str(out), "--out", str(out), "--set", "unet_steps=1"])

@@ -672,7 +672,8 @@ def continue_unet(config: PhantomTrainConfig, base: Path) -> dict:
     train = render_split(config, config.n_train, stream=0)
     latents = encode(sd.vae, _pixels(train.images, device).expand(-1, 3, -1, -1), batch_size=256)
     unet = train_unet(config, latents, train.captions, sd.tokenizer, sd.text_encoder, device, init=sd.unet)
-    shutil.copytree(base, out, dirs_exist_ok=True)
+    # The base's README, metrics and samples describe its own U-Net: they are not copied.
+    shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", "metrics.json", "samples.png"))
     unet.to("cpu").save_pretrained(out / "unet", safe_serialization=True)
     record = {"base": str(base), "config": config.model_dump(mode="json"), "minutes": (time.perf_counter() - t0) / 60}
     (out / "continued.json").write_text(json.dumps(record, indent=2))

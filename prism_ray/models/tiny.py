@@ -124,7 +124,10 @@ def tiny_vae(
     )
 
 
-def tiny_unet(*, resolution: int = 64, cross_attention_dim: int = 32):
+TINY_UNET_CHANNELS = (32, 64)
+
+
+def tiny_unet(*, resolution: int = 64, cross_attention_dim: int = 32, block_out_channels=TINY_UNET_CHANNELS):
     """UNet2DConditionModel with cross-attention at two resolutions (16^2, 8^2 for 64 px) plus the mid block."""
     from diffusers import UNet2DConditionModel
 
@@ -133,7 +136,7 @@ def tiny_unet(*, resolution: int = 64, cross_attention_dim: int = 32):
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(block_out_channels),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,

@@ -27,7 +27,7 @@ from prism_ray.data.captions import CHEXPERT_LABELS
 from prism_ray.engine.images import to_model_pixels, vae_latent_moments
 from prism_ray.engine.scheduler import NUM_TRAIN_TIMESTEPS, make_ddpm_scheduler
 from prism_ray.models.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
-from prism_ray.models.tiny import TINY_VAE_CHANNELS, tiny_clip, tiny_text_config, tiny_unet, tiny_vae
+from prism_ray.models.tiny import TINY_UNET_CHANNELS, TINY_VAE_CHANNELS, tiny_clip, tiny_text_config, tiny_unet, tiny_vae
 from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
 CAPTION_LABELS = ("cardiomegaly", "pleural_effusion", "support_devices")  # what a CheXpert caption states
@@ -67,6 +67,7 @@ class PhantomTrainConfig(BaseConfig):
     clip_batch: int = Field(64, ge=2)
     clip_lr: float = Field(2e-3, gt=0)
     # (c) base U-Net
+    unet_channels: tuple[int, int] = TINY_UNET_CHANNELS
     unet_steps: int = Field(3000, ge=0)
     unet_batch: int = Field(32, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
@@ -356,7 +357,8 @@ def train_unet(
 
     torch.manual_seed(config.seed + 4)
     if init is None:
-        unet = tiny_unet(resolution=config.resolution, cross_attention_dim=text_encoder.config.hidden_size)
+        unet = tiny_unet(resolution=config.resolution, cross_attention_dim=text_encoder.config.hidden_size,
+                         block_out_channels=config.unet_channels)
     else:
         unet = copy.deepcopy(init).requires_grad_(True)
     unet = unet.to(device).train()
@@ -653,10 +655,11 @@ def train_family(config: PhantomTrainConfig) -> dict:
     return metrics
 
 
-def continue_unet(config: PhantomTrainConfig, base: Path) -> dict:
+def continue_unet(config: PhantomTrainConfig, base: Path, fresh: bool = False) -> dict:
     """A copy of the family at `base` whose U-Net trained `config.unet_steps` more steps on the same
-    training phantoms (lr schedule from `config.unet_lr`); VAE, text encoder, CLIP and classifier are
-    `base`'s, so a benchmark's scores of the two families differ only by the U-Net."""
+    training phantoms (lr schedule from `config.unet_lr`), or with `fresh` a new U-Net of
+    `config.unet_channels` trained from scratch; VAE, text encoder, CLIP and classifier are `base`'s,
+    so a benchmark's scores of the two families differ only by the U-Net."""
     import shutil
 
     from prism_ray.engine.images import encode
@@ -671,13 +674,16 @@ def continue_unet(config: PhantomTrainConfig, base: Path) -> dict:
     sd = load_sd_components(str(base), device=str(device))
     train = render_split(config, config.n_train, stream=0)
     latents = encode(sd.vae, _pixels(train.images, device).expand(-1, 3, -1, -1), batch_size=256)
-    unet = train_unet(config, latents, train.captions, sd.tokenizer, sd.text_encoder, device, init=sd.unet)
+    unet = train_unet(config, latents, train.captions, sd.tokenizer, sd.text_encoder, device,
+                      init=None if fresh else sd.unet)
     # The base's README, metrics and samples describe its own U-Net: they are not copied.
     shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", "metrics.json", "samples.png"))
     unet.to("cpu").save_pretrained(out / "unet", safe_serialization=True)
-    record = {"base": str(base), "config": config.model_dump(mode="json"), "minutes": (time.perf_counter() - t0) / 60}
+    record = {"base": str(base), "unet": "new" if fresh else "continued", "config": config.model_dump(mode="json"),
+              "minutes": (time.perf_counter() - t0) / 60}
     (out / "continued.json").write_text(json.dumps(record, indent=2))
-    print(f"[done] U-Net continued {config.unet_steps} steps in {record['minutes']:.1f} min; family written to {out}", flush=True)
+    print(f"[done] U-Net ({record['unet']}) trained {config.unet_steps} steps in {record['minutes']:.1f} min; "
+          f"family written to {out}", flush=True)
     return record
 
 
@@ -686,12 +692,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--continue-unet", default=None, metavar="FAMILY",
-                        help="instead of a new family: copy FAMILY and train its U-Net unet_steps more steps")
+    reuse = parser.add_mutually_exclusive_group()
+    reuse.add_argument("--continue-unet", default=None, metavar="FAMILY",
+                       help="instead of a new family: copy FAMILY and train its U-Net unet_steps more steps")
+    reuse.add_argument("--new-unet", default=None, metavar="FAMILY",
+                       help="instead of a new family: copy FAMILY and train a new U-Net (unet_channels) from scratch")
     args = parser.parse_args(argv)
     config = build_config(PhantomTrainConfig, {"out": args.out, "seed": args.seed}, args.set)
-    if args.continue_unet:
-        continue_unet(config, Path(args.continue_unet))
+    if args.continue_unet or args.new_unet:
+        continue_unet(config, Path(args.continue_unet or args.new_unet), fresh=bool(args.new_unet))
     else:
         train_family(config)
     return 0

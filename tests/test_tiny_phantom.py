@@ -168,3 +168,11 @@ def test_continue_unet_changes_only_the_unet(tmp_path):
     assert not (out / "metrics.json").exists() and not (out / "README.md").exists()  # they describe the base's U-Net
     with pytest.raises(ValueError, match="must differ"):
         main(["--continue-unet", str(out), "--out", str(out), "--set", "unet_steps=1"])
+    # --new-unet: a U-Net of another width, trained from scratch on the same VAE and text encoder.
+    wide = tmp_path / "wide"
+    assert main(["--new-unet", str(SHIPPED), "--out", str(wide), "--set", "n_train=32", "--set", "unet_steps=2",
+                 "--set", "unet_batch=4", "--set", "unet_channels=[64,128]"]) == 0
+    assert json.loads((wide / "unet/config.json").read_text())["block_out_channels"] == [64, 128]
+    assert json.loads((wide / "continued.json").read_text())["unet"] == "new"
+    assert (wide / "vae/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (SHIPPED / "vae/diffusion_pytorch_model.safetensors").read_bytes()

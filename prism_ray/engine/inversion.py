@@ -149,23 +149,17 @@ def ddpm_invert(
     edit branches, which keeps the source's structure (docs/method.md §7). Like direct inversion, the
     guided pass runs at the editing pass's precision.
     """
-    cond, uncond, noise = _trajectory_corrections(
-        unet, steps, latents, cond, uncond_init, config, policy, lambda eps, t, z: steps.prev_mean(eps, t, z)[0]
-    )
-    return InversionResult(
-        latents=latents,
-        cond_embeddings=cond,
-        uncond_embeddings=uncond[None].repeat(len(steps.timesteps), 1, 1, 1),
-        timesteps=steps.timesteps.clone(),
-        method="ddpm",
-        noise=noise,
+    return _trajectory_corrections(
+        unet, steps, latents, cond, uncond_init, config, policy, lambda eps, t, z: steps.prev_mean(eps, t, z)[0],
+        method="ddpm", field="noise",
     )
 
 
-def _trajectory_corrections(unet, steps, latents, cond, uncond_init, config, policy, step):
+def _trajectory_corrections(unet, steps, latents, cond, uncond_init, config, policy, step, *, method: str, field: str):
     """What step i must add to land on latents[T-1-i] from latents[T-i]: latents[T-1-i] - step(guided eps,
     t, latents[T-i]) for every i, the guided pass at the editing pass's precision (direct and DDPM
-    inversion). Returns (cond float32, the "" context (N, 77, D), corrections (T, N, C, h, w))."""
+    inversion). Returns the InversionResult of `method` with the corrections (T, N, C, h, w) as its
+    `field` and the "" context at every step."""
     _require_fp32(unet)
     T, n = len(steps.timesteps), latents.shape[1]
     policy = policy or resolve_precision(config, device=latents.device)
@@ -177,7 +171,14 @@ def _trajectory_corrections(unet, steps, latents, cond, uncond_init, config, pol
         with policy.edit_autocast(latents.device):
             eps = guided_eps(unet, z_t, t, uncond, cond, config.guidance_scale, steps)
         out.append(latents[T - 1 - i] - step(eps.float(), t, z_t))
-    return cond, uncond, torch.stack(out)
+    return InversionResult(
+        latents=latents,
+        cond_embeddings=cond,
+        uncond_embeddings=uncond[None].repeat(T, 1, 1, 1),
+        timesteps=steps.timesteps.clone(),
+        method=method,
+        **{field: torch.stack(out)},
+    )
 
 
 class _StopFlag:
@@ -343,16 +344,8 @@ def direct_invert(
     The guided pass runs at the editing pass's precision (`policy.edit_dtype`): the residual then also
     absorbs the rounding of the editor's own (same-dtype) source-branch prediction.
     """
-    cond, uncond, residuals = _trajectory_corrections(
-        unet, steps, latents, cond, uncond_init, config, policy, steps.prev_step
-    )
-    return InversionResult(
-        latents=latents,
-        cond_embeddings=cond,
-        uncond_embeddings=uncond[None].repeat(len(steps.timesteps), 1, 1, 1),
-        timesteps=steps.timesteps.clone(),
-        method="direct",
-        residuals=residuals,
+    return _trajectory_corrections(
+        unet, steps, latents, cond, uncond_init, config, policy, steps.prev_step, method="direct", field="residuals"
     )
 
 

@@ -8,6 +8,10 @@ Arms, all from the same held-out phantoms and the same decoder:
                 returns when nothing changes, so all three arms pay the same VAE round trip;
   * true_vae  - not an edit: the true counterfactual through the family's VAE, the closest any edit can
                 come to it through this decoder;
+  * blind_vae - not an edit: the change drawn flawlessly by the renderer where another subject's hidden
+                draws put it (`phantom.truth.blind_counterfactual`: devices placed, fluid sided elsewhere),
+                through the VAE; what a perfect edit, which sees only the source, should expect. It equals
+                true_vae where the change reveals nothing hidden (removals, cardiomegaly, age);
   * full_filtered - the full method's edits that pass the S_CLIP >= 0.1 filter (PRISM keeps only those);
   * full_blend - the full method with prompt-to-prompt's local blend on (edit kept only where the
                 cross-attention of the changed words is, source branch elsewhere; same inversion);
@@ -60,7 +64,7 @@ from prism_ray.engine.editor import Editor
 from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask, render_phantom
 from prism_ray.phantom.dataset import MIMIC_AGE_BINS, mimic_adapter_options
 from prism_ray.phantom.demographic import age_heads
-from prism_ray.phantom.truth import phantom_intervention, plausible_counterfactuals
+from prism_ray.phantom.truth import blind_counterfactual, phantom_intervention, plausible_counterfactuals
 from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
 
 
@@ -178,6 +182,76 @@ def vae_round_trip(sd, images: np.ndarray) -> np.ndarray:
     return decode(sd.vae, encode(sd.vae, preprocess(list(images), sd.resolution)))[..., 0]
 
 
+def independent_classifier(kind: str, heads: list[str], seed: int, resolution: int, folder: Path):
+    """A second attribute classifier with the family classifier's heads, trained from `seed` on phantoms
+    the family's never saw (new render seeds, new init): the off-target judge of the `+judge` rows, so
+    that the classifier that filters is not the one that scores. Trained once into `folder`, then loaded."""
+    from prism_ray.models.classifier import classifier_labels, load_classifier
+    from prism_ray.phantom.family import render_split, train_classifier
+
+    if not (folder / "config.json").exists():
+        if kind == "demographic":
+            from prism_ray.phantom.demographic import DemographicFamilyConfig, train_demographic_classifier
+
+            model, _ = train_demographic_classifier(
+                DemographicFamilyConfig(variant="control", out=str(folder), seed=seed), torch.device("cpu"))
+        else:
+            config = PhantomTrainConfig(out=str(folder), seed=seed, resolution=resolution)
+            model = train_classifier(config, render_split(config, config.n_train, stream=0), torch.device("cpu"))
+        model.save_pretrained(folder, safe_serialization=True)
+    judge = load_classifier(folder)
+    if classifier_labels(judge) != heads:
+        raise SystemExit(f"{folder}: heads {classifier_labels(judge)} differ from the family classifier's {heads}")
+    return judge
+
+
+def off_target_rule(kind: str):
+    """The pipeline's off-target rule (`scoring.filter.OffTargetConfig`) with the benchmark's head names:
+    removing support devices may move the pacemaker, an age edit any age head."""
+    from prism_ray.scoring.filter import OffTargetConfig
+
+    implied = {"Support Devices": ["pacemaker"]}
+    if kind == "demographic":
+        implied["age"] = list(age_heads())
+    return OffTargetConfig(classifier="judge", heads={"sex": "sex_female"}, implied=implied)
+
+
+def judge_accepts(judge, rule, spec: str, src: np.ndarray, edited: np.ndarray, s_clip: np.ndarray) -> np.ndarray:
+    """(N,) bool: the pipeline's filter with the judge as its classifier: S_CLIP >= 0.1 and no head outside
+    the intervention's own (and implied) heads flipped or moved more than `rule.max_shift`."""
+    from prism_ray.models.classifier import classifier_labels, predict_proba
+    from prism_ray.scoring.filter import off_target_heads
+
+    heads, allowed = classifier_labels(judge), rule.allowed_heads(spec)
+    p_src, p_edit = predict_proba(judge, src), predict_proba(judge, edited)
+    clean = [not off_target_heads(p_src[i], p_edit[i : i + 1], heads, [allowed], rule.max_shift)[0]
+             for i in range(len(src))]
+    return (s_clip >= S_CLIP_MIN) & np.array(clean, dtype=bool)
+
+
+def judge_agreement(judge, cases: Cases) -> float:
+    """Share of (image, head) decisions on the sources and true counterfactuals where the judge reads as the
+    family classifier: how alike the two classifiers see the phantoms."""
+    from prism_ray.models.classifier import predict_proba
+
+    mine = np.concatenate([cases.p_src, cases.p_true]) >= 0.5
+    theirs = predict_proba(judge, np.concatenate([cases.src, cases.true])) >= 0.5
+    return float((mine == theirs).mean())
+
+
+def judged(arm: np.ndarray, keep: np.ndarray, classifier, cases: Cases, baselines: dict[str, np.ndarray]) -> dict:
+    """The scores of the edits the judge accepted, and the baselines' error to the truth on the same sources
+    (a filter that keeps the easy sources would otherwise look better than it is)."""
+    from prism_ray.models.classifier import predict_proba
+
+    entry: dict = {"accepted_rate": float(keep.mean())}
+    if keep.any():
+        entry.update(score(arm[keep], predict_proba(classifier, arm[keep]), cases.subset(keep)))
+        true = cases.true[keep].astype(np.float64) / 255
+        entry["baselines_on_accepted"] = {name: float(np.abs(b[keep] / 255 - true).mean()) for name, b in baselines.items()}
+    return entry
+
+
 def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[str, EditConfig]):
     """Invert once, edit with every arm's EditConfig -> ({arm: edited uint8 (N, R, R)}, reconstructions,
     {arm: seconds per source, the shared inversion included})."""
@@ -203,11 +277,13 @@ def run_arms(sd, images, sources, edits, inversion: InversionConfig, arms: dict[
 @dataclass(frozen=True)
 class Cases:
     """One intervention's sources and their truth: uint8 (N, R, R) sources and true counterfactuals,
-    the attribute's region (N, R, R), the counterfactuals equally true of each source (`plausible`,
-    first = `true`), each source's target head, and the classifier's probabilities of source and truth."""
+    the change drawn blind to the hidden draws (`blind`), the attribute's region (N, R, R), the
+    counterfactuals equally true of each source (`plausible`, first = `true`), each source's target head,
+    and the classifier's probabilities of source and truth."""
 
     src: np.ndarray
     true: np.ndarray
+    blind: np.ndarray
     masks: np.ndarray
     plausible: list[np.ndarray]
     target: np.ndarray
@@ -218,7 +294,7 @@ class Cases:
 
     def subset(self, keep: np.ndarray) -> "Cases":
         rows = np.flatnonzero(keep)
-        return Cases(self.src[rows], self.true[rows], self.masks[rows], [self.plausible[i] for i in rows],
+        return Cases(self.src[rows], self.true[rows], self.blind[rows], self.masks[rows], [self.plausible[i] for i in rows],
                      self.target[rows], self.p_src[rows], self.p_true[rows], self.heads, self.targets)
 
 
@@ -227,9 +303,10 @@ def make_cases(iv: Intervention, subjects, heads: list[str], classifier, res: in
 
     src = np.stack([render_phantom(a, s, res) for a, s in subjects])
     true = true_counterfactuals(iv, subjects, res)
+    blind = np.stack([blind_counterfactual(a, s, iv.spec, res) for a, s in subjects])
     plausible = [plausible_counterfactuals(a, s, iv.spec, draws, res) for a, s in subjects]
     masks = np.stack([attribute_mask(a, s, iv.region, res) for a, s in subjects])
-    return Cases(src, true, masks, plausible, target_index(iv, subjects, heads), predict_proba(classifier, src),
+    return Cases(src, true, blind, masks, plausible, target_index(iv, subjects, heads), predict_proba(classifier, src),
                  predict_proba(classifier, true), heads, iv.targets)
 
 
@@ -285,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None, choices=["fast", "fastest"],
                         help="instead of the arms above: the full method under this inversion.precision "
                         "preset vs reference (own inversions), and how often filter/target decisions agree")
+    parser.add_argument("--judge-seed", type=int, default=None,
+                        help="also filter every edit arm as the pipeline does (S_CLIP and the off-target rule), "
+                        "judged by a second classifier trained from this seed (`+judge` table)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_phantom")
@@ -313,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     res = sd.resolution
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    kind = family_kind(heads)
+    judge = None
+    if args.judge_seed is not None:
+        judge = independent_classifier(kind, heads, args.judge_seed, res, out / f"judge_seed{args.judge_seed}")
     if args.sweep:
-        return sweep(args, sd, scorer, classifier, heads, out, argv)
+        return sweep(args, sd, scorer, classifier, heads, out, argv, judge)
     if args.precision:
         return precision_parity(args, sd, scorer, classifier, heads, out, argv)
     nti = InversionConfig(num_inference_steps=args.steps)
@@ -333,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     fast_names = [*fast_arms, "shipped"]
     scored = [*p2p_arms, "shipped", *(f"{m}_{a}" for m in args.fast_inversions for a in fast_names)]  # all but ddim_swap
     results: dict[str, dict] = {}
-    kind = family_kind(heads)
     chosen = [i for i in interventions_for(kind) if args.only is None or i.name in args.only]
     t0 = time.perf_counter()
     for iv in chosen:
@@ -347,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, arms)
         outputs["no_edit"] = recon
         outputs["true_vae"] = vae_round_trip(sd, true)
+        outputs["blind_vae"] = vae_round_trip(sd, cases.blind)
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         seconds.update(swap_seconds)
@@ -368,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_source": seconds,
         }
         probs, clips = {}, {}
-        for name in ("no_edit", "ddim_swap", "true_vae", *scored):
+        for name in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *scored):
             probs[name] = predict_proba(classifier, outputs[name])
             entry[name] = score(outputs[name], probs[name], cases, lpips)
         for name in ("ddim_swap", *scored):
@@ -381,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
                     p_keep = predict_proba(classifier, outputs[name][keep])
                     entry["full_filtered"] = score(outputs[name][keep], p_keep, cases.subset(keep), lpips)
                     entry["full_filtered"]["accepted_rate"] = float(keep.mean())
+        if judge is not None:
+            baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
+            rule = off_target_rule(kind)
+            entry["judge_reads_alike"] = judge_agreement(judge, cases)
+            entry["judged"] = {name: judged(outputs[name], judge_accepts(judge, rule, iv.spec, src, outputs[name], clips[name]),
+                                            classifier, cases, baselines) for name in ("ddim_swap", *scored)}
         for bf, fp in bf16_pairs.items():
             entry[f"{bf}_agreement"] = decision_agreement(
                 outputs[fp], outputs[bf], clips[fp], clips[bf], probs[fp], probs[bf], target
@@ -391,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_noise_blend"][k], true[k]]
             labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "true_vae", *scored)}), flush=True)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *scored)}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -449,7 +539,7 @@ SWEEP_ARMS: dict[str, tuple[EditConfig, str | None]] = {
 }
 
 
-def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
+def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> int:
     """Every SWEEP_ARMS setting on the same sources and one inversion per intervention -> results.md/json."""
     from prism_ray.engine.inversion import invert_many
     from prism_ray.engine.masks import latent_mask
@@ -487,9 +577,19 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv) -> int:
         swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         outputs["true_vae"] = vae_round_trip(sd, cases.true)
+        outputs["blind_vae"] = vae_round_trip(sd, cases.blind)
         entry = {"sources": len(subjects)}
-        for name in ("no_edit", "ddim_swap", "true_vae", *names):
+        for name in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *names):
             entry[name] = score(outputs[name], predict_proba(classifier, outputs[name]), cases)
+        if judge is not None:
+            baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
+            rule = off_target_rule(kind)
+            entry["judge_reads_alike"] = judge_agreement(judge, cases)
+            entry["judged"] = {}
+            for name in ("ddim_swap", *names):
+                s_clip = scorer.s_clip(_rgb(cases.src), _rgb(outputs[name]), sources, edits)
+                keep = judge_accepts(judge, rule, iv.spec, cases.src, outputs[name], s_clip)
+                entry["judged"][name] = judged(outputs[name], keep, classifier, cases, baselines)
         results[iv.name] = entry
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {
@@ -529,7 +629,7 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        first = ["no_edit", "ddim_swap", "true_vae", "nti_swap", "full", "full_filtered"]
+        first = ["no_edit", "ddim_swap", "true_vae", "blind_vae", "nti_swap", "full", "full_filtered"]
         scored = [k for k, v in entry.items() if isinstance(v, dict) and "error_to_true" in v]  # every arm scored
         for arm in [a for a in first if a in scored] + [a for a in scored if a not in first]:
             s = entry[arm]
@@ -539,6 +639,31 @@ def markdown(results: dict, meta: dict) -> str:
                 f"{s['non_target_flip_rate']:.0%} | {s['non_target_flip_beyond_truth_rate']:.0%} | "
                 f"{s['error_to_true']:.4f} | {s['error_to_true_in_region']:.4f} | {s['error_to_true_outside_region']:.4f} | "
                 f"{s['error_to_plausible']:.4f} | {s['l1_to_source']:.4f} | {acc} |"
+            )
+    judged_rows = [(name, arm, j) for name, e in results.items() for arm, j in e.get("judged", {}).items()]
+    if judged_rows:
+        lines += [
+            "",
+            "Filtered as the pipeline filters (S_CLIP >= 0.1 and the off-target rule), judged by a second classifier "
+            "trained independently; scored by the family classifier; the baselines' error on the same sources. "
+            "The judge reads sources and true counterfactuals as the family classifier does in "
+            + ", ".join(f"{name} {e['judge_reads_alike']:.1%}" for name, e in results.items() if "judge_reads_alike" in e)
+            + " of head decisions.",
+            "",
+            "| intervention | arm + judge | accepted | target flip | non-target flip | of them not in true cf | "
+            "err to true cf | err to nearest plausible cf | no_edit | ddim_swap | true_vae | blind_vae |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, arm, j in judged_rows:
+            if "error_to_true" not in j:
+                lines.append(f"| {name} | {arm} | 0% | - | - | - | - | - | - | - | - | - |")
+                continue
+            b = j["baselines_on_accepted"]
+            lines.append(
+                f"| {name} | {arm} | {j['accepted_rate']:.0%} | {j['target_flip_rate']:.0%} | "
+                f"{j['non_target_flip_rate']:.0%} | {j['non_target_flip_beyond_truth_rate']:.0%} | "
+                f"{j['error_to_true']:.4f} | {j['error_to_plausible']:.4f} | {b['no_edit']:.4f} | {b['ddim_swap']:.4f} | "
+                f"{b['true_vae']:.4f} | {b['blind_vae']:.4f} |"
             )
     agreement = [(name, key[: -len("_agreement")], v) for name, e in results.items() for key, v in e.items()
                  if key.endswith("_agreement")]

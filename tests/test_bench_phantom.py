@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def test_bench_phantom_smoke(tmp_path):
     for entry in results.values():
         assert entry["sources"] == 2
         assert entry["true_cf_target_flip_rate"] >= 0.5  # the truth itself moves the target head
-        for arm in ("no_edit", "ddim_swap", "true_vae", "nti_swap", "full", "full_blend", "full_noise_blend", "shipped", "direct_p2p",
+        for arm in ("no_edit", "ddim_swap", "true_vae", "blind_vae", "nti_swap", "full", "full_blend", "full_noise_blend", "shipped", "direct_p2p",
                     "direct_noise_blend", "direct_shipped"):
             assert 0.0 <= entry[arm]["error_to_true"] < 1.0 and 0.0 <= entry[arm]["target_flip_rate"] <= 1.0
     assert "male patient" in results["change_sex"]["example_prompts"][0]
@@ -126,3 +127,43 @@ def test_bench_phantom_sweep_smoke(tmp_path):
         assert 0.0 < s["error_to_plausible"] <= s["error_to_true"] < 1.0
         assert 0.0 <= s["non_target_flip_beyond_truth_rate"] <= s["non_target_flip_rate"] <= 1.0
     assert "| add_effusion (n=2) | lungs_g3 |" in (out / "sweep.md").read_text()
+
+
+def test_judged_rows_with_the_family_classifier_as_judge_keep_no_off_target_flip(tmp_path):
+    """`--judge-seed`: every edit arm is filtered as the pipeline filters. With the scoring classifier itself as
+    the judge (copied where the judge would be trained), no accepted edit may show an off-target flip."""
+    import shutil
+
+    bench = _load_bench()
+    out = tmp_path / "bench"
+    shutil.copytree(SHIPPED / "classifier", out / "judge_seed7")
+    argv = ["--sweep", "--sweep-arms", "noise_g3", "--per-intervention", "3", "--steps", "3", "--threads", "1",
+            "--only", "add_effusion", "--judge-seed", "7", "--out", str(out)]
+    assert bench.main(argv) == 0
+    entry = json.loads((out / "sweep.json").read_text())["results"]["add_effusion"]
+    assert entry["judge_reads_alike"] == 1.0
+    assert set(entry["judged"]) == {"ddim_swap", "noise_g3"}
+    for row in entry["judged"].values():
+        assert 0.0 <= row["accepted_rate"] <= 1.0
+        if row["accepted_rate"]:
+            assert row["non_target_flip_rate"] == 0.0
+            assert set(row["baselines_on_accepted"]) == {"no_edit", "ddim_swap", "true_vae", "blind_vae"}
+    assert entry["blind_vae"]["target_flip_rate"] == 1.0  # a flawless drawing of the fluid reads as effusion
+    assert "| add_effusion | noise_g3 |" in (out / "sweep.md").read_text()
+
+
+@pytest.mark.slow
+def test_independent_classifier_trains_the_family_heads_from_another_seed(tmp_path):
+    from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
+
+    bench = _load_bench()
+    family = load_classifier(SHIPPED / "classifier")
+    heads = classifier_labels(family)
+    judge = bench.independent_classifier("base", heads, 3, 64, tmp_path / "judge")
+    assert classifier_labels(judge) == heads and (tmp_path / "judge" / "config.json").exists()
+    iv = next(i for i in bench.INTERVENTIONS if i.name == "add_devices")
+    cases = bench.make_cases(iv, bench.sources_for(iv, "base", 8, 5), heads, family, 64, draws=1)
+    assert bench.judge_agreement(judge, cases) > 0.9  # a second reader of the same findings, not a copy
+    assert not np.allclose(predict_proba(judge, cases.src), cases.p_src)
+    again = bench.independent_classifier("base", heads, 3, 64, tmp_path / "judge")  # loaded, not retrained
+    assert np.array_equal(predict_proba(again, cases.src), predict_proba(judge, cases.src))

@@ -159,6 +159,33 @@ def test_plausible_counterfactuals():
     assert lungs.mean() > 0.15 and all(((c != source) & ~lungs).sum() == 0 for c in fluid)
 
 
+def test_blind_counterfactual_draws_what_the_source_cannot_show():
+    """A flawless edit that cannot see the hidden draws: a removal or a heart change is the true
+    counterfactual itself; an addition changes only the drawn structure's pixels, lands somewhere the
+    truth set did not draw, and stays inside the lungs for fluid."""
+    from prism_ray.phantom.truth import blind_counterfactual, phantom_intervention, plausible_counterfactuals
+
+    seed = 2**31 + 31
+    bare = PhantomAttributes(age=60)
+    sick = PhantomAttributes(cardiomegaly=True, pleural_effusion=True, devices=frozenset({"ecg"}), age=60)
+    for attrs, spec in ((sick, "Support Devices=false"), (sick, "Pleural Effusion=false"), (bare, "Cardiomegaly=true"),
+                        (bare, "age=+20")):
+        truth = true_counterfactual(attrs, seed, phantom_intervention(spec, attrs))
+        assert np.array_equal(blind_counterfactual(attrs, seed, spec), truth)
+    source = render_phantom(bare, seed, 64)
+    for spec in ("Support Devices=true", "Pleural Effusion=true"):
+        truth = true_counterfactual(bare, seed, phantom_intervention(spec, bare))
+        blind = blind_counterfactual(bare, seed, spec)
+        assert (blind != truth).any() and (blind != source).any()
+        assert np.array_equal(blind, blind_counterfactual(bare, seed, spec))
+        assert not np.array_equal(blind, blind_counterfactual(bare, seed, spec, sample_seed=2))
+        # Only the structure's pixels differ from the truth: where neither draw put it, both are the source.
+        assert not ((blind != truth) & (blind == source) & (truth == source)).any()
+        assert all((blind != p).any() for p in plausible_counterfactuals(bare, seed, spec, draws=8))
+    fluid = blind_counterfactual(bare, seed, "Pleural Effusion=true")
+    assert ((fluid != source) & ~lung_mask(seed, 64)).sum() == 0
+
+
 def test_contact_sheet(tmp_path):
     imgs = [render_phantom(PhantomAttributes(cardiomegaly=bool(i % 2)), i, 64) for i in range(6)]
     path = str(tmp_path / "sheet.png")

@@ -105,6 +105,26 @@ def plausible_counterfactuals(
     return np.stack(out)
 
 
+def blind_counterfactual(
+    attrs: PhantomAttributes, seed: int, spec: str, resolution: int = 64, sample_seed: int = 1
+) -> np.ndarray:
+    """(R, R) uint8: the intervention drawn perfectly by a painter who cannot see the hidden draws.
+
+    The intervention's own change (`phantom_intervention`), rendered with the source's seed, except that
+    every hidden draw the change reveals (`render.HIDDEN_DRAWS`: device placement, fluid side and
+    height, breast shadow) is taken from another subject picked by `sample_seed`. An edit sees only the
+    source, so through the same decoder this is the error to the true counterfactual that a flawless
+    edit should expect. A change that reveals no hidden draw (a removal, cardiomegaly, age) gives the
+    true counterfactual itself. Its donors come from a stream of their own, so the image is not one of
+    `plausible_counterfactuals`' draws.
+    """
+    target = attrs.intervene(phantom_intervention(spec, attrs))
+    hidden = [a for a in HIDDEN_DRAWS if shows(target, a) and not shows(attrs, a)]
+    rng = np.random.default_rng([sample_seed, int(seed), 1])
+    redraw = {a: int(rng.integers(0, 2**31)) for a in hidden}
+    return render_phantom(target, seed, resolution, redraw=redraw)
+
+
 def true_cf_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:
     """The true counterfactual (uint8 (R, R)) of a ground-truth row under an intervention."""
     attrs: PhantomAttributes = subject_attributes(gt_row)

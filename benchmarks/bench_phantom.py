@@ -216,17 +216,31 @@ def off_target_rule(kind: str):
     return OffTargetConfig(classifier="judge", heads={"sex": "sex_female"}, implied=implied)
 
 
-def judge_accepts(judge, rule, spec: str, src: np.ndarray, edited: np.ndarray, s_clip: np.ndarray) -> np.ndarray:
-    """(N,) bool: the pipeline's filter with the judge as its classifier: S_CLIP >= 0.1 and no head outside
-    the intervention's own (and implied) heads flipped or moved more than `rule.max_shift`."""
+def judge_accepts(judge, rule, spec: str, src: np.ndarray, edited: np.ndarray, s_clip: np.ndarray):
+    """The pipeline's filter with the judge as its classifier -> two (N,) bool masks: S_CLIP >= 0.1 and no
+    head outside the intervention's own (and implied) heads flipped or moved more than `rule.max_shift`;
+    and that, plus the judge seeing the intervention happen (`require_target`, `scoring.filter.on_target`)."""
     from prism_ray.models.classifier import classifier_labels, predict_proba
-    from prism_ray.scoring.filter import off_target_heads
+    from prism_ray.scoring.filter import off_target_heads, on_target
 
     heads, allowed = classifier_labels(judge), rule.allowed_heads(spec)
     p_src, p_edit = predict_proba(judge, src), predict_proba(judge, edited)
-    clean = [not off_target_heads(p_src[i], p_edit[i : i + 1], heads, [allowed], rule.max_shift)[0]
-             for i in range(len(src))]
-    return (s_clip >= S_CLIP_MIN) & np.array(clean, dtype=bool)
+    clean = np.array([not off_target_heads(p_src[i], p_edit[i : i + 1], heads, [allowed], rule.max_shift)[0]
+                      for i in range(len(src))], dtype=bool)
+    seen = np.array([on_target(p_src[i], p_edit[i], heads, spec, rule) for i in range(len(src))], dtype=bool)
+    keep = (s_clip >= S_CLIP_MIN) & clean
+    return keep, keep & seen
+
+
+def judge_rows(judge, kind: str, spec: str, cases: "Cases", outputs: dict, clips: dict, classifier) -> dict:
+    """{arm: judged scores, arm+target: the same with require_target} for every arm with S_CLIP scores."""
+    baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
+    rule, rows = off_target_rule(kind), {}
+    for name, s_clip in clips.items():
+        keep, seen = judge_accepts(judge, rule, spec, cases.src, outputs[name], s_clip)
+        rows[name] = judged(outputs[name], keep, classifier, cases, baselines)
+        rows[f"{name}+target"] = judged(outputs[name], seen, classifier, cases, baselines)
+    return rows
 
 
 def judge_agreement(judge, cases: Cases) -> float:
@@ -466,11 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                     entry["full_filtered"] = score(outputs[name][keep], p_keep, cases.subset(keep), lpips)
                     entry["full_filtered"]["accepted_rate"] = float(keep.mean())
         if judge is not None:
-            baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
-            rule = off_target_rule(kind)
             entry["judge_reads_alike"] = judge_agreement(judge, cases)
-            entry["judged"] = {name: judged(outputs[name], judge_accepts(judge, rule, iv.spec, src, outputs[name], clips[name]),
-                                            classifier, cases, baselines) for name in ("ddim_swap", *scored)}
+            entry["judged"] = judge_rows(judge, kind, iv.spec, cases, outputs, clips, classifier)
         for bf, fp in bf16_pairs.items():
             entry[f"{bf}_agreement"] = decision_agreement(
                 outputs[fp], outputs[bf], clips[fp], clips[bf], probs[fp], probs[bf], target
@@ -582,14 +593,9 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> i
         for name in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *names):
             entry[name] = score(outputs[name], predict_proba(classifier, outputs[name]), cases)
         if judge is not None:
-            baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
-            rule = off_target_rule(kind)
+            clips = {name: scorer.s_clip(_rgb(cases.src), _rgb(outputs[name]), sources, edits) for name in ("ddim_swap", *names)}
             entry["judge_reads_alike"] = judge_agreement(judge, cases)
-            entry["judged"] = {}
-            for name in ("ddim_swap", *names):
-                s_clip = scorer.s_clip(_rgb(cases.src), _rgb(outputs[name]), sources, edits)
-                keep = judge_accepts(judge, rule, iv.spec, cases.src, outputs[name], s_clip)
-                entry["judged"][name] = judged(outputs[name], keep, classifier, cases, baselines)
+            entry["judged"] = judge_rows(judge, kind, iv.spec, cases, outputs, clips, classifier)
         results[iv.name] = entry
         print(f"[{iv.name}] {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {
@@ -644,8 +650,9 @@ def markdown(results: dict, meta: dict) -> str:
     if judged_rows:
         lines += [
             "",
-            "Filtered as the pipeline filters (S_CLIP >= 0.1 and the off-target rule), judged by a second classifier "
-            "trained independently; scored by the family classifier; the baselines' error on the same sources. "
+            "Filtered as the pipeline filters (S_CLIP >= 0.1 and the off-target rule; `+target`: also "
+            "`require_target`), judged by a second classifier trained independently; scored by the family "
+            "classifier; the baselines' error on the same sources. "
             "The judge reads sources and true counterfactuals as the family classifier does in "
             + ", ".join(f"{name} {e['judge_reads_alike']:.1%}" for name, e in results.items() if "judge_reads_alike" in e)
             + " of head decisions.",

@@ -107,6 +107,10 @@ def test_rejection_reasons_name_every_failed_threshold(finished):
     ]
     strict = config.filter.model_copy(update={"reconstruction_psnr_min": 25.0})
     assert rejection_reasons(strict, dict(ok, reconstruction_psnr=21.0)) == ["fidelity PSNR < 25 dB"]
+    seeing = config.filter.model_copy(update={"off_target": config.filter.off_target.model_copy(
+        update={"require_target": True})})
+    assert rejection_reasons(seeing, dict(ok, on_target=1.0)) == []
+    assert rejection_reasons(seeing, dict(ok, on_target=0.0)) == ["target not seen"]
 
 
 def test_a_large_run_gives_a_small_report_and_moved_sources_are_skipped(finished, tmp_path, caplog):

@@ -131,7 +131,8 @@ def test_bench_phantom_sweep_smoke(tmp_path):
 
 def test_judged_rows_with_the_family_classifier_as_judge_keep_no_off_target_flip(tmp_path):
     """`--judge-seed`: every edit arm is filtered as the pipeline filters. With the scoring classifier itself as
-    the judge (copied where the judge would be trained), no accepted edit may show an off-target flip."""
+    the judge (copied where the judge would be trained), no accepted edit may show an off-target flip, and
+    with `require_target` every accepted edit flips its target."""
     import shutil
 
     bench = _load_bench()
@@ -142,12 +143,16 @@ def test_judged_rows_with_the_family_classifier_as_judge_keep_no_off_target_flip
     assert bench.main(argv) == 0
     entry = json.loads((out / "sweep.json").read_text())["results"]["add_effusion"]
     assert entry["judge_reads_alike"] == 1.0
-    assert set(entry["judged"]) == {"ddim_swap", "noise_g3"}
-    for row in entry["judged"].values():
+    assert set(entry["judged"]) == {"ddim_swap", "noise_g3", "ddim_swap+target", "noise_g3+target"}
+    for name, row in entry["judged"].items():
         assert 0.0 <= row["accepted_rate"] <= 1.0
         if row["accepted_rate"]:
             assert row["non_target_flip_rate"] == 0.0
             assert set(row["baselines_on_accepted"]) == {"no_edit", "ddim_swap", "true_vae", "blind_vae"}
+            if name.endswith("+target"):  # the judge saw the effusion appear: so does the same classifier
+                assert row["target_flip_rate"] == 1.0
+    for arm in ("ddim_swap", "noise_g3"):
+        assert entry["judged"][f"{arm}+target"]["accepted_rate"] <= entry["judged"][arm]["accepted_rate"]
     assert entry["blind_vae"]["target_flip_rate"] == 1.0  # a flawless drawing of the fluid reads as effusion
     assert "| add_effusion | noise_g3 |" in (out / "sweep.md").read_text()
 

@@ -219,13 +219,11 @@ def test_ddpm_inversion_matches_a_plain_implementation_and_reconstructs(calm_sd)
     ts = scheduler.timesteps.tolist()  # descending
     # The latents are the encoded image noised independently at every grid timestep.
     torch.testing.assert_close(result.latents[0], z0)
-    for j in range(1, T + 1):
-        t = ts[T - j]
-        n_j = (result.latents[j] - alpha(t) ** 0.5 * z0) / (1 - alpha(t)) ** 0.5
-        assert 0.7 < float(n_j.std()) < 1.3  # unit noise, and independent of the next one:
-        if j > 1:
-            assert abs(float(torch.corrcoef(torch.stack([n_j.flatten(), n_prev.flatten()]))[0, 1])) < 0.2
-        n_prev = n_j
+    noises = [(result.latents[j] - alpha(ts[T - j]) ** 0.5 * z0) / (1 - alpha(ts[T - j])) ** 0.5 for j in range(1, T + 1)]
+    for n_prev, n_j in zip(noises, noises[1:]):  # unit noise, each independent of the next
+        assert 0.7 < float(n_j.std()) < 1.3
+        assert abs(float(torch.corrcoef(torch.stack([n_j.flatten(), n_prev.flatten()]))[0, 1])) < 0.2
+    assert 0.7 < float(noises[0].std()) < 1.3
     # Sampling with the stochastic step and the stored noise passes through every latent.
     cond, null = embeddings(calm_sd, PROMPTS[:2])
     stride = 1000 // T

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from prism_ray.config import build_config
-from prism_ray.scoring.filter import FilterConfig, OffTargetConfig, off_target_heads
+from prism_ray.scoring.filter import FilterConfig, OffTargetConfig, off_target_heads, on_target
 
 HEADS = ["cardiomegaly", "pleural_effusion", "support_devices", "pacemaker", "sex_female"]
 
@@ -38,6 +38,35 @@ def test_the_filter_counts_off_target_edits_only_with_a_classifier():
         "sex_female", "cardiomegaly"}
 
 
+def test_on_target_against_hand_made_probabilities():
+    """require_target: the classifier must see the intervention: a yes/no value's head on that side of 0.5,
+    a relative value a flipped decision of its own or implied heads."""
+    import pytest
+
+    heads = [*HEADS, "age_ge_40", "age_ge_60"]
+    rule = OffTargetConfig(classifier="x", require_target=True, heads={"sex": "sex_female"},
+                           implied={"Support Devices": ["pacemaker"], "age": ["age_ge_40", "age_ge_60"]})
+    src = np.array([0.1, 0.8, 0.9, 0.8, 0.3, 0.9, 0.2])
+    edit = lambda **moved: np.array([moved.get(h, p) for h, p in zip(heads, src)])  # noqa: E731
+    assert on_target(src, edit(support_devices=0.2), heads, "Support Devices=0", rule)
+    assert not on_target(src, edit(support_devices=0.6, pacemaker=0.1), heads, "Support Devices=false", rule)
+    assert on_target(src, edit(cardiomegaly=0.7), heads, "Cardiomegaly=1", rule)
+    assert not on_target(src, edit(cardiomegaly=0.45), heads, "Cardiomegaly=true", rule)  # moved, not across
+    assert on_target(src, edit(sex_female=0.6), heads, "sex=flip", rule)
+    assert not on_target(src, edit(sex_female=0.49), heads, "sex=flip", rule)
+    assert on_target(src, edit(age_ge_60=0.7), heads, "age=+20", rule)  # an implied head crossed
+    assert not on_target(src, edit(age_ge_40=0.6), heads, "age=+20", rule)  # no decision changed
+    both = edit(cardiomegaly=0.7, pleural_effusion=0.3)
+    assert on_target(src, both, heads, "Cardiomegaly=1; Pleural Effusion=0", rule)
+    assert not on_target(src, edit(cardiomegaly=0.7), heads, "Cardiomegaly=1; Pleural Effusion=0", rule)
+    with pytest.raises(ValueError, match="no head for 'race'"):
+        on_target(src, src, heads, "race=flip", rule)
+    scores = {"s_clip": np.ones(3), "off_target": np.zeros(3), "on_target": np.array([1, 0, 1])}
+    assert build_config(FilterConfig, {"off_target": {"classifier": "x"}}).accept(scores).tolist() == [True] * 3
+    required = build_config(FilterConfig, {"off_target": {"classifier": "x", "require_target": True}})
+    assert required.accept(scores).tolist() == [True, False, True]
+
+
 def test_the_engine_scores_every_head_with_the_shipped_classifier(tmp_path):
     import json
 
@@ -52,7 +81,7 @@ def test_the_engine_scores_every_head_with_the_shipped_classifier(tmp_path):
         "model": {"device": "cpu"}, "data": {"manifest": "unused.parquet"},
         "subgroups": [{"name": "g", "interventions": ["Support Devices=0"], "quota": 1}],
         "inversion": {"num_inference_steps": 4, "num_inner_steps": 1},
-        "filter": {"off_target": {"classifier": "tiny"}},
+        "filter": {"off_target": {"classifier": "tiny", "require_target": True}},
         "output": str(tmp_path / "out"),
     })
     task = {"source_uri": "x", "source_prompt": "Chest X-ray showing Support Devices",
@@ -64,8 +93,10 @@ def test_the_engine_scores_every_head_with_the_shipped_classifier(tmp_path):
     assert set(source) == set(HEADS) and source["support_devices"] > 0.5  # the shipped classifier sees the device
     heads = item.scores["off_target_heads"][0]
     assert item.scores["off_target"][0] == (len(heads.split(",")) if heads else 0)
+    edit = json.loads(item.scores["classifier_edit"][0])
+    assert item.scores["on_target"][0] == (edit["support_devices"] < 0.5)
     accepted = config.filter.accept({**item.scores, "s_clip": np.ones(1)})[0]
-    assert accepted == (item.scores["off_target"][0] == 0)
+    assert accepted == (item.scores["off_target"][0] == 0 and item.scores["on_target"][0] == 1)
 
 
 def test_off_target_edits_are_rejected_rows_with_their_heads(tmp_path):

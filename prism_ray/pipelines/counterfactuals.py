@@ -35,7 +35,7 @@ log = logging.getLogger("prism_ray.counterfactuals")
 STAGES = ("read", "invert", "edit", "score", "write")
 # Per-edit scores the engine returns that become manifest columns (the fidelity ones are per source).
 SCORE_COLUMNS = ("s_clip", "clip_image_image", "clip_image_text", "l1", "l1_255", "reconstruction_error",
-                 "reconstruction_psnr", "reconstruction_ssim", "vae_psnr", "off_target")
+                 "reconstruction_psnr", "reconstruction_ssim", "vae_psnr", "off_target", "on_target")
 TEXT_SCORE_COLUMNS = ("off_target_heads", "classifier_source", "classifier_edit")  # with filter.off_target on
 
 
@@ -156,25 +156,35 @@ class MethodEngine:
                 }
                 scores.update({k: np.full(len(item.edits), v) for k, v in fidelity.items()})
                 if self.classifier is not None:
-                    scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
+                    try:
+                        scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
+                    except ValueError as err:  # an intervention the classifier has no head for
+                        errors.append((i, "score", str(err)))
+                        continue
                 scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
                 out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
                                   time.perf_counter() - start, source=orig, reconstruction=item.reconstruction))
         return out, errors
 
     def _off_target(self, orig: np.ndarray, edits: np.ndarray, slots: list[dict]) -> dict[str, np.ndarray]:
-        """Classifier probabilities of the source and each edit, and the heads each edit changed
-        that its intervention does not allow (`scoring.filter.off_target_heads`)."""
+        """Classifier probabilities of the source and each edit, the heads each edit changed that its
+        intervention does not allow (`scoring.filter.off_target_heads`) and, with `require_target`, whether
+        the classifier sees the intervention happen (`scoring.filter.on_target`)."""
         import json
 
         from prism_ray.models.classifier import predict_proba
-        from prism_ray.scoring.filter import off_target_heads
+        from prism_ray.scoring.filter import off_target_heads, on_target
 
         rule = self.config.filter.off_target
         p = predict_proba(self.classifier, np.concatenate([orig[None], edits]))  # (1 + K, H)
         allowed = [rule.allowed_heads(slot["intervention"]) for slot in slots]
         wrong = off_target_heads(p[0], p[1:], self.heads, allowed, rule.max_shift)
+        seen = {}
+        if rule.require_target:
+            seen["on_target"] = np.array([on_target(p[0], q, self.heads, slot["intervention"], rule)
+                                          for q, slot in zip(p[1:], slots)], dtype=np.int64)
         return {
+            **seen,
             "off_target": np.array([len(w) for w in wrong]),
             "off_target_heads": np.array([",".join(w) for w in wrong], dtype=object),
             "classifier_source": np.array([json.dumps(dict(zip(self.heads, np.round(p[0], 4).tolist())))] * len(slots),

@@ -51,6 +51,8 @@ def rejection_reasons(filter_config, row: dict) -> list[str]:
         ),
         ("reconstruction_psnr", filter_config.reconstruction_psnr_min, True, "fidelity PSNR < {:g} dB"),
         ("off_target", 0 if filter_config.off_target.classifier else None, False, "off-target"),
+        ("on_target", 1 if filter_config.off_target.classifier and filter_config.off_target.require_target else None,
+         True, "target not seen"),
     ]
     reasons = []
     for key, bound, is_minimum, label in checks:

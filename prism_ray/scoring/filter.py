@@ -29,13 +29,22 @@ class OffTargetConfig(BaseConfig):
         description="heads an intervention on the attribute may change besides its own",
     )
     max_shift: float = Field(0.3, gt=0.0, le=1.0, description="largest allowed probability move of another head")
+    require_target: bool = Field(
+        False,
+        description="also reject an edit in which the classifier does not see its intervention: a yes/no value "
+        "('Cardiomegaly=0') needs its head on that side of 0.5, any other value ('sex=flip', 'age=+20') a "
+        "flipped decision of its own or implied heads (column on_target)",
+    )
+
+    def head_of(self, attribute: str) -> str:
+        return self.heads.get(attribute, attribute.lower().replace(" ", "_"))
 
     def allowed_heads(self, intervention: str) -> set[str]:
         """Heads an intervention ('A=0; B=1') may change."""
         allowed: set[str] = set()
         for part in filter(None, (p.strip() for p in intervention.split(";"))):
             attribute = part.split("=", 1)[0].strip()
-            allowed.add(self.heads.get(attribute, attribute.lower().replace(" ", "_")))
+            allowed.add(self.head_of(attribute))
             allowed.update(self.implied.get(attribute, []))
         return allowed
 
@@ -53,6 +62,32 @@ def off_target_heads(
     moved = np.abs(p_edits - p_source[None]) > max_shift  # (K, H)
     return [[h for j, h in enumerate(labels) if (flips[k, j] or moved[k, j]) and h not in allowed[k]]
             for k in range(len(p_edits))]
+
+
+def on_target(p_source: np.ndarray, p_edit: np.ndarray, labels: list[str], intervention: str,
+              rule: OffTargetConfig) -> bool:
+    """Whether the classifier sees an edit's intervention happen: for every part of it ('A=0; B=+20'), a
+    yes/no value puts the attribute's head on that side of 0.5, any other value flips the decision of the
+    attribute's head or of a head it implies. p_source and p_edit are (H,) probabilities over `labels`.
+    Raises ValueError naming the attribute when the classifier has none of its heads."""
+    from prism_ray.data.captions import parse_interventions
+
+    for item in parse_interventions(intervention):
+        own = rule.head_of(item.attribute)
+        value = item.value
+        if own in labels and (isinstance(value, bool) or value in (0, 1)) and not isinstance(value, str):
+            if (p_edit[labels.index(own)] >= 0.5) != bool(value):
+                return False
+            continue
+        heads = [labels.index(h) for h in (own, *rule.implied.get(item.attribute, [])) if h in labels]
+        if not heads:
+            raise ValueError(
+                f"filter.off_target.require_target: the classifier has no head for {item.attribute!r} "
+                f"(heads: {', '.join(labels)}); name it in filter.off_target.heads"
+            )
+        if not any((p_edit[k] >= 0.5) != (p_source[k] >= 0.5) for k in heads):
+            return False
+    return True
 
 
 class FilterConfig(BaseConfig):
@@ -95,6 +130,9 @@ class FilterConfig(BaseConfig):
             ("reconstruction_psnr", self.reconstruction_psnr_min, np.greater_equal),
             # number of heads the edit changed that it should not have (only with a classifier)
             ("off_target", 0 if self.off_target.classifier else None, np.less_equal),
+            # 1 when the classifier sees the intervention happen (only with require_target)
+            ("on_target", 1 if self.off_target.classifier and self.off_target.require_target else None,
+             np.greater_equal),
         ]
         keep = None
         for key, bound, meets in checks:

@@ -97,6 +97,12 @@ def test_the_engine_scores_every_head_with_the_shipped_classifier(tmp_path):
     assert item.scores["on_target"][0] == (edit["support_devices"] < 0.5)
     accepted = config.filter.accept({**item.scores, "s_clip": np.ones(1)})[0]
     assert accepted == (item.scores["off_target"][0] == 0 and item.scores["on_target"][0] == 1)
+    # A head the classifier lacks is refused before any image is edited, naming the attribute.
+    import pytest
+
+    blind = config.model_copy(update={"subgroups": [config.subgroups[0].model_copy(update={"interventions": ["race=flip"]})]})
+    with pytest.raises(ValueError, match="no head for 'race'"):
+        MethodEngine(blind)
 
 
 def test_off_target_edits_are_rejected_rows_with_their_heads(tmp_path):

@@ -103,6 +103,12 @@ class MethodEngine:
                 root = resolve_model_root(config.filter.off_target.classifier, m.cache_dir)
                 self.classifier = load_classifier(root, device=self.sd.device)
                 self.heads = classifier_labels(self.classifier)
+                if config.filter.off_target.require_target:  # fail before any GPU time: every intervention's heads
+                    from prism_ray.scoring.filter import target_checks
+
+                    specs = [i for g in getattr(config, "subgroups", []) for i in g.interventions]
+                    for spec in specs + list(getattr(config, "interventions", [])):
+                        target_checks(spec, self.heads, config.filter.off_target)
             from prism_ray.models.loading import load_clip
             from prism_ray.scoring.clip_score import ClipScorer
 
@@ -156,11 +162,7 @@ class MethodEngine:
                 }
                 scores.update({k: np.full(len(item.edits), v) for k, v in fidelity.items()})
                 if self.classifier is not None:
-                    try:
-                        scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
-                    except ValueError as err:  # an intervention the classifier has no head for
-                        errors.append((i, "score", str(err)))
-                        continue
+                    scores.update(self._off_target(orig, item.edits, tasks[i]["edits"]))
                 scores["l1"], scores["l1_255"] = l1(item.edits, origs, "unit"), l1(item.edits, origs, "255")
                 out.append(Edited(i, item.edits, scores, item.inversion_seconds, item.edit_seconds,
                                   time.perf_counter() - start, source=orig, reconstruction=item.reconstruction))

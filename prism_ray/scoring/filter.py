@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -64,28 +64,44 @@ def off_target_heads(
             for k in range(len(p_edits))]
 
 
-def on_target(p_source: np.ndarray, p_edit: np.ndarray, labels: list[str], intervention: str,
-              rule: OffTargetConfig) -> bool:
-    """Whether the classifier sees an edit's intervention happen: for every part of it ('A=0; B=+20'), a
-    yes/no value puts the attribute's head on that side of 0.5, any other value flips the decision of the
-    attribute's head or of a head it implies. p_source and p_edit are (H,) probabilities over `labels`.
-    Raises ValueError naming the attribute when the classifier has none of its heads."""
+class TargetCheck(NamedTuple):
+    """How `on_target` judges one part of an intervention: a yes/no value puts head `head` on the side of
+    0.5 that `value` names; any other value (`head` None) must flip one of `heads` (own and implied)."""
+
+    head: int | None
+    value: bool
+    heads: list[int]
+
+
+def target_checks(intervention: str, labels: list[str], rule: OffTargetConfig) -> list[TargetCheck]:
+    """One TargetCheck per part of an intervention ('A=0; B=+20'). Raises ValueError naming the attribute
+    when the classifier has none of its heads."""
     from prism_ray.data.captions import parse_interventions
 
+    out = []
     for item in parse_interventions(intervention):
-        own = rule.head_of(item.attribute)
-        value = item.value
-        if own in labels and (isinstance(value, bool) or value in (0, 1)) and not isinstance(value, str):
-            if (p_edit[labels.index(own)] >= 0.5) != bool(value):
-                return False
-            continue
+        own, value = rule.head_of(item.attribute), item.value
         heads = [labels.index(h) for h in (own, *rule.implied.get(item.attribute, [])) if h in labels]
         if not heads:
             raise ValueError(
                 f"filter.off_target.require_target: the classifier has no head for {item.attribute!r} "
                 f"(heads: {', '.join(labels)}); name it in filter.off_target.heads"
             )
-        if not any((p_edit[k] >= 0.5) != (p_source[k] >= 0.5) for k in heads):
+        yes_no = own in labels and isinstance(value, (bool, int)) and value in (0, 1)
+        out.append(TargetCheck(labels.index(own) if yes_no else None, bool(value) if yes_no else False, heads))
+    return out
+
+
+def on_target(p_source: np.ndarray, p_edit: np.ndarray, labels: list[str], intervention: str,
+              rule: OffTargetConfig) -> bool:
+    """Whether the classifier sees an edit's intervention happen: for every part of it, a yes/no value puts
+    the attribute's head on that side of 0.5, any other value ('sex=flip', 'age=+20') flips the decision of
+    the attribute's head or of a head it implies. p_source and p_edit are (H,) probabilities over `labels`."""
+    for check in target_checks(intervention, labels, rule):
+        if check.head is not None:
+            if (p_edit[check.head] >= 0.5) != check.value:
+                return False
+        elif not any((p_edit[k] >= 0.5) != (p_source[k] >= 0.5) for k in check.heads):
             return False
     return True
 

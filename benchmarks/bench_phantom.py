@@ -547,7 +547,22 @@ SWEEP_ARMS: dict[str, tuple[EditConfig, str | None]] = {
     "lungs_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), "lungs"),
     "lungs_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), "lungs"),
     "lungs_g3": (EditConfig(edit_guidance=3.0), "lungs"),
+    # The lower half of the lung fields (`lower_lung_zones`): where fluid collects, on neither side in particular.
+    "lower_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), "lower_lungs"),
+    "lower_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), "lower_lungs"),
+    "lower_noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), "lower_lungs"),
+    "lower_g3": (EditConfig(edit_guidance=3.0), "lower_lungs"),
 }
+
+
+def lower_lung_zones(seed: int, resolution: int) -> np.ndarray:
+    """(R, R) bool: the lower half (by height) of the subject's lung fields, as a user would outline the
+    lower zones on a lung segmentation; every effusion the renderer draws lies inside it, on either side."""
+    lungs = lung_mask(seed, resolution)
+    rows = np.flatnonzero(lungs.any(axis=1))
+    lower = lungs.copy()
+    lower[: int((rows.min() + rows.max()) / 2)] = False
+    return lower
 
 
 def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> int:
@@ -568,6 +583,7 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> i
         user_masks = {
             "oracle": [latent_mask(m, (res, res), size) for m in cases.masks],
             "lungs": [latent_mask(lung_mask(s, res), (res, res), size) for _, s in subjects],
+            "lower_lungs": [latent_mask(lower_lung_zones(s, res), (res, res), size) for _, s in subjects],
         }
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]

@@ -172,3 +172,14 @@ def test_independent_classifier_trains_the_family_heads_from_another_seed(tmp_pa
     assert not np.allclose(predict_proba(judge, cases.src), cases.p_src)
     again = bench.independent_classifier("base", heads, 3, 64, tmp_path / "judge")  # loaded, not retrained
     assert np.array_equal(predict_proba(again, cases.src), predict_proba(judge, cases.src))
+
+
+def test_lower_lung_zones_hold_every_effusion_and_nothing_outside_the_lungs():
+    from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask
+
+    bench = _load_bench()
+    for seed in range(2**31 + 100, 2**31 + 130):
+        lower, lungs = bench.lower_lung_zones(seed, 64), lung_mask(seed, 64)
+        fluid = attribute_mask(PhantomAttributes(pleural_effusion=True), seed, "pleural_effusion", 64)
+        assert fluid.any() and not (fluid & ~lower).any() and not (lower & ~lungs).any()
+        assert 0.4 < lower.sum() / lungs.sum() < 0.75  # a zone, not the whole field

@@ -37,7 +37,7 @@ true counterfactual, L1 (and LPIPS when weights are given) to the source, error 
 counterfactual over the whole image and inside / outside the attribute's region, error to the nearest
 counterfactual equally true of the source (additions: `phantom.truth.plausible_counterfactuals`), and
 the S_CLIP acceptance rate. Writes `results.json`, `results.md` and one contact sheet per
-intervention (source | no_edit | ddim_swap | full | full_noise_blend | true cf).
+intervention (source | no_edit | ddim_swap | full | full_noise_blend | shipped | blind_vae | true cf).
 
     python benchmarks/bench_phantom.py                          # 12 sources per intervention, 50 steps
     python benchmarks/bench_phantom.py --per-intervention 4 --steps 20   # a quick look
@@ -489,9 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         results[iv.name] = entry
         tiles, labels = [], []
         for k in range(min(6, len(subjects))):
-            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_noise_blend"][k], true[k]]
-            labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "true cf"]
-        save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=6, labels=labels, upscale=3)
+            tiles += [src[k], outputs["no_edit"][k], outputs["ddim_swap"][k], outputs["full"][k], outputs["full_noise_blend"][k],
+                      outputs["shipped"][k], outputs["blind_vae"][k], true[k]]
+            labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "shipped", "blind (VAE)", "true cf"]
+        save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=8, labels=labels, upscale=3)
         print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *scored)}), flush=True)
 
     meta = {

@@ -553,17 +553,33 @@ SWEEP_ARMS: dict[str, tuple[EditConfig, str | None]] = {
     "lower_q90_g3": (EditConfig(**NOISE, edit_guidance=3.0, noise_mask_quantile=0.9), "lower_lungs"),
     "lower_noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), "lower_lungs"),
     "lower_g3": (EditConfig(edit_guidance=3.0), "lower_lungs"),
+    # The lower zone of one lung, the side picked by a seeded coin per source: a user who asks for fluid on a
+    # side of their choosing (the source does not show which side the truth's fluid fills).
+    "side_noise_g3": (EditConfig(**NOISE, edit_guidance=3.0), "lower_side"),
+    "side_noise_g2": (EditConfig(**NOISE, edit_guidance=2.0), "lower_side"),
+    "side_g3": (EditConfig(edit_guidance=3.0), "lower_side"),
 }
 
 
-def lower_lung_zones(seed: int, resolution: int) -> np.ndarray:
+def lower_lung_zones(seed: int, resolution: int, side: int = 0) -> np.ndarray:
     """(R, R) bool: the lower half (by height) of the subject's lung fields, as a user would outline the
-    lower zones on a lung segmentation; every effusion the renderer draws lies inside it, on either side."""
+    lower zones on a lung segmentation; every effusion the renderer draws lies inside it, on either side.
+    `side` -1 / +1 keeps only the image-left / image-right lung (split at the lung fields' mid column)."""
     lungs = lung_mask(seed, resolution)
-    rows = np.flatnonzero(lungs.any(axis=1))
+    rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
     lower = lungs.copy()
     lower[: int((rows.min() + rows.max()) / 2)] = False
+    middle = int((cols.min() + cols.max()) / 2)
+    if side < 0:
+        lower[:, middle:] = False
+    elif side > 0:
+        lower[:, :middle] = False
     return lower
+
+
+def coin_side(seed: int) -> int:
+    """-1 or +1, a seeded coin per source (independent of the renderer's own draws)."""
+    return int(np.random.default_rng([int(seed), 7]).integers(2)) * 2 - 1
 
 
 def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> int:
@@ -585,6 +601,7 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> i
             "oracle": [latent_mask(m, (res, res), size) for m in cases.masks],
             "lungs": [latent_mask(lung_mask(s, res), (res, res), size) for _, s in subjects],
             "lower_lungs": [latent_mask(lower_lung_zones(s, res), (res, res), size) for _, s in subjects],
+            "lower_side": [latent_mask(lower_lung_zones(s, res, coin_side(s)), (res, res), size) for _, s in subjects],
         }
         pairs = [captions(iv, a, kind) for a, _ in subjects]
         sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]

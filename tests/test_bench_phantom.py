@@ -183,3 +183,7 @@ def test_lower_lung_zones_hold_every_effusion_and_nothing_outside_the_lungs():
         fluid = attribute_mask(PhantomAttributes(pleural_effusion=True), seed, "pleural_effusion", 64)
         assert fluid.any() and not (fluid & ~lower).any() and not (lower & ~lungs).any()
         assert 0.4 < lower.sum() / lungs.sum() < 0.75  # a zone, not the whole field
+        left, right = bench.lower_lung_zones(seed, 64, -1), bench.lower_lung_zones(seed, 64, +1)
+        assert left.any() and right.any() and not (left & right).any() and np.array_equal(left | right, lower)
+        assert left.nonzero()[1].max() < right.nonzero()[1].min()
+    assert {bench.coin_side(s) for s in range(2**31, 2**31 + 20)} == {-1, 1}

@@ -39,31 +39,12 @@ SUBGROUP_EXPLANATIONS = {
 def rejection_reasons(filter_config, row: dict) -> list[str]:
     """The active thresholds of `FilterConfig.accept` that one manifest row fails (a missing or NaN score
     fails, as there)."""
-    checks = [
-        ("s_clip", filter_config.s_clip_min, True, f"S_CLIP < {filter_config.s_clip_min:g}"),
-        ("clip_image_image", filter_config.image_image_min, True, "CLIP image-image < {:g}"),
-        ("clip_image_text", filter_config.image_text_min, True, "CLIP image-text < {:g}"),
-        (
-            "reconstruction_error",
-            filter_config.reconstruction_error_max,
-            False,
-            "reconstruction error > {:g}",
-        ),
-        ("reconstruction_psnr", filter_config.reconstruction_psnr_min, True, "fidelity PSNR < {:g} dB"),
-        ("off_target", 0 if filter_config.off_target.classifier else None, False, "off-target"),
-        ("on_target", 1 if filter_config.off_target.classifier and filter_config.off_target.require_target else None,
-         True, "target not seen"),
-    ]
     reasons = []
-    for key, bound, is_minimum, label in checks:
-        if bound is None:
-            continue
-        value = row.get(key)
-        ok = (
-            value is not None and not math.isnan(value) and (value >= bound if is_minimum else value <= bound)
-        )
+    for t in filter_config.thresholds():
+        value = row.get(t.key)
+        ok = value is not None and not math.isnan(value) and (value >= t.bound if t.is_minimum else value <= t.bound)
         if not ok:
-            reasons.append(label.format(bound))
+            reasons.append(t.label.format(t.bound))
     return reasons
 
 

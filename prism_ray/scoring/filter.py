@@ -106,6 +106,16 @@ def on_target(p_source: np.ndarray, p_edit: np.ndarray, labels: list[str], inter
     return True
 
 
+class Threshold(NamedTuple):
+    """One accept threshold: the score `key` must be >= `bound` (`is_minimum`) or <= it; `label` names a
+    failure in reports ('{:g}' takes the bound)."""
+
+    key: str
+    bound: float
+    is_minimum: bool
+    label: str
+
+
 class FilterConfig(BaseConfig):
     """Which counterfactuals to keep, from the scores of `ClipScorer.score` (+ the reconstruction error).
 
@@ -135,27 +145,31 @@ class FilterConfig(BaseConfig):
         25.0, ge=0.0, description="the run summary warns when over a quarter of the sources reconstruct below this"
     )
 
+    def thresholds(self) -> list[Threshold]:
+        """The active thresholds, in the order `accept` and the reports check them."""
+        classifier = self.off_target.classifier
+        every = [
+            Threshold("s_clip", self.s_clip_min, True, "S_CLIP < {:g}"),
+            Threshold("clip_image_image", self.image_image_min, True, "CLIP image-image < {:g}"),
+            Threshold("clip_image_text", self.image_text_min, True, "CLIP image-text < {:g}"),
+            Threshold("reconstruction_error", self.reconstruction_error_max, False, "reconstruction error > {:g}"),
+            Threshold("reconstruction_psnr", self.reconstruction_psnr_min, True, "fidelity PSNR < {:g} dB"),
+            # number of heads the edit changed that it should not have (only with a classifier)
+            Threshold("off_target", 0 if classifier else None, False, "off-target"),
+            # 1 when the classifier sees the intervention happen (only with require_target)
+            Threshold("on_target", 1 if classifier and self.off_target.require_target else None, True,
+                      "target not seen"),
+        ]
+        return [t for t in every if t.bound is not None]
+
     def accept(self, scores: Mapping[str, Any]) -> np.ndarray:
         """Boolean (N,) array: every active threshold met (score >= minimum, error <= maximum).
         NaN is rejected."""
-        checks = [
-            ("s_clip", self.s_clip_min, np.greater_equal),
-            ("clip_image_image", self.image_image_min, np.greater_equal),
-            ("clip_image_text", self.image_text_min, np.greater_equal),
-            ("reconstruction_error", self.reconstruction_error_max, np.less_equal),
-            ("reconstruction_psnr", self.reconstruction_psnr_min, np.greater_equal),
-            # number of heads the edit changed that it should not have (only with a classifier)
-            ("off_target", 0 if self.off_target.classifier else None, np.less_equal),
-            # 1 when the classifier sees the intervention happen (only with require_target)
-            ("on_target", 1 if self.off_target.classifier and self.off_target.require_target else None,
-             np.greater_equal),
-        ]
         keep = None
-        for key, bound, meets in checks:
-            if bound is None:
-                continue
-            if key not in scores:
-                raise ValueError(f"scores lack {key!r}, needed by the filter threshold on it")
-            ok = meets(np.asarray(scores[key], dtype=np.float64), bound)
+        for t in self.thresholds():
+            if t.key not in scores:
+                raise ValueError(f"scores lack {t.key!r}, needed by the filter threshold on it")
+            value = np.asarray(scores[t.key], dtype=np.float64)
+            ok = value >= t.bound if t.is_minimum else value <= t.bound
             keep = ok if keep is None else keep & ok
         return keep

@@ -97,6 +97,8 @@ DEMOGRAPHIC_INTERVENTIONS = [
 SEX_TEMPLATE = "Chest X-ray of a {sex} patient showing {findings}"
 FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
 S_CLIP_MIN = 0.1  # PRISM's filter
+# Every table's reference rows: the two baselines and the two decoder rows that are not edits.
+BASELINES = ("no_edit", "ddim_swap", "true_vae", "blind_vae")
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "augment_tiny.yaml"
 
 
@@ -182,6 +184,12 @@ def vae_round_trip(sd, images: np.ndarray) -> np.ndarray:
     return decode(sd.vae, encode(sd.vae, preprocess(list(images), sd.resolution)))[..., 0]
 
 
+def decoder_rows(sd, cases: "Cases") -> dict[str, np.ndarray]:
+    """The two rows that are not edits: the true counterfactual (`true_vae`) and the blind bound
+    (`blind_vae`), each through the family's VAE."""
+    return {"true_vae": vae_round_trip(sd, cases.true), "blind_vae": vae_round_trip(sd, cases.blind)}
+
+
 def independent_classifier(kind: str, heads: list[str], seed: int, resolution: int, folder: Path):
     """A second attribute classifier with the family classifier's heads, trained from `seed` on phantoms
     the family's never saw (new render seeds, new init): the off-target judge of the `+judge` rows, so
@@ -234,7 +242,7 @@ def judge_accepts(judge, rule, spec: str, src: np.ndarray, edited: np.ndarray, s
 
 def judge_rows(judge, kind: str, spec: str, cases: "Cases", outputs: dict, clips: dict, classifier) -> dict:
     """{arm: judged scores, arm+target: the same with require_target} for every arm with S_CLIP scores."""
-    baselines = {k: outputs[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae")}
+    baselines = {k: outputs[k] for k in BASELINES}
     rule, rows = off_target_rule(kind), {}
     for name, s_clip in clips.items():
         keep, seen = judge_accepts(judge, rule, spec, cases.src, outputs[name], s_clip)
@@ -443,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         arms = {**p2p_arms, "shipped": shipped.for_intervention(iv.spec)}
         outputs, recon, seconds = run_arms(sd, images, source_prompts, edit_prompts, nti, arms)
         outputs["no_edit"] = recon
-        outputs["true_vae"] = vae_round_trip(sd, true)
-        outputs["blind_vae"] = vae_round_trip(sd, cases.blind)
+        outputs.update(decoder_rows(sd, cases))
         swap, _, swap_seconds = run_arms(sd, images, source_prompts, edit_prompts, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
         seconds.update(swap_seconds)
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_source": seconds,
         }
         probs, clips = {}, {}
-        for name in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *scored):
+        for name in (*BASELINES, *scored):
             probs[name] = predict_proba(classifier, outputs[name])
             entry[name] = score(outputs[name], probs[name], cases, lpips)
         for name in ("ddim_swap", *scored):
@@ -493,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                       outputs["shipped"][k], outputs["blind_vae"][k], true[k]]
             labels += ["source", "no edit", "ddim swap", "full", "full+noise blend", "shipped", "blind (VAE)", "true cf"]
         save_contact_sheet(tiles, str(out / f"{iv.name}.png"), ncols=8, labels=labels, upscale=3)
-        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *scored)}), flush=True)
+        print(f"[{iv.name}] " + json.dumps({k: entry[k] for k in (*BASELINES, *scored)}), flush=True)
 
     meta = {
         "command": "python benchmarks/bench_phantom.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -621,10 +628,9 @@ def sweep(args, sd, scorer, classifier, heads, out: Path, argv, judge=None) -> i
         ddim = InversionConfig(method="ddim", num_inference_steps=args.steps)
         swap, _, _ = run_arms(sd, images, sources, edits, ddim, {"ddim_swap": EditConfig(controller="none", reweight=None)})
         outputs.update(swap)
-        outputs["true_vae"] = vae_round_trip(sd, cases.true)
-        outputs["blind_vae"] = vae_round_trip(sd, cases.blind)
+        outputs.update(decoder_rows(sd, cases))
         entry = {"sources": len(subjects)}
-        for name in ("no_edit", "ddim_swap", "true_vae", "blind_vae", *names):
+        for name in (*BASELINES, *names):
             entry[name] = score(outputs[name], predict_proba(classifier, outputs[name]), cases)
         if judge is not None:
             clips = {name: scorer.s_clip(_rgb(cases.src), _rgb(outputs[name]), sources, edits) for name in ("ddim_swap", *names)}
@@ -669,7 +675,7 @@ def markdown(results: dict, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        first = ["no_edit", "ddim_swap", "true_vae", "blind_vae", "nti_swap", "full", "full_filtered"]
+        first = [*BASELINES, "nti_swap", "full", "full_filtered"]
         scored = [k for k, v in entry.items() if isinstance(v, dict) and "error_to_true" in v]  # every arm scored
         for arm in [a for a in first if a in scored] + [a for a in scored if a not in first]:
             s = entry[arm]

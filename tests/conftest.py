@@ -21,6 +21,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _prism_ray_logger_restored():
+    """`cli.main` gives the `prism_ray` logger its own handler and stops propagation (console.py), as a
+    job process should; in the test process that would hide records from later tests' `caplog`."""
+    import logging
+
+    logger = logging.getLogger("prism_ray")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """Path of a freshly built tiny SD family (random weights, seed 0)."""

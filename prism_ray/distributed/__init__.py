@@ -1,28 +1,81 @@
 """Ray and DeepSpeed adapters: the only modules that import them, each a short wrapper over the core."""
 
+from __future__ import annotations
+
+import logging
+import os
+import re
 
 VERBOSE_ENV = "PRISM_RAY_VERBOSE"  # set by `prism-ray -v`: Ray's own INFO lines and progress bars back on
+
+# Lines Ray forwards from its workers that are Ray's, DeepSpeed's or torch's business, not the user's:
+# dropped from the driver's terminal (they stay in the session's log files) unless PRISM_RAY_VERBOSE.
+_WORKER_NOISE = re.compile(
+    r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: \S+ has constructor arguments"
+    r"|DeepSpeed deepspeed\.ops\.\S+ built successfully"
+    r"|\[[\w.]+\] \[INFO\] \[[\w.]+:\d+:\w+\]"  # DeepSpeed's INFO logger lines
+    # Ray Train logs these per rank and report through a logger named by file path, which its own
+    # log level does not reach; Ray Data warns once per worker that we turned its progress bars off.
+    r"|^Reporting training result \d+: TrainingReport\("
+    r"|^Checkpoint successfully created at: Checkpoint\("
+    r"|^Progress bars disabled\. To enable, set"
+)
+
+
+def verbose() -> bool:
+    return bool(os.environ.get(VERBOSE_ENV))
+
+
+def quiet_worker_environment() -> dict[str, str]:
+    """Environment for Ray workers of a quiet run: Ray Data at WARNING, no deprecation/future warnings."""
+    if verbose():
+        return {}
+    return {"RAY_DATA_LOG_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+
+
+def _filter_worker_lines() -> None:
+    """Wrap the driver's handler of forwarded worker output so that `_WORKER_NOISE` lines are dropped."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    original = dict(getattr(dispatcher, "handlers", [])).get("ray_print_logs")  # [(name, handler)]
+    if original is None or getattr(original, "prism_ray_filtered", False):
+        return  # not a Ray this was written against, or already wrapped: print everything
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
+        if lines:
+            original(dict(data, lines=lines))
+
+    filtered.prism_ray_filtered = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray.
 
-    Workers' prints (the jobs' progress lines) reach the driver; Ray's own INFO logging and Ray
-    Data's progress bars do not, unless PRISM_RAY_VERBOSE is set.
+    Workers' prints (the jobs' progress lines) reach the driver; Ray's own INFO logging, Ray Data's
+    progress bars and the library noise of `_WORKER_NOISE` do not, unless PRISM_RAY_VERBOSE is set.
+    The job's own lines go through the `prism_ray` logger's handler (`console.configure_logging`),
+    which the `LoggingConfig` here (applied by Ray to the root logger) does not touch.
     """
-    import os
-
     import ray
 
-    verbose = bool(os.environ.get(VERBOSE_ENV))
     # Ray Train tees workers' prints into its logger as well: every progress line would show twice.
     # (Local workers inherit this; a cluster gets it from cluster/runtime_env.yaml.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not verbose:
+    for key, value in quiet_worker_environment().items():  # a local Ray's workers inherit the driver's env
+        os.environ.setdefault(key, value)
+    if not verbose():
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if not os.environ.get("RAY_ADDRESS"):  # an in-process Ray on this machine: its token is Ray's business
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),
             log_to_driver=True,
-            logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         )
+        if not verbose():
+            _filter_worker_lines()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+
+from prism_ray.distributed import verbose
 
 
 def fit_torch(job: str, loop: Callable, loop_config: dict, config, plan, datasets: dict | None = None) -> str:
@@ -25,6 +27,8 @@ def fit_torch(job: str, loop: Callable, loop_config: dict, config, plan, dataset
             storage_path=plan.storage_path,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines ("Reporting training result ..." per rank and step) only with -v
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets=datasets,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prism_ray.console import Progress
 from prism_ray.engine.images import to_model_pixels, vae_latent_moments
 from prism_ray.engine.text import encode_prompts
 from prism_ray.faults import fault_point
@@ -47,9 +49,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t, run_path = config.train, loop_config["run_path"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, sd, noise_scheduler, device = setup_worker(config, loop_config["deepspeed"])
-    ema = EMA(engine.module, t.ema_decay) if t.ema and rank == 0 else None
-    start_step = restore(engine, ema, run_path, rank, t.zero_stage)
+    # The first run on a machine also builds DeepSpeed's C++ ops here (minutes on a CPU): say so.
+    preparing = Progress("finetune: loading the model and starting DeepSpeed (a first run builds its ops)",
+                         emit=lambda line: print(line, flush=True))
+    with preparing if rank == 0 else contextlib.nullcontext():
+        engine, sd, noise_scheduler, device = setup_worker(config, loop_config["deepspeed"])
+        ema = EMA(engine.module, t.ema_decay) if t.ema and rank == 0 else None
+        start_step = restore(engine, ema, run_path, rank, t.zero_stage)
     log = MetricsLog(config.config_hash(), t.max_steps) if rank == 0 else None
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size)
     accumulation = engine.gradient_accumulation_steps()

@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from prism_ray.config import BaseConfig, ConfigError
+from prism_ray.console import Progress
 from prism_ray.data.config import DataConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.faults import fault_point
@@ -391,9 +392,8 @@ def run(config: AuditConfig, runner=None) -> dict:
     actors: dict = {}
     if todo:
         step_factory = partial(AuditStep, config, results_hash, attributes)
-        pool = runner(step_factory, config.compute, layout.root)
-        clock = {"last": time.monotonic(), "start": time.monotonic(), "done": 0}
         total = sum(len(task["edits"]) for task in todo)
+        line = Progress("audit:   rows", total, "rows", detail=lambda: f"{tally['error']} errors")
 
         def on_report(report: BatchReport) -> None:
             for _, outcome in report.outcomes.values():
@@ -401,25 +401,16 @@ def run(config: AuditConfig, runner=None) -> dict:
             tally["sources"] += report.sources
             fault_point("audit.batch_done")
             seconds.update({f"actor_{k}": v for k, v in report.seconds.items()})
-            clock["done"] += len(report.outcomes)
-            now = time.monotonic()
-            if now - clock["last"] > 10.0 and clock["done"] < total:
-                rate = clock["done"] / max(now - clock["start"], 1e-9)
-                log.info(
-                    "audit:   %d/%d rows, %d errors, ETA %.0fs",
-                    clock["done"],
-                    total,
-                    tally["error"],
-                    (total - clock["done"]) / rate if rate else float("nan"),
-                )
-                clock["last"] = now
+            line.advance(len(report.outcomes))
 
         t = time.perf_counter()
-        try:
-            pool.map(batches(todo, config.compute.batch_size, config.compute.num_actors), on_report)
-            actors = pool.stats()
-        finally:
-            pool.close()
+        with line:  # from the Ray start on: the first rows come only after the actors load the models
+            pool = runner(step_factory, config.compute, layout.root)
+            try:
+                pool.map(batches(todo, config.compute.batch_size, config.compute.num_actors), on_report)
+                actors = pool.stats()
+            finally:
+                pool.close()
         work_seconds = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from prism_ray.config import BaseConfig, ConfigError
+from prism_ray.console import Progress
 from prism_ray.data.captions import check_interventions, check_selector, parse_interventions
 from prism_ray.data.config import DataConfig
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
@@ -588,18 +589,12 @@ def run(config: AugmentConfig, runner=None) -> dict:
     rounds: list[dict] = []
     progress: dict[str, SubgroupProgress] = {}
     pool_runner = None
-    clock = {"last": 0.0, "start": 0.0, "done": 0, "total": 0}  # this round's progress
+    round_progress: list[Progress] = []  # the running round's progress line
 
-    def on_report(report: BatchReport) -> None:  # one batch done: count it, show progress every 10 s
+    def on_report(report: BatchReport) -> None:  # one batch done: count it
         tally.add(report)
         fault_point("augment.batch_done")
-        clock["done"] += len(report.outcomes)
-        now = time.monotonic()
-        if now - clock["last"] > 10.0 and clock["done"] < clock["total"]:
-            rate = clock["done"] / max(now - clock["start"], 1e-9)
-            eta = (clock["total"] - clock["done"]) / rate if rate else float("nan")
-            log.info("augment:   %d/%d attempts, ETA %.0fs | %s", clock["done"], clock["total"], eta, tally.line())
-            clock["last"] = now
+        round_progress[-1].advance(len(report.outcomes))
 
     try:
         for round_index in range(config.planner.max_rounds + 1):
@@ -616,16 +611,17 @@ def run(config: AugmentConfig, runner=None) -> dict:
                 break
             if not tasks:
                 continue  # every planned slot failed its caption: plan again without them
-            if pool_runner is None:  # started once, fed round after round
-                step_factory = partial(CounterfactualStep, config, results_hash, model_id)
-                pool_runner = runner(step_factory, config.compute, layout.root)
             n_slots = sum(len(task["edits"]) for task in tasks)
             log.info("augment: round %d: %d tasks, %d attempts (%s)", round_index + 1, len(tasks), n_slots,
                      ", ".join(f"{n} +{len(p.planned)} at p={p.acceptance:.2f}" for n, p in progress.items() if p.planned))
             t = time.perf_counter()
             before = {n: Counter(c) for n, c in tally.counts.items()}
-            clock.update(last=time.monotonic(), start=time.monotonic(), done=0, total=n_slots)
-            pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
+            with Progress(f"augment:   round {round_index + 1}", n_slots, "attempts", detail=tally.line) as line:
+                round_progress.append(line)
+                if pool_runner is None:  # started once (under the progress line: Ray, model loads), fed round after round
+                    step_factory = partial(CounterfactualStep, config, results_hash, model_id)
+                    pool_runner = runner(step_factory, config.compute, layout.root)
+                pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
             seconds = time.perf_counter() - t
             rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,
                            "seconds": seconds, "subgroups": {n: dict(tally.counts[n] - before[n]) for n in quotas}})

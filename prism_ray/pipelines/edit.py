@@ -12,12 +12,14 @@ under `out`: `<image>/source.png`, `<image>/edit_<k>.png`, `<image>/difference_<
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from prism_ray.config import BaseConfig
+from prism_ray.console import Progress
 from prism_ray.data.images import DecodeConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.models.config import ModelConfig
@@ -107,7 +109,14 @@ def run(config: EditJobConfig, runner=None) -> Path:
         edits = [{"edit_prompt": c, "subgroup": "edit", "intervention": spec, "slot_id": str(k), "rank": k}
                  for k, (c, spec) in enumerate(zip(captions, specs))]
         tasks.append({"source_uri": uri, "source_prompt": config.prompt, "edits": edits})
-    edited, errors = engine.counterfactuals(pixels, tasks) if tasks else ([], [])
+    edited, errors = [], []
+    # One image per engine call: a progress line (done/total, ETA) every 10 s while it inverts and edits.
+    with Progress("edit: inverting and editing", len(tasks), "images") as progress:
+        for i, task in enumerate(tasks):
+            done, failed = engine.counterfactuals([pixels[i]], [task])
+            edited += [replace(item, index=i) for item in done]
+            errors += [(i, stage, reason) for _, stage, reason in failed]
+            progress.advance()
     failures += [{"image": tasks[i]["source_uri"], "stage": stage, "reason": reason} for i, stage, reason in errors]
 
     results, tiles, labels = [], [], []

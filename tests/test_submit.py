@@ -110,11 +110,11 @@ def head():
         assert not left, f"Ray processes of this test survived: {left}"
 
 
-def _prism(head: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _prism(head: dict, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """`prism-ray ...` with only the token in its env (no RAY_AUTH_MODE): our header must carry it."""
     head["tree"] |= _descendants(head["pid"])  # job drivers and workers, while they are alive
     out = subprocess.run([str(BIN / "prism-ray"), *args, "--address", head["address"]], capture_output=True,
-                         text=True, timeout=timeout, env=_clean_env(RAY_AUTH_TOKEN=head["token"]), cwd=REPO,
+                         text=True, timeout=timeout, env=env or _clean_env(RAY_AUTH_TOKEN=head["token"]), cwd=REPO,
                          check=False)
     head["tree"] |= _descendants(head["pid"])
     return out
@@ -209,8 +209,17 @@ def test_s3_output_on_a_loopback_server(head, phantoms):
         server.stop()
 
 
-def test_a_job_failing_on_the_cluster_exits_1_with_its_error(head, tmp_path):
-    out = _submit(head, f"data.manifest={tmp_path}/missing.parquet", f"output={tmp_path}/out")
+@pytest.fixture(scope="module")
+def failed_job(head, tmp_path_factory) -> tuple[subprocess.CompletedProcess, str]:
+    """A job that fails on the cluster (its manifest is missing): the submit's result and the job's id."""
+    tmp = tmp_path_factory.mktemp("failed")
+    out = _submit(head, f"data.manifest={tmp}/missing.parquet", f"output={tmp}/out")
+    (sid,) = [line.split()[-1] for line in out.stderr.splitlines() if line.startswith("prism-ray submit: submitted ")]
+    return out, sid
+
+
+def test_a_job_failing_on_the_cluster_exits_1_with_its_error(failed_job):
+    out, _ = failed_job
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert "FAILED (exit 1)" in last and "missing.parquet" in last
@@ -222,3 +231,59 @@ def test_a_shortfall_exits_3(head, phantoms, tmp_path):
                   "subgroups.1.quota=0", "planner.max_rounds=1")
     assert out.returncode == 3, out.stderr[-2000:]
     assert "(exit 3)" in out.stderr and "incomplete" in out.stderr
+
+
+def test_status_of_a_failed_job_names_its_error(head, failed_job):
+    """Not Ray's "..., last available logs (truncated to 20,000 chars):" with nothing after it."""
+    status = _prism(head, "status", failed_job[1])
+    assert status.returncode == 0 and status.stdout.count("\n") == 1, status.stdout
+    assert "FAILED (exit 1)" in status.stdout and "missing.parquet" in status.stdout
+    assert "last available logs" not in status.stdout
+
+
+def test_jobs_shows_the_job_and_its_configs_not_the_wrapper(head, failed_job):
+    (row,) = [line for line in _jobs(head).splitlines() if line.startswith(failed_job[1] + " ")]
+    assert "FAILED" in row and "printf" not in row and "PRISM_RAY_CONFIG" not in row
+    assert "augment --config configs/augment_tiny.yaml --config configs/compute/augment_cpu.yaml --set" in row
+    assert "missing.parquet" in row  # the --set overrides, as given
+
+
+def test_the_token_in_rays_default_file_is_enough(head, tmp_path):
+    """Where `ray get-auth-token --generate` and a local `ray.init()` keep it: ~/.ray/auth_token, no env var."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(head["token"] + "\n")
+    out = _prism(head, "jobs", env=_clean_env(HOME=str(home)))
+    assert out.returncode == 0 and out.stdout.startswith("ID "), out.stderr[-2000:]
+
+
+def test_without_a_token_the_cluster_refusal_is_one_line(head, tmp_path):
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    for args in (("jobs",), ("status", "prism-augment-0123")):
+        out = _prism(head, *args, env=_clean_env(HOME=str(home)))
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+        assert "wants a token" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr and "Traceback" not in out.stderr
+    wrong = _prism(head, "jobs", env=_clean_env(HOME=str(home), RAY_AUTH_TOKEN="not-the-token"))
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and "RAY_AUTH_TOKEN was refused" in wrong.stderr
+
+
+def test_paths_the_cluster_cannot_use_exit_2_before_any_upload(head, tmp_path):
+    before = _jobs(head).splitlines()[1:]
+    shipped = _prism(head, "submit", "augment", *CONFIGS)  # the tiny configs as shipped: runs/... paths
+    assert shipped.returncode == 2 and shipped.stderr.count("\n") == 1, shipped.stderr[-2000:]
+    assert "config field 'data.manifest': relative path 'runs/phantoms/manifest.parquet'" in shipped.stderr
+    assert "runs/ is excluded" in shipped.stderr and "'output'" in shipped.stderr
+
+    relative_out = _submit(head, f"data.manifest={tmp_path}/m.parquet", "output=results/augment")
+    assert relative_out.returncode == 2 and relative_out.stderr.count("\n") == 1
+    assert "config field 'output': relative path 'results/augment'" in relative_out.stderr
+
+    # configs/augment_sd15.yaml's CLIP is a hub id; cluster/runtime_env.yaml sets HF_HUB_OFFLINE=1
+    sd15 = ["--config", str(REPO / "configs/augment_sd15.yaml"), "--set", f"data.manifest={tmp_path}/m.parquet",
+            "--set", f"output={tmp_path}/sd15"]
+    hub = _prism(head, "submit", "augment", *sd15)
+    assert hub.returncode == 2 and hub.stderr.count("\n") == 1
+    assert "config field 'model.clip_path': 'openai/clip-vit-large-patch14' is a hub id" in hub.stderr
+    assert "HF_HUB_OFFLINE=1" in hub.stderr
+    assert _jobs(head).splitlines()[1:] == before  # nothing was submitted

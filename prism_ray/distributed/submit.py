@@ -5,36 +5,56 @@ exits 2 and never reaches the cluster); the resolved YAML goes into the job's ru
 env var PRISM_RAY_CONFIG, and the entrypoint writes it into the job's working directory before
 running `python jobs/<job>.py --config <that file>`. Config files that are git-ignored or outside
 the repo therefore reach the cluster, and the job runs exactly the config that was checked and
-hashed. Paths *inside* the config (data.manifest, output) must be reachable from the cluster:
-absolute paths on a shared filesystem, or URIs.
+hashed. Paths *inside* the config must be reachable from the cluster: absolute paths on a shared
+filesystem, or URIs. `check_cluster_paths` refuses, before anything is uploaded, what cannot be: a
+relative output (it would land in the job's temporary working dir), a relative input the upload
+leaves behind (runs/, outputs/, git-ignored files), a hub id when the job runs with HF_HUB_OFFLINE=1.
+
+The job runs in cluster/runtime_env.yaml's environment (its excludes and env vars, as RayJobs and
+`ray job submit --runtime-env` do), plus compute.env_vars, which win.
 
 The submission id is `prism-<job>-<config_hash>`: submitting the same config again attaches to the
 running or finished job instead of starting a twin; after a FAILED or STOPPED one it submits
 `...-2`, `...-3`. Exit codes follow the job: 0 SUCCEEDED, 3 a shortfall (the driver exited 3),
 1 otherwise.
 
-Token auth (Ray >= 2.52, a cluster started with RAY_AUTH_MODE=token): the SDK adds
-`Authorization: Bearer <token>` by itself only when RAY_AUTH_MODE=token is set in the submitting
-process too (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). We send the
-header ourselves whenever RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set, so the token alone is enough.
+Token auth (Ray >= 2.52; a plain `ray start --head` turns it on when ~/.ray/auth_token exists, which
+any local `ray.init()` writes): the SDK adds `Authorization: Bearer <token>` by itself only when
+RAY_AUTH_MODE=token is set in the submitting process too. We send the header ourselves, the token
+found where Ray looks for it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), so the token
+alone is enough; a cluster that wants one we lack is one line saying how to pass it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import logging
 import os
+import shlex
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+# The matchers Ray's working_dir upload itself uses (a private module of the pinned Ray), so that
+# "would it be uploaded?" has one answer.
+from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+from prism_ray.config import ConfigError
+from prism_ray.results.layout import is_local_path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "PRISM_RAY_CONFIG"
 REPO = Path(__file__).resolve().parents[2]
-# Never uploaded: environments, outputs, caches (Ray also skips what .gitignore lists).
-EXCLUDES = [".venv", "runs", "outputs", ".git", "*.egg-info", "__pycache__", ".pytest_cache"]
+# The job's environment: the working dir's excludes (Ray also skips what .gitignore lists) and env vars.
+RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
+# Where Ray keeps its token (ray._private.authentication.authentication_token_setup._get_default_token_path).
+DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
@@ -42,24 +62,39 @@ class SubmitError(RuntimeError):
     """The cluster could not be reached or refused a request; the message is one line."""
 
 
-def _auth_headers() -> dict[str, str]:
+def auth_token() -> tuple[str, str]:
+    """(token, where it came from) in Ray's order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token;
+    ("", "") when there is none."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not token and path:
+    if path:
         try:
-            token = Path(path).read_text().strip()
+            return Path(path).expanduser().read_text().strip(), f"RAY_AUTH_TOKEN_PATH '{path}'"
         except OSError as err:
             raise SubmitError(f"RAY_AUTH_TOKEN_PATH '{path}': {err.strerror}") from None
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return DEFAULT_TOKEN_PATH.expanduser().read_text().strip(), str(DEFAULT_TOKEN_PATH)
+    except OSError:  # no token file: a cluster without auth needs none
+        return "", ""
 
 
 def connect(address: str | None) -> JobSubmissionClient:
-    """A client for `address`, else RAY_ADDRESS, else the local dashboard; sends the token if one is set."""
+    """A client for `address`, else RAY_ADDRESS, else the local dashboard; sends the token if there is one."""
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if "://" not in address:
         address = f"http://{address}"
+    token, source = auth_token()
     try:
-        return JobSubmissionClient(address, headers=_auth_headers())
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else {})
+    except AuthenticationError:
+        if token:
+            raise SubmitError(f"Ray dashboard at {address}: the token from {source} was refused; "
+                              "set RAY_AUTH_TOKEN to the cluster's token") from None
+        raise SubmitError(f"Ray dashboard at {address}: the cluster wants a token; set RAY_AUTH_TOKEN "
+                          f"(or RAY_AUTH_TOKEN_PATH, or write it to {DEFAULT_TOKEN_PATH}; "
+                          "`ray get-auth-token` on the head prints it)") from None
     except (ConnectionError, RuntimeError) as err:
         raise SubmitError(f"Ray dashboard at {address}: {_first_line(err)}") from None
 
@@ -78,6 +113,8 @@ def _request(what: str, call, *args):
     """Run one SDK call; its errors (HTTP status, connection) become one SubmitError line."""
     try:
         return call(*args)
+    except AuthenticationError as err:  # its str() appends a paragraph of help
+        raise SubmitError(f"{what}: {_first_line(err.message)}") from None
     except (ConnectionError, RuntimeError) as err:
         raise SubmitError(f"{what}: {_first_line(err)}") from None
 
@@ -101,29 +138,61 @@ def entrypoint(job: str, sid: str) -> str:
     return f'printf "%s\\n" "${CONFIG_ENV}" > {config} && python {script} --config {config}'
 
 
+def cluster_runtime_env() -> dict:
+    """cluster/runtime_env.yaml: the excludes and env vars every job of this checkout runs with."""
+    try:
+        env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SubmitError(f"{RUNTIME_ENV}: {_first_line(getattr(err, 'strerror', None) or err)}") from None
+    return {"excludes": list(env.get("excludes") or []), "env_vars": dict(env.get("env_vars") or {})}
+
+
+def job_env_vars(config) -> dict[str, str]:
+    """The job's env vars: cluster/runtime_env.yaml's, then compute.env_vars, which win (the driver needs
+    them too: s3://)."""
+    compute = getattr(config, "compute", None)
+    return {**cluster_runtime_env()["env_vars"], **(getattr(compute, "env_vars", None) or {})}
+
+
 def runtime_env(config_yaml: str, env_vars: dict[str, str]) -> dict:
-    """Working dir = the repo (less EXCLUDES); the resolved config and the job's env vars in env_vars."""
-    return {"working_dir": str(REPO), "excludes": list(EXCLUDES),
+    """Working dir = the repo (less cluster/runtime_env.yaml's excludes); the job's env vars and the resolved
+    config in env_vars."""
+    return {"working_dir": str(REPO), "excludes": cluster_runtime_env()["excludes"],
             "env_vars": {**env_vars, CONFIG_ENV: config_yaml}}
 
 
-def submit(job: str, config, address: str | None = None, wait: bool = True) -> int:
-    """Submit (or attach to) the job for a validated `config`; follow it unless `wait` is False."""
+def job_metadata(job: str, config_paths: Sequence[str], overrides: Sequence[str]) -> dict[str, str]:
+    """What `prism-ray jobs` shows instead of the config-shipping entrypoint: the job as it was asked for
+    (`augment --config configs/augment_tiny.yaml --set ...`, config paths relative to the repo when in it)."""
+    args = [job]
+    for path in config_paths:
+        resolved = Path(path).resolve()
+        args += ["--config", str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved)]
+    for override in overrides:
+        args += ["--set", override]
+    return {"prism_job": job, "prism_command": shlex.join(args)}
+
+
+def submit(job: str, config, address: str | None = None, wait: bool = True,
+           config_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> int:
+    """Submit (or attach to) the job for a validated `config`; follow it unless `wait` is False.
+    A path the cluster cannot use raises ConfigError before anything is uploaded."""
     script = REPO / "jobs" / f"{job.replace('-', '_')}.py"
     if not script.is_file():
         raise SubmitError(f"jobs/{script.name}: not found under {REPO} (submit from a repo checkout)")
     client = connect(address)
+    env_vars = job_env_vars(config)
+    check_cluster_paths(config, env_vars)
     jobs = _request("list jobs", client.list_jobs)
     taken = {j.submission_id: j.status for j in jobs if j.submission_id}
     sid, exists = submission_id(job, config.config_hash(), taken)
     if exists:
         print(f"prism-ray submit: {sid} is already {_name(taken[sid])}; attaching", file=sys.stderr)
     else:
-        compute = getattr(config, "compute", None)
-        env_vars = dict(getattr(compute, "env_vars", None) or {})  # the driver needs them too (s3://)
         _request(f"submit {sid}", lambda: client.submit_job(
             entrypoint=entrypoint(job, sid), submission_id=sid,
-            runtime_env=runtime_env(config.to_yaml(), env_vars), metadata={"prism_job": job}))
+            runtime_env=runtime_env(config.to_yaml(), env_vars),
+            metadata=job_metadata(job, config_paths, overrides)))
         print(f"prism-ray submit: submitted {sid}", file=sys.stderr)
     if not wait:
         print(sid)
@@ -132,18 +201,111 @@ def submit(job: str, config, address: str | None = None, wait: bool = True) -> i
     return _finish(client, sid)
 
 
+# --- paths the cluster must be able to use ---------------------------------------------------
+
+# Config fields by what the job does with them; dotted names, `*` for a list index.
+OUTPUT_FIELDS = ("output", "out", "run.storage_path", "run.export_path")
+INPUT_FIELDS = ("data.manifest", "data.image_root", "counterfactuals", "samples", "images.*")
+MODEL_FIELDS = ("model", "model.path", "model.clip_path", "model.weights", "classifiers.*.path",
+                "filter.off_target.classifier")
+TINY = "tiny"  # models.loading.TINY, the shipped family (that module imports torch)
+TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads HF_HUB_OFFLINE
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted name, value) of every scalar in a config dump (`classifiers.0.path`)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        yield prefix, tree
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _not_uploaded(rel: str) -> str | None:
+    """Why REPO/rel does not reach the job's working dir, None if it does. Ray's own matchers, as its
+    upload walks the tree: runtime_env excludes and every folder's .gitignore / .rayignore on the way down."""
+    target = Path(os.path.normpath(REPO / rel))
+    if not target.is_relative_to(REPO):
+        return "it is outside the repo"
+    quiet = logging.getLogger(f"{__name__}.upload")  # the matchers log every ignore file they read
+    quiet.setLevel(logging.WARNING)
+    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    matchers, node = [_get_excludes(REPO, cluster_runtime_env()["excludes"])], REPO
+    parts = target.relative_to(REPO).parts
+    for depth, part in enumerate(parts):
+        matchers += get_excludes_from_ignore_files(node, include_gitignore=gitignore, logger=quiet)
+        node = node / part
+        if any(match(node) for match in matchers):
+            folder = "/" if depth < len(parts) - 1 or node.is_dir() else ""
+            return f"{node.relative_to(REPO)}{folder} is excluded from the upload"
+    return None if target.exists() else f"no such file in {REPO}"
+
+
+def _is_hub_id(path: str) -> bool:
+    """`org/name` that is no local folder: what models.loading.resolve_model_root downloads from the hub."""
+    return not path.startswith(("/", ".", "~")) and path.count("/") == 1 and not (REPO / path).exists()
+
+
+def path_problem(field: str, value: str, env_vars: dict[str, str]) -> str | None:
+    """The one-line reason the cluster cannot use `value` of config field `field`, None if it can."""
+    if not is_local_path(value):
+        return None  # a storage URI
+    path = value.removeprefix("file://")
+    if os.path.isabs(path) or path.startswith("~"):
+        return None  # the cluster's own filesystem: a shared mount, or not; only the cluster knows
+    use = "pass an absolute path on shared storage or a storage URI (s3://...)"
+    if any(fnmatch.fnmatchcase(field, f) for f in OUTPUT_FIELDS):
+        return (f"config field '{field}': relative path {value!r} would be written into the job's temporary "
+                f"working dir on the cluster; {use}")
+    model = any(fnmatch.fnmatchcase(field, f) for f in MODEL_FIELDS)
+    if model and path == TINY:
+        return None
+    if model and _is_hub_id(path):
+        if env_vars.get("HF_HUB_OFFLINE", "").strip().upper() not in TRUE:
+            return None
+        return (f"config field '{field}': {value!r} is a hub id, but the job runs with HF_HUB_OFFLINE=1 "
+                "(cluster/runtime_env.yaml, compute.env_vars); pass a model folder on shared storage or a "
+                "storage URI (s3://...)")
+    why = _not_uploaded(path)
+    if why is None:
+        return None
+    return f"config field '{field}': relative path {value!r} is not uploaded with the job ({why}); {use}"
+
+
+def check_cluster_paths(config, env_vars: dict[str, str]) -> None:
+    """Raise ConfigError (one line naming the field) if the job on the cluster could not use a path of
+    `config`; `env_vars` is the job's environment (job_env_vars)."""
+    fields = (*OUTPUT_FIELDS, *INPUT_FIELDS, *MODEL_FIELDS)
+    problems = [(name, problem) for name, value in _leaves(config.model_dump(mode="json"))
+                if isinstance(value, str) and value and any(fnmatch.fnmatchcase(name, f) for f in fields)
+                and (problem := path_problem(name, value, env_vars))]
+    if problems:
+        more = ", ".join(f"'{name}'" for name, _ in problems[1:])
+        raise ConfigError(problems[0][1] + (f"; also {more}" if more else ""))
+
+
 def _finish(client: JobSubmissionClient, sid: str) -> int:
     """Exit code of a finished job, with one line on stderr when it did not succeed."""
     info = _wait_terminal(client, sid)
     if info.status == JobStatus.SUCCEEDED:
         return 0
-    logs = _request(f"logs of {sid}", client.get_job_logs, sid)
-    reason = _error_line(logs) or _first_line(info.message or "")
+    reason = _reason(client, sid, info)
     code = info.driver_exit_code
     print(f"prism-ray submit: {sid} {_name(info.status)}" + (f" (exit {code})" if code is not None else "")
           + f": {reason}", file=sys.stderr)
     shortfall = code == 3 or (code is None and " incomplete:" in reason)
     return 3 if info.status == JobStatus.FAILED and shortfall else 1
+
+
+def _reason(client: JobSubmissionClient, sid: str, info) -> str:
+    """Why a job did not succeed: its own error line from the logs, else the first line of Ray's message
+    (for a FAILED job that line only announces the log tail: "..., last available logs (...):")."""
+    logs = _request(f"logs of {sid}", client.get_job_logs, sid)
+    return _error_line(logs) or _first_line(info.message or "")
 
 
 def _error_line(logs: str) -> str:
@@ -190,9 +352,12 @@ def follow(client: JobSubmissionClient, sid: str) -> None:
 
 
 def status(sid: str, address: str | None = None) -> int:
-    info = _request(f"status of {sid}", connect(address).get_job_info, sid)
+    client = connect(address)
+    info = _request(f"status of {sid}", client.get_job_info, sid)
     code = "" if info.driver_exit_code is None else f" (exit {info.driver_exit_code})"
-    print(f"{sid} {_name(info.status)}{code}: {_first_line(info.message or '')}")
+    failed = info.status == JobStatus.FAILED
+    reason = _reason(client, sid, info) if failed else _first_line(info.message or "")
+    print(f"{sid} {_name(info.status)}{code}: {reason}")
     return 0
 
 
@@ -217,5 +382,6 @@ def list_jobs(address: str | None = None) -> int:
     print(f"{'ID':<40} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for j in jobs:
         started = datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
-        print(f"{j.submission_id or j.job_id or '-':<40} {_name(j.status):<10} {started:<19} {j.entrypoint}")
+        shown = (j.metadata or {}).get("prism_command") or j.entrypoint  # ours: the job, not its wrapper
+        print(f"{j.submission_id or j.job_id or '-':<40} {_name(j.status):<10} {started:<19} {shown}")
     return 0

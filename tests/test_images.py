@@ -115,6 +115,24 @@ def test_16bit_is_divided_by_its_bit_depth(dtype, fmt):
     assert np.array_equal(out, _gray3(_scaled(dim, dim.min(), dim.max())))
 
 
+def test_12bit_data_in_a_16bit_png_warns_once_naming_the_file_and_the_setting(caplog):
+    twelve = RNG.integers(0, 4096, (64, 80)).astype(np.uint16)  # a 12-bit scan saved as a 16-bit PNG
+    with caplog.at_level("WARNING", logger="prism_ray.images"):
+        out = decode_image(_save(Image.fromarray(twelve)), "scan12.png")
+    assert np.array_equal(out, _gray3(_scaled(twelve, 0, 65535))) and out.max() <= 16  # nearly black
+    warned = [r.getMessage() for r in caplog.records if r.name == "prism_ray.images"]
+    assert len(warned) == 1 and "image 'scan12.png'" in warned[0] and "16-bit" in warned[0]
+    assert "data.decode.integer_range=range" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prism_ray.images"):
+        stretched = decode_image(_save(Image.fromarray(twelve)), "scan12.png", DecodeConfig(integer_range="range"))
+        decode_image(_save(Image.fromarray(twelve * 16)), "full16.png")  # fills its 16 bits
+        decode_image(_save(Image.fromarray(GRAY // 16)), "dark8.png")  # an 8-bit image this dark is dark
+        decode_image(_dicom(MONO12), "twelve.dcm")  # declares BitsStored 12
+    assert np.array_equal(stretched, _gray3(_scaled(twelve, twelve.min(), twelve.max())))
+    assert not [r for r in caplog.records if r.name == "prism_ray.images"]
+
+
 def test_32bit_integer_tiff():
     values = RNG.integers(0, 2**31 - 1, (64, 80)).astype(np.int32)
     data = _save(Image.fromarray(values), "TIFF")
@@ -366,6 +384,41 @@ def test_dicom_without_preamble_is_found_by_suffix():
     data = _dicom(MONO12, preamble=False)
     assert data[128:132] != b"DICM"
     assert np.array_equal(decode_image(data, "bare.DCM"), _gray3(_scaled(MONO12, 0, 4095)))
+
+
+def _bare_dicom(pixels: np.ndarray, implicit: bool = True) -> bytes:
+    """A dataset as some archives export it: no 128-byte preamble, no file meta, implicit VR little endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("uri", ["bare.dcm", "s3://bucket/bare_no_suffix"])
+def test_bare_dicom_without_preamble_or_file_meta_is_read(implicit, uri):
+    data = _bare_dicom(MONO12, implicit)
+    assert data[128:132] != b"DICM" and data[:4] == b"\x08\x00\x16\x00"  # (0008,0016) SOP Class UID first
+    assert np.array_equal(decode_image(data, uri), _gray3(_scaled(MONO12, 0, 4095)))
+
+
+def test_only_data_that_opens_with_a_dicom_element_or_is_named_dcm_is_forced_open_as_dicom():
+    # (0010,0010) Patient's Name first: a dataset would not start there, and without a name it is not DICOM.
+    with pytest.raises(ImageReadError, match="corrupt or unsupported image"):
+        decode_image(b"\x10\x00\x10\x00" + bytes(200), "no_suffix")
+    with pytest.raises(ImageReadError, match="corrupt or unsupported image"):  # a length past the end
+        decode_image(b"\x08\x00\x16\x00" + b"\xff\x00\x00\x00" + bytes(200), "no_suffix")
+    with pytest.raises(ImageReadError, match="without pixel data"):  # the user says DICOM: forced, found empty
+        decode_image(b"definitely not dicom" * 10, "fake.dcm")
 
 
 def test_dicom_monochrome1_is_the_inverted_monochrome2():

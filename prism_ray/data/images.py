@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from typing import Literal
@@ -12,6 +13,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+
+log = logging.getLogger("prism_ray.images")
 
 # The U-Net needs a few latent pixels per side to denoise anything: the shorter side must be at least
 # this many latent pixels, i.e. 8 x the VAE's stride (64 px for SD v1.5, 32 px for the tiny family).
@@ -23,10 +26,13 @@ PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM")
 
 DICOM_EXTRA = "pip install 'prism-ray[dicom]'"
 
+# How a user stretches integer pixels that do not fill their declared range (`DecodeConfig.integer_range`).
+INTEGER_RANGE_HINT = "set data.decode.integer_range=range to stretch the image's own min..max"
+
 # What a broken file makes Pillow or pydicom raise while parsing bytes in memory (Pillow's own `Image.open`
 # treats SyntaxError, IndexError, TypeError and struct.error as "not this format"; its TIFF reader also
 # raises KeyError). MemoryError is not here: a resource error propagates so that the runtime retries.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
 class ImageReadError(ValueError):
@@ -79,8 +85,30 @@ def default_min_side(vae_scale_factor: int) -> int:
 
 
 def is_dicom(data: bytes, uri: str = "") -> bool:
-    """DICOM Part 10 files have 'DICM' after a 128-byte preamble; bare datasets are recognised by suffix."""
-    return data[128:132] == b"DICM" or uri.lower().endswith((".dcm", ".dicom"))
+    """DICOM Part 10 files have 'DICM' after a 128-byte preamble; bare datasets (no preamble, often no file
+    meta) by their first data element (`_is_bare_dicom`) or the suffix."""
+    return data[128:132] == b"DICM" or _is_bare_dicom(data) or uri.lower().endswith((".dcm", ".dicom"))
+
+
+# Groups a dataset without the Part 10 header opens with: the file meta (0002,xxxx), or the identifying
+# group (0008,xxxx) that every image has (SOP Class UID) and that sorts first when the meta is missing.
+_BARE_DICOM_GROUPS = (0x0002, 0x0008)
+
+
+def _is_bare_dicom(data: bytes) -> bool:
+    """True when `data` opens with a little-endian DICOM data element of group 0002 or 0008 whose length fits:
+    explicit VR (two capital letters after the tag) or implicit VR (a 4-byte length after the tag)."""
+    if len(data) < 8:
+        return False
+    group, _ = struct.unpack_from("<HH", data)
+    if group not in _BARE_DICOM_GROUPS:
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR; OB, SQ, UN... keep 2 reserved bytes (a 0 here) and 4 more
+        length = struct.unpack_from("<H", data, 6)[0]
+    else:
+        length = struct.unpack_from("<I", data, 4)[0]
+    return length == 0xFFFFFFFF or 8 + length <= len(data)  # undefined length (a sequence) or the value fits
 
 
 def decode_image(
@@ -125,15 +153,17 @@ def make_square(image: np.ndarray, policy: str = "center_crop", background: int 
 # --- size checks (before any pixel is decoded) -------------------------------------------------
 
 
-def _check_size(uri: str, width: int, height: int, config: DecodeConfig, min_side: int) -> None:
+def _check_size(
+    uri: str, width: int, height: int, config: DecodeConfig, min_side: int, what: str = "image"
+) -> None:
     if width * height > config.max_pixels:
         raise ImageReadError(
             uri,
-            f"image too large: {width}x{height} = {width * height} pixels > max_pixels {config.max_pixels}",
+            f"{what} too large: {width}x{height} = {width * height} pixels > max_pixels {config.max_pixels}",
         )
     if min(width, height) < min_side:
         raise ImageReadError(
-            uri, f"image too small: {width}x{height} (shorter side {min(width, height)} < {min_side})"
+            uri, f"{what} too small: {width}x{height} (shorter side {min(width, height)} < {min_side})"
         )
 
 
@@ -152,7 +182,14 @@ def _integer_to_unit(
         raise ImageReadError(
             uri,
             f"pixel values {vmin:g}..{vmax:g} outside the declared {bits}-bit range {lo:g}..{hi:g} "
-            "(set data.decode.integer_range=range to stretch them)",
+            f"({INTEGER_RANGE_HINT})",
+        )
+    if bits > 8 and vmax - lo < (hi - lo) / 8:
+        # An 8-bit image this dark is dark; a deeper container this empty usually holds fewer bits than
+        # it declares (12-bit data in a 16-bit PNG), which the declared range decodes nearly black.
+        log.warning(
+            "image '%s': pixel values %g..%g use under 1/8 of the declared %d-bit range %g..%g and decode "
+            "nearly black (%s)", uri, vmin, vmax, bits, lo, hi, INTEGER_RANGE_HINT,
         )
     return (arr.astype(np.float64) - lo) / (hi - lo)
 
@@ -190,21 +227,39 @@ def _to_uint8_rgb(unit: np.ndarray, alpha: np.ndarray | None, background: int) -
 # --- Pillow formats ---------------------------------------------------------------------------
 
 
-def _open_pil(data: bytes, uri: str) -> Image.Image:
+def open_raster(
+    data: bytes, uri: str, config: DecodeConfig, min_side: int, what: str = "image"
+) -> Image.Image:
+    """Bytes -> an opened Pillow image, its pixels not yet decoded: one of PIL_FORMATS, one frame, at most
+    `config.max_pixels` and at least `min_side` pixels a side. The checks every raster input passes
+    (images here, edit/keep masks in `data.masks`); `what` names the input in the ImageReadError.
+    """
     # Our own max_pixels check follows; Pillow's warning band (MAX_IMAGE_PIXELS..2x) would only add noise.
     # Above 2x Pillow raises before we see the size: the same item error, with Pillow's pixel count.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         except Image.DecompressionBombError as err:
-            raise ImageReadError(uri, f"image too large (decompression-bomb check): {err}") from None
+            raise ImageReadError(uri, f"{what} too large (decompression-bomb check): {err}") from None
         except UnidentifiedImageError:
-            raise ImageReadError(
-                uri, f"corrupt or unsupported image (not one of {', '.join(PIL_FORMATS)} or DICOM)"
-            ) from None
-        except _DECODE_ERRORS as err:
-            raise ImageReadError(uri, f"corrupt image header ({type(err).__name__}: {err})") from None
+            accepted = ", ".join(PIL_FORMATS) + (" or DICOM" if what == "image" else "")  # masks: rasters only
+            raise ImageReadError(uri, f"corrupt or unsupported {what} (not one of {accepted})") from None
+        except DECODE_ERRORS as err:
+            raise ImageReadError(uri, f"corrupt {what} header ({type(err).__name__}: {err})") from None
+    try:
+        # MPO's extra frames are previews of its primary image; elsewhere more than one frame is a stack.
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1 and img.format != "MPO":
+            raise ImageReadError(uri, f"{frames} frames ({img.format}); expected a single {what}")
+        _check_size(uri, img.width, img.height, config, min_side, what)
+    except ImageReadError:
+        img.close()
+        raise
+    except DECODE_ERRORS as err:
+        img.close()
+        raise ImageReadError(uri, f"corrupt or unsupported {what} ({type(err).__name__}: {err})") from None
+    return img
 
 
 def _declared_bits(img: Image.Image) -> int | None:
@@ -218,13 +273,8 @@ def _declared_bits(img: Image.Image) -> int | None:
 
 
 def _decode_pil(data: bytes, uri: str, config: DecodeConfig, min_side: int) -> np.ndarray:
-    with _open_pil(data, uri) as img:
+    with open_raster(data, uri, config, min_side) as img:
         try:
-            # MPO's extra frames are previews of its primary image; elsewhere more than one frame is a stack.
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1 and img.format != "MPO":
-                raise ImageReadError(uri, f"{frames} frames ({img.format}); expected a single image")
-            _check_size(uri, img.width, img.height, config, min_side)
             img.load()
             bits = _declared_bits(img)
             img = ImageOps.exif_transpose(img)
@@ -232,7 +282,7 @@ def _decode_pil(data: bytes, uri: str, config: DecodeConfig, min_side: int) -> n
             arr = np.asarray(img)
         except ImageReadError:
             raise
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             raise ImageReadError(uri, f"corrupt or unsupported image ({type(err).__name__}: {err})") from None
     if alpha is not None:
         arr = arr[..., :-1].squeeze(-1) if arr.shape[-1] == 2 else arr[..., :-1]
@@ -286,13 +336,17 @@ def _decode_dicom(data: bytes, uri: str, config: DecodeConfig, min_side: int) ->
     """
     try:
         import pydicom
+        from pydicom.dataset import FileMetaDataset
         from pydicom.errors import BytesLengthException, InvalidDicomError
     except ImportError:
         raise ImageReadError(uri, f"DICOM file but pydicom is not installed ({DICOM_EXTRA})") from None
     # pydicom also raises NotImplementedError (an unknown VR) and AttributeError (a required element missing).
-    errors = (*_DECODE_ERRORS, NotImplementedError, AttributeError, InvalidDicomError, BytesLengthException)
+    errors = (*DECODE_ERRORS, NotImplementedError, AttributeError, InvalidDicomError, BytesLengthException)
+    # Without the preamble pydicom must be forced to read a dataset, which it then does from any bytes:
+    # `is_dicom` let in only data that opens with a DICOM element or that the user named .dcm.
+    bare = data[128:132] != b"DICM"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=bare)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -301,6 +355,11 @@ def _decode_dicom(data: bytes, uri: str, config: DecodeConfig, min_side: int) ->
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         meta = getattr(ds, "file_meta", None)
         syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is None and bare:
+            # A bare dataset (no file meta): the encoding pydicom read its elements with is its transfer
+            # syntax (implicit VR little endian, as PS3.5 A.1 makes the default, or an explicit VR one).
+            ds.file_meta = meta if meta is not None else FileMetaDataset()
+            syntax = ds.file_meta.TransferSyntaxUID = _uncompressed_syntax(*ds.original_encoding)
     except errors as err:
         raise ImageReadError(uri, f"corrupt DICOM ({type(err).__name__}: {err})") from None
     if not has_pixels or not rows or not cols:
@@ -349,6 +408,15 @@ def _decode_dicom(data: bytes, uri: str, config: DecodeConfig, min_side: int) ->
     if photometric == "MONOCHROME1":  # minimum value is white (PS3.3 C.7.6.3.1.2): invert after the VOI
         unit = 1.0 - unit
     return _to_uint8_rgb(unit, None, config.alpha_background)
+
+
+def _uncompressed_syntax(implicit_vr: bool, little_endian: bool):
+    """The uncompressed transfer syntax UID of an encoding (pydicom's `Dataset.original_encoding`)."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if implicit_vr:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
 
 
 def _dicom_gray_to_unit(

@@ -162,5 +162,5 @@ def test_read_batch_reads_masks_and_names_a_bad_mask_file(tmp_path):
     assert len(reasons) == 2 and all(
         r.startswith(f"row 3 ('{tmp_path / 'src.png'}'): {field}: image '") for r in reasons
     )
-    assert "broken.png': corrupt mask image" in reasons[0] or "broken.png': not a mask image" in reasons[0]
+    assert "broken.png': corrupt or unsupported mask image" in reasons[0]
     assert "missing.png': file not found" in reasons[1]

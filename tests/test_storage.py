@@ -1,6 +1,9 @@
 """Manifests and images through fsspec: local and memory:// round trips, per-row image errors."""
 
+import errno
 import io
+import os
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +44,12 @@ def test_manifest_errors(tmp_path):
     write_table(_manifest(), str(tmp_path / "m.parquet"))
     with pytest.raises(ValueError, match="Edema"):
         read_table(str(tmp_path / "m.parquet"), columns=["image_uri", "Edema"])
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"manifest '.*empty\.csv': Empty CSV file"):
+        read_table(str(tmp_path / "empty.csv"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"manifest '.*broken\.parquet'"):
+        read_table(str(tmp_path / "broken.parquet"))
 
 
 def _png_bytes(arr):
@@ -91,6 +100,61 @@ def test_missing_and_corrupt_images_raise_per_row_errors(tmp_path):
     assert "not found" in errors[0]["reason"] and "corrupt" in errors[1]["reason"]
     table = rows_to_table(errors, ERROR_SCHEMA)  # the errors table takes them as they are
     assert table.num_rows == 3
+
+
+ITEM_ERRNOS = ["ELOOP", "ENAMETOOLONG", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOENT", "ENXIO", "EROFS"]
+TRANSIENT_ERRNOS = ["EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "EAGAIN", "ENOSPC", "ESTALE", "EMFILE"]
+
+
+@pytest.mark.parametrize("name", ITEM_ERRNOS + TRANSIENT_ERRNOS)
+def test_storage_errors_are_classified_by_errno_in_one_place(name):
+    from prism_ray.pipelines.counterfactuals import is_transient
+
+    code = getattr(errno, name)
+    err = OSError(code, os.strerror(code), "/data/x.png")  # the subclass Python raises for it
+    assert storage.is_transient_storage_error(err) is is_transient(err) is (name in TRANSIENT_ERRNOS)
+    wrapped = FileNotFoundError("http://host/x.png")  # how fsspec's HTTP filesystem reports a failed GET
+    wrapped.__cause__ = err
+    assert storage.is_transient_storage_error(wrapped) is (name in TRANSIENT_ERRNOS)
+
+
+def test_errors_of_a_local_path_are_item_errors_naming_the_file_and_the_errno(tmp_path):
+    from prism_ray.pipelines.counterfactuals import is_transient
+
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")  # a symlink loop
+    (tmp_path / "file.png").write_bytes(_png_bytes(np.zeros((16, 16), np.uint8)))
+    (tmp_path / "folder").mkdir()
+    cases = {
+        "a.png": "ELOOP",
+        "x" * 300 + ".png": "ENAMETOOLONG",
+        "file.png/inside.png": "ENOTDIR",
+        "folder": "EISDIR",
+        "missing.png": "file not found",
+    }
+    for name, expected in cases.items():
+        uri = str(tmp_path / name)
+        with pytest.raises(OSError) as raw:  # what the read path is given
+            open(uri, "rb").close()
+        assert not is_transient(raw.value), name
+        with pytest.raises(ImageReadError) as info:
+            storage.read_image_bytes(uri)
+        assert info.value.uri == uri and expected in info.value.reason, info.value.reason
+
+
+def test_a_refused_http_connection_is_a_transient_connection_error_naming_the_uri():
+    pytest.importorskip("aiohttp")  # fsspec's HTTP filesystem
+    from prism_ray.pipelines.counterfactuals import is_transient
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}/images/x.png"
+    with pytest.raises(ConnectionError) as info:
+        storage.read_image_bytes(uri)
+    assert info.value.errno == errno.ECONNREFUSED and is_transient(info.value)
+    assert f"image '{uri}': connection error (ECONNREFUSED" in str(info.value)
+    assert "not found" not in str(info.value)
 
 
 def test_storage_reads_images_through_the_one_decoding_policy(tmp_path):

@@ -8,8 +8,8 @@ runner and inside a Ray actor (`distributed.actors`).
 Exceptions are classified here, at the batch boundary:
 - item errors (`ValueError`: an unreadable image, a caption, NaN latents, an engine `ItemError`)
   become error rows and the rest of the batch carries on;
-- transient/resource errors (`is_transient`: CUDA OOM, `MemoryError`, storage `OSError`) are
-  raised: no ledger part is written, so the whole batch is retried under the same ids;
+- transient/resource errors (`is_transient`: CUDA OOM, `MemoryError`, a storage `OSError` that can
+  go away) are raised: no ledger part is written, so the whole batch is retried under the same ids;
 - anything else is a bug and crashes with its traceback.
 """
 
@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
+from prism_ray.data.storage import is_transient_storage_error
 from prism_ray.faults import fault_point
 from prism_ray.results.layout import Layout, digest
 from prism_ray.results.ledger import write_part
@@ -40,14 +41,14 @@ TEXT_SCORE_COLUMNS = ("off_target_heads", "classifier_source", "classifier_edit"
 
 
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying the batch: out of (GPU) memory, or storage trouble other than a missing file."""
+    """Worth retrying the batch: out of (GPU) memory, or a storage error that can go away (a lost
+    connection, a full disk: `data.storage.is_transient_storage_error`, which also decides what a read
+    writes off as the image's fault)."""
     import torch
 
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
-    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        return False  # the input is wrong, not the storage: an item error where it is read
-    return isinstance(err, (OSError, ConnectionError, TimeoutError))
+    return is_transient_storage_error(err)
 
 
 def _now() -> datetime:
@@ -248,7 +249,7 @@ def read_batch(tasks: list[dict], decode, vae_scale_factor: int) -> tuple[list[t
         try:
             task["mask_pixels"] = {}
             for kind, (field_name, uri) in (task.get("masks") or {}).items():
-                task["mask_pixels"][kind] = read_mask(uri, (w, h), decode.square)
+                task["mask_pixels"][kind] = read_mask(uri, (w, h), decode)
         except ValueError as err:  # ImageReadError: this source only
             failed.append((task, f"{row_label(task.get('row'), task['source_uri'])}: {field_name}: {err}"))
             continue

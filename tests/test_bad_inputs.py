@@ -7,6 +7,7 @@ are the real ones), so the whole manifest runs in seconds in the fast lane.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from test_augment_pipeline import FakeEngine, run
-from test_images import _dicom, _png_header_only
+from test_images import _bare_dicom, _dicom, _png_header_only
 
 from prism_ray.config import build_config
 from prism_ray.data.captions import CHEXPERT_LABELS
@@ -58,6 +59,7 @@ def odd_files(root: Path, gray: np.ndarray) -> dict[str, tuple[bytes | None, str
         "mono1_voi.dcm": (_dicom((gray.astype(np.uint16) * 16), "MONOCHROME1", WindowCenter=2000,
                                  WindowWidth=3000), None),
         "rle.dcm": (_dicom(gray.astype(np.uint16) * 16, syntax=__import__("pydicom").uid.RLELossless), None),
+        "bare_dicom_no_suffix": (_bare_dicom(gray.astype(np.uint16) * 16), None),  # no preamble, no file meta
         "rotated.jpg": (_png(g, format="JPEG", exif=exif.tobytes()), None),
         "wide.png": (_png(Image.fromarray(np.repeat(gray, 2, axis=1), "L")), None),
         "name with spaces ü#%::.png": (_png(g), None),
@@ -88,6 +90,11 @@ def build_manifest(tmp_path: Path) -> tuple[str, dict[str, str | None]]:
         odd.append(dict(template, image_uri=str(path), subject_id=f"odd-{name}", **{"Support Devices": 1.0}))
         expected[str(path)] = stage
     (tmp_path / "odd" / "a_folder").mkdir()
+    loop = tmp_path / "odd" / "loop.png"  # a symlink loop: ELOOP, the path's fault
+    loop.symlink_to(tmp_path / "odd" / "loop_back.png")
+    (tmp_path / "odd" / "loop_back.png").symlink_to(loop)
+    odd.append(dict(template, image_uri=str(loop), subject_id="odd-loop", **{"Support Devices": 1.0}))
+    expected[str(loop)] = "read"
     for uri in ("s4://bucket/typo.png", str(tmp_path / "odd" / "a_folder"), ""):
         odd.append(dict(template, image_uri=uri, subject_id=f"uri-{uri[-8:]}", **{"Support Devices": 1.0}))
         expected[uri] = "read"
@@ -107,9 +114,9 @@ def build_manifest(tmp_path: Path) -> tuple[str, dict[str, str | None]]:
     return path, expected
 
 
-def config(manifest: str, out: Path, quota: int = 1000) -> augment.AugmentConfig:
+def config(manifest: str, out: Path, quota: int = 1000, **data) -> augment.AugmentConfig:
     return build_config(augment.AugmentConfig, {
-        "data": {"manifest": manifest},
+        "data": {"manifest": manifest, **data},
         "subgroups": [{"name": "devices", "selector": {"Support Devices": 1}, "interventions": ["Support Devices=0"],
                        "quota": quota}],
         "filter": {"s_clip_min": -1.0},
@@ -134,6 +141,7 @@ def test_thirty_kinds_of_odd_input_are_outputs_or_named_error_rows(tmp_path):
             assert uri in failed and failed[uri]["stage"] == stage, (uri, failed.get(uri))
             reason = failed[uri]["reason"]
             assert (uri and Path(uri).name in reason) or "row " in reason, reason
+    assert "ELOOP" in failed[str(tmp_path / "odd" / "loop.png")]["reason"]
     by_name = {Path(r["source_uri"]).name: r for r in rows}
     assert by_name["wide.png"]["square"] == "center_crop" and by_name["wide.png"]["source_width"] == 128
     assert by_name["rotated.jpg"]["source_width"] == 64
@@ -196,3 +204,61 @@ def test_accounting_identity_holds_for_random_manifests(tmp_path_factory, kinds)
     assert a["sources"] == a["sources_with_outputs"] + a["sources_failed"] + a["sources_not_needed"]
     out_rows = read_table(str(tmp / "out" / "manifest.parquet")).to_pylist()
     assert len(out_rows) == a["sources_with_outputs"] == sum(k in ("good", "dup") for k in kinds)
+
+
+def _phantom_rows(tmp_path: Path) -> list[dict]:
+    data = write_phantom_dataset(str(tmp_path / "data"), PhantomDatasetConfig(n_subjects=12, resolution=64, seed=4))
+    return [dict(r, **{"Support Devices": 1.0}) for r in read_table(data.manifest_uri).to_pylist()]
+
+
+def _outcome(manifest: str, out: Path, **data) -> tuple[list[dict], list[dict]]:
+    """One augment run (quota above the sources: every one is attempted) -> (manifest rows, error rows)."""
+    with pytest.raises(RunIncomplete):
+        run(config(manifest, out, **data))
+    return (read_table(str(out / "manifest.parquet")).to_pylist(), read_table(str(out / "errors.parquet")).to_pylist())
+
+
+def test_a_mask_that_is_a_decompression_bomb_is_its_rows_error(tmp_path):
+    rows = _phantom_rows(tmp_path)
+    bombs = {"bomb.png": _png_header_only(20000, 20000), "huge.png": _png_header_only(12000, 12000)}
+    for name, content in bombs.items():
+        (tmp_path / name).write_bytes(content)
+    good = tmp_path / "keep.png"
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(good)
+    for row, mask in zip(rows, ["bomb.png", "huge.png"] + ["keep.png"] * len(rows)):
+        row["keep_mask"] = str(tmp_path / mask)
+    manifest = str(tmp_path / "m.parquet")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    produced, errors = _outcome(manifest, tmp_path / "out", keep_mask_column="keep_mask")
+    assert {r["source_uri"] for r in produced} == {r["image_uri"] for r in rows[2:]}
+    reasons = {e["source_uri"]: e["reason"] for e in errors}
+    for row, name in zip(rows, bombs):
+        reason = reasons[row["image_uri"]]
+        assert f"data.keep_mask_column 'keep_mask': image '{tmp_path / name}': mask image too large" in reason, reason
+    assert "max_pixels 100000000" in reasons[rows[1]["image_uri"]]  # the images' own limit, one definition
+
+
+def test_a_path_that_is_not_utf8_fails_its_row_and_the_fixed_row_runs_on_re_run(tmp_path):
+    import pyarrow.csv as pacsv
+
+    rows = _phantom_rows(tmp_path)
+    latin1 = os.fsencode(tmp_path) + b"/caf\xe9.png"  # a Latin-1 file name
+    Path(os.fsdecode(latin1)).write_bytes(Path(rows[0]["image_uri"]).read_bytes())
+    rows[0]["image_uri"] = "PLACEHOLDER"
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.Table.from_pylist(rows), buf)
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(buf.getvalue().replace(b'"PLACEHOLDER"', latin1))
+    produced, errors = _outcome(str(manifest), tmp_path / "out")
+    assert {r["source_uri"] for r in produced} == {r["image_uri"] for r in rows[1:]}  # every other row
+    bad = [e for e in errors if "not UTF-8" in e["reason"]]
+    assert len(bad) == 1 and bad[0]["reason"].startswith("row 0 (") and "column 'image_uri'" in bad[0]["reason"]
+    assert not [e for e in errors if "b'" in e["reason"]]  # no row became a "file not found" of bytes
+    # The user renames the file to UTF-8 and fixes the manifest: the row runs on the re-run.
+    fixed = str(tmp_path / "café.png")
+    os.rename(latin1, fixed)
+    manifest.write_bytes(manifest.read_bytes().replace(latin1, fixed.encode()))
+    produced, _ = _outcome(str(manifest), tmp_path / "out")
+    assert fixed in {r["source_uri"] for r in produced}

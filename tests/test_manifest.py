@@ -262,3 +262,23 @@ def test_mimic_and_isic_label_schemas(tmp_path):
         "row 1 ('b.png'): column 'diagnosis': value 'BCC' not in {'MEL', 'NV', 'melanoma', 'nevus', blank}",
         "row 2 ('c.png'): column 'hair': value 'maybe' not in {true, false, 1, 0, blank}",
     ]
+
+
+def test_a_path_that_is_not_utf8_fails_its_own_row_only(tmp_path):
+    # One Latin-1 byte makes pyarrow read the whole CSV column as bytes.
+    (tmp_path / "m.csv").write_bytes(b"image_uri,Edema\na.png,1\ncaf\xe9.png,0\nb.png,0\n")
+    config = DataConfig(manifest=str(tmp_path / "m.csv"), image_root="/data", adapter_options={"labels": ["Edema"]})
+    assert pa.types.is_binary(read_table(config.manifest).schema.field("image_uri").type)
+    sources, errors = read_sources(config)
+    assert [(s.index, s.image_uri) for s in sources] == [(0, "/data/a.png"), (2, "/data/b.png")]
+    assert [(e.source_uri, e.stage) for e in errors] == [(None, "read")]  # no URI: the renamed row is a new source
+    assert errors[0].reason.startswith("row 1 ('caf\\udce9.png'): column 'image_uri' is not UTF-8 (byte 0xe9 at 3)")
+    manifest = prepare_manifest(config)
+    assert manifest.input_rows == 3 and manifest.table.schema.field("image_uri").type == pa.string()
+    assert prepare_manifest(config, manifest.table).table.equals(manifest.table)  # idempotent
+
+
+def test_an_empty_manifest_file_is_named(tmp_path):
+    uri = _csv(tmp_path, "")
+    with pytest.raises(ValueError, match=rf"manifest '{uri}': Empty CSV file"):
+        read_sources(DataConfig(manifest=uri))

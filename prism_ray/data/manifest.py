@@ -2,7 +2,8 @@
 
 `prepare_manifest` runs before anything matches or captions rows: `read_manifest` (a CSV's label
 columns as text), `select_rows` (split, limit; each row keeps its input row number in
-`ROW_COLUMN`), `normalise_labels` (the adapter's label schema: one type per column whatever CSV
+`ROW_COLUMN`), `decode_uris` (image paths pyarrow read as bytes -> text; a path that is not UTF-8
+-> a row error), `normalise_labels` (the adapter's label schema: one type per column whatever CSV
 inference did, bad cells -> row errors) and `collapse_duplicates` (exact copies -> one row; one
 image with two different rows -> row errors). Row errors name the input row and the image URI,
 never other columns' values (they may identify a patient).
@@ -11,14 +12,13 @@ never other columns' values (they may identify a patient).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from prism_ray.data.captions import CaptionAdapter, LabelColumn, get_adapter
 from prism_ray.data.config import DataConfig
@@ -58,7 +58,7 @@ class Manifest:
     """The rows a job works on: selected, labels normalised, duplicates collapsed."""
 
     table: pa.Table  # has ROW_COLUMN; label columns typed by the adapter's label schema
-    errors: list[RowError]  # rows dropped on the way (bad label cells, conflicting duplicates)
+    errors: list[RowError]  # rows dropped on the way (non-UTF-8 paths, bad label cells, conflicting duplicates)
     duplicate_rows_collapsed: int  # exact copies of a kept row (for the job summary)
     input_rows: int = 0  # rows of the input manifest, before split / limit
 
@@ -82,14 +82,7 @@ def read_manifest(config: DataConfig, adapter: CaptionAdapter | None = None) -> 
         return read_table(uri)
     adapter = adapter if adapter is not None else get_adapter(config.adapter, **config.adapter_options)
     as_text = {column.name: pa.string() for column in adapter.label_schema if column.kind != "scalar"}
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"manifest '{uri}': no such file")
-    # Same options as storage.read_table (blank cells are null), plus the label column types.
-    options = pacsv.ConvertOptions(column_types=as_text, strings_can_be_null=True)
-    with fs.open(path, "rb") as f:
-        stream = pa.CompressedInputStream(f, "gzip") if path.lower().endswith(".gz") else f
-        return pacsv.read_csv(stream, convert_options=options)
+    return read_table(uri, column_types=as_text)
 
 
 def select_rows(table: pa.Table, config: DataConfig) -> pa.Table:
@@ -124,6 +117,39 @@ def _row_error(table: pa.Table, position: int, config: DataConfig, stage: str, r
     raw = table.column(config.image_column)[position].as_py() if config.image_column in table.column_names else None
     uri = resolve_uri(str(raw), config.image_root) if _has_uri(raw) else None
     return RowError(uri, stage, f"{row_label(table.column(ROW_COLUMN)[position].as_py(), raw)}: {reason}")
+
+
+def decode_uris(table: pa.Table, config: DataConfig) -> tuple[pa.Table, list[RowError]]:
+    """A bytes image column -> text, each path decoded as the filesystem does (`os.fsdecode`); a path that
+    is not UTF-8 is its own row's error.
+
+    pyarrow types a CSV column by all of its cells: one path with a non-UTF-8 byte (a Latin-1 file name)
+    makes the whole column bytes. Outputs store URIs as UTF-8 text, so that one name cannot be a source;
+    the error has no `source_uri`, so that the row, once renamed, is a new source on the next run.
+    """
+    column = table.column(config.image_column)
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return table, []
+    table = number_rows(table)
+    uris: list[str | None] = []
+    errors: list[RowError] = []
+    keep = np.ones(table.num_rows, dtype=bool)
+    for position, raw in enumerate(column.to_pylist()):
+        name = None if raw is None else os.fsdecode(raw)
+        try:
+            if raw is not None:
+                raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            index = table.column(ROW_COLUMN)[position].as_py()
+            reason = (f"{row_label(index, name)}: column '{config.image_column}' is not UTF-8 (byte "
+                      f"0x{raw[err.start]:02x} at {err.start}); rename the file or write the manifest in UTF-8")
+            errors.append(RowError(None, "read", reason))
+            keep[position] = False
+            name = None
+        uris.append(name)
+    table = table.set_column(table.column_names.index(config.image_column), config.image_column,
+                             pa.array(uris, pa.string()))
+    return table.filter(pa.array(keep)), errors
 
 
 def _normalise_column(values: pa.ChunkedArray, column: LabelColumn) -> tuple[pa.Array | pa.ChunkedArray, dict[int, str]]:
@@ -267,9 +293,10 @@ def prepare_manifest(config: DataConfig, table: pa.Table | None = None) -> Manif
     adapter = get_adapter(config.adapter, **config.adapter_options)
     raw = table if table is not None else read_manifest(config, adapter)
     table = select_rows(raw, config)
-    table, errors = normalise_labels(table, config, adapter)
+    table, uri_errors = decode_uris(table, config)
+    table, label_errors = normalise_labels(table, config, adapter)
     table, duplicate_errors, collapsed = collapse_duplicates(table, config, adapter)
-    return Manifest(table, errors + duplicate_errors, collapsed, input_rows=raw.num_rows)
+    return Manifest(table, uri_errors + label_errors + duplicate_errors, collapsed, input_rows=raw.num_rows)
 
 
 def read_sources(config: DataConfig, table: pa.Table | None = None) -> tuple[list[SourceRow], list[RowError]]:

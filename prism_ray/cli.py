@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from dataclasses import dataclass
+
+from prism_ray.console import configure_logging
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,9 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:
-    """`submit` resolves the job's config here (a config error exits 2 before any request);
-    the rest talk to the cluster only. Ray is imported only now."""
+    """`submit` resolves the job's config here (a config error exits 2 before any request) and, once
+    the cluster answers, checks its paths (exit 2 before any upload); the rest talk to the cluster
+    only. Ray is imported only now."""
     from prism_ray.config import ConfigError, load_config
 
     config = None
@@ -188,7 +190,8 @@ def run_cluster_command(args: argparse.Namespace) -> int:
 
     try:
         if args.job == "submit":
-            return submit.submit(args.submit_job, config, args.address, wait=not args.no_wait)
+            return submit.submit(args.submit_job, config, args.address, wait=not args.no_wait,
+                                 config_paths=args.config, overrides=args.overrides)
         if args.job == "status":
             return submit.status(args.submission_id, args.address)
         if args.job == "logs":
@@ -196,6 +199,9 @@ def run_cluster_command(args: argparse.Namespace) -> int:
         if args.job == "stop":
             return submit.stop(args.submission_id, args.address)
         return submit.list_jobs(args.address)
+    except ConfigError as err:  # a path the cluster could not use: checked before anything is uploaded
+        print(f"prism-ray {args.job}: {err}", file=sys.stderr)
+        return 2
     except submit.SubmitError as err:
         print(f"prism-ray {args.job}: {err}", file=sys.stderr)
         return 1
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    configure_logging(args.verbose)  # the job's own lines, whatever Ray later does to the root logger
     if args.verbose:
         os.environ["PRISM_RAY_VERBOSE"] = "1"  # Ray's own INFO lines and progress bars (distributed.init_ray)
     if args.job == "edit":

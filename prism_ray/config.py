@@ -124,6 +124,28 @@ def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str
     return config
 
 
+def with_unset_defaults(config: C, defaults: dict[str, dict], source: str) -> C:
+    """`config` with `defaults[section][field]` for each field of a section that no YAML file or `--set`
+    gave (pydantic's `model_fields_set`): e.g. the method settings a model family recommends."""
+    update = {}
+    for name, values in defaults.items():
+        section = getattr(config, name, None)
+        if not isinstance(section, BaseModel):
+            raise ConfigError(f"{source}: {name!r} is not a section of the {type(config).__name__}")
+        unset = {key: value for key, value in values.items() if key not in section.model_fields_set}
+        if not unset:
+            continue
+        try:
+            update[name] = type(section).model_validate({**section.model_dump(exclude_unset=True), **unset})
+        except ValidationError as err:
+            raise ConfigError(f"{source}: section '{name}': {_format_error(err)}") from None
+    if not update:
+        return config
+    config = config.model_copy(update=update)
+    config.check()
+    return config
+
+
 def load_config(
     cls: type[C], paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
 ) -> C:

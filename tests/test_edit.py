@@ -76,3 +76,36 @@ def test_the_edit_command_line(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "e" / "edits.json").read_text())["edits"][0]["image"] == image
+
+
+def test_the_family_recommended_settings_fill_only_what_the_user_left_unset(tmp_path):
+    """The shipped tiny family carries its tuned schedule (20 steps, lr 0.05, noise blend); an explicit
+    value wins, a value never given comes from the family, the rest stays at the reference defaults."""
+    data = write_phantom_dataset(str(tmp_path / "data"), PhantomDatasetConfig(n_subjects=12, seed=1))
+    from prism_ray.data.storage import read_table
+
+    row = next(r for r in read_table(data.manifest_uri).to_pylist() if r["Support Devices"] == 1.0)
+    config = build_config(EditJobConfig, {
+        "images": [row["image_uri"]], "prompt": "Chest X-ray showing Support Devices", "do": ["Support Devices=0"],
+        "out": str(tmp_path / "edits"), "model": {"device": "cpu"},
+        "inversion": {"num_inference_steps": 4, "num_inner_steps": 1},  # the user's, kept
+    })
+    out = run(config)
+    settings = json.loads((out / "edits.json").read_text())["settings"]
+    assert settings["inversion"]["num_inference_steps"] == 4 and settings["inversion"]["num_inner_steps"] == 1
+    assert settings["inversion"]["learning_rate"] == 0.05  # the family's
+    assert settings["edit"]["blend_mask"] == "noise" and settings["edit"]["local_blend"] is True
+    assert settings["inversion"]["guidance_scale"] == 7.5  # neither: the reference default
+
+
+def test_with_unset_defaults_names_a_bad_family_file():
+    from prism_ray.config import with_unset_defaults
+
+    config = build_config(EditJobConfig, {"images": ["a.png"], "prompt": "x", "do": ["A=0"], "out": "o",
+                                          "inversion": {"learning_rate": 0.2}})
+    same = with_unset_defaults(config, {"inversion": {"learning_rate": 0.05, "num_inference_steps": 20}}, "f.yaml")
+    assert (same.inversion.learning_rate, same.inversion.num_inference_steps) == (0.2, 20)
+    with pytest.raises(ConfigError, match=r"f.yaml: section 'inversion': config field 'num_inference_steps'"):
+        with_unset_defaults(config, {"inversion": {"num_inference_steps": 0}}, "f.yaml")
+    with pytest.raises(ConfigError, match="'nope' is not a section"):
+        with_unset_defaults(config, {"nope": {"x": 1}}, "f.yaml")

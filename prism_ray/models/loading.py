@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 import torch
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,24 @@ def load_clip(
     model.requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(root)
     return ClipComponents(model, tokenizer, int(model.config.vision_config.image_size), root, dev)
+
+
+METHOD_DEFAULTS_FILE = "prism_ray_method.yaml"  # a family's recommended method settings, by config section
+
+
+def family_method_defaults(root: str | Path) -> dict[str, dict]:
+    """The recommended method settings a model folder carries (`prism_ray_method.yaml`), else {}.
+
+    Sections name config sections (`inversion`, `edit`); `pipelines` apply them to the fields a user
+    left unset. Plain YAML, never executed; a malformed file is a config error naming it.
+    """
+    path = Path(root) / METHOD_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: expected sections of settings, e.g. 'inversion: {{num_inference_steps: 20}}'")
+    return data
 
 
 def weights_digest(*roots: str | Path, chunk: int = 1 << 23) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from prism_ray.config import BaseConfig
+from prism_ray.config import BaseConfig, with_unset_defaults
 from prism_ray.console import Progress
 from prism_ray.data.images import DecodeConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
@@ -88,6 +88,7 @@ def run(config: EditJobConfig, runner=None) -> Path:
     """Edit every image in this process; returns the output folder (`runner` is unused)."""
     from prism_ray.data.images import decode_image, default_min_side, make_square
     from prism_ray.data.storage import ImageReadError, read_image_bytes, write_png
+    from prism_ray.models.loading import METHOD_DEFAULTS_FILE, family_method_defaults, resolve_model_root
     from prism_ray.pipelines.counterfactuals import MethodEngine
     from prism_ray.report.contact_sheet import save_contact_sheet
 
@@ -95,6 +96,10 @@ def run(config: EditJobConfig, runner=None) -> Path:
     out = Path(config.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"edit: {len(config.images)} images x {len(captions)} edits -> {out}", flush=True)
+    root = resolve_model_root(config.model.path, config.model.cache_dir)
+    config = with_unset_defaults(config, family_method_defaults(root), str(root / METHOD_DEFAULTS_FILE))
+    print(f"edit: {config.inversion.num_inference_steps} DDIM steps x {config.inversion.num_inner_steps} "
+          f"null-text steps at lr {config.inversion.learning_rate:g}", flush=True)
     engine = MethodEngine(config)
     min_side = config.decode.min_side or default_min_side(engine.vae_scale_factor)
     pixels, tasks, failures = [], [], []
@@ -143,7 +148,9 @@ def run(config: EditJobConfig, runner=None) -> Path:
             })
     if tiles:
         save_contact_sheet(tiles, str(out / "sheet.png"), ncols=3, labels=labels, upscale=max(1, 192 // size))
-    (out / "edits.json").write_text(json.dumps({"edits": results, "failures": failures}, indent=2))
+    settings = {"inversion": config.inversion.model_dump(mode="json"), "edit": config.edit.model_dump(mode="json")}
+    (out / "edits.json").write_text(json.dumps({"edits": results, "failures": failures, "settings": settings},
+                                               indent=2))
     _write_index(out, config, results, failures)
     print(f"edit: {len(results)} counterfactuals, {len(failures)} failures; see {out / 'index.md'}", flush=True)
     if not results:

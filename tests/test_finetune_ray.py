@@ -98,6 +98,19 @@ def test_export_loads_and_denoises_with_frozen_parts_unchanged(first_run, tiny_s
     assert eps.shape == z.shape and torch.isfinite(eps).all()
 
 
+def test_a_finished_run_is_recognised_before_ray_train_starts(first_run, capfd):
+    """Re-running a run that reached max_steps exports its checkpoint without launching Ray Train."""
+    config, storage, first = first_run
+
+    def no_training(config, plan):
+        raise AssertionError("Ray Train was started for a finished run")
+
+    result = run(config, runner=no_training)
+    assert (result.final_step, result.checkpoint_path) == (2, first.checkpoint_path)
+    assert "already trained to step 2" in capfd.readouterr().out
+    assert not list((storage / "ft").glob("events/resume-*.json"))  # nothing was restored into a worker
+
+
 def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, manifest):
     from prism_ray.models.loading import load_sd_components
 

@@ -217,15 +217,20 @@ def run(config: FinetuneConfig, runner: Runner | None = None) -> FinetuneResult:
     export and the summary of skipped rows happen here, on the driver.
     """
     from prism_ray.data.storage import join_uri
-    from prism_ray.training.callbacks import checkpoint_unet_state, read_checkpoint_state
+    from prism_ray.training.callbacks import checkpoint_unet_state, latest_checkpoint, read_checkpoint_state
     from prism_ray.training.examples import skipped_rows
     from prism_ray.training.export import export_diffusers
 
     plan = plan_run(config)
     print(f"finetune: run folder {plan.run_path}", flush=True)
-    if runner is None:
-        from prism_ray.distributed.trainer import fit as runner
-    checkpoint = runner(config, plan)
+    checkpoint = latest_checkpoint(plan.run_path)
+    if checkpoint is not None and int(read_checkpoint_state(checkpoint)["step"]) >= config.train.max_steps:
+        # Nothing left to train: no Ray Train start and no DeepSpeed op build just to say so.
+        print(f"finetune: already trained to step {config.train.max_steps} ({checkpoint}); exporting it", flush=True)
+    else:
+        if runner is None:
+            from prism_ray.distributed.trainer import fit as runner
+        checkpoint = runner(config, plan)
     state = read_checkpoint_state(checkpoint)
     model_path = None
     if config.run.export:

@@ -411,3 +411,40 @@ def test_an_unsupported_prediction_type_is_refused_before_any_work(manifest, tmp
     with pytest.raises(ValueError, match="scheduler.prediction_type 'sample': the editing engine supports"):
         run(make_config(manifest, tmp_path / "out", model={"path": str(model)}))
     assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+class VerdictEngine(FakeEngine):
+    """Accepts by what an attempt is (source file, intervention), not by its rank, so a resumed run
+    and a fresh one decide every attempt alike."""
+
+    def counterfactuals(self, pixels, tasks):
+        from prism_ray.results.layout import digest
+
+        out, errors = super().counterfactuals(pixels, tasks)
+        for item in out:
+            task = tasks[item.index]
+            name = Path(task["source_uri"]).name
+            item.scores["s_clip"] = np.array(
+                [float(int(digest(name, e["intervention"]), 16) % 3 != 0) for e in task["edits"]])
+        return out, errors
+
+
+def test_an_added_intervention_resumes_into_the_fresh_runs_quota_set(manifest, tmp_path):
+    """Issue 28.11: the old rows no longer fill the quota on their own; the new intervention is tried."""
+    first = make_config(manifest, tmp_path / "out", quota=4)
+    run(first, engine=VerdictEngine())
+    groups = [g.model_dump() for g in first.subgroups]
+    groups[0]["interventions"] = ["Pleural Effusion=0", "Cardiomegaly=1"]
+    both = build_config(augment.AugmentConfig, {**first.model_dump(), "subgroups": groups})
+    engine = VerdictEngine()
+    resumed = run(both, engine=engine)
+    run(both.model_copy(update={"output": str(tmp_path / "fresh")}), engine=VerdictEngine())
+
+    def quota_set(output):
+        return sorted((r["cf_id"], r["intervention"], r["accepted"]) for r in manifest_rows(output)
+                      if r["quota_status"] == "in_quota" and r["subgroup"] == "effusion")
+
+    assert engine.calls > 0 and resumed["subgroups"]["effusion"]["this_run"].get("accepted", 0) > 0
+    assert quota_set(tmp_path / "out") == quota_set(tmp_path / "fresh")
+    assert "Cardiomegaly=1" in {i for _, i, _ in quota_set(tmp_path / "out")}
+    assert resumed["subgroups"]["effusion"]["accepted"] == 4

@@ -157,3 +157,40 @@ def test_first_round_surplus_is_small_at_the_prior_rate():
         accepted = sum(rng.random() < 0.5 for _ in first.planned)
         surplus.append(max(0, accepted - 200) / accepted)
     assert sum(surplus) / len(surplus) < 0.05  # ~ E[max(0, Bin(400, .5) - 200)] / 200 = 2 %
+
+
+def _run_to_quota(pool, quota, verdict, done=None):
+    """Rounds of the planner against a fixed verdict per slot, from `done`; returns the in-quota slots."""
+    done = dict(done or {})
+    for _ in range(50):
+        progress = plan_round([pool], {"g": quota}, {"g": done}, set(), set())["g"]
+        if progress.status != "running":
+            break
+        done.update({s.slot_id: verdict[(s.source, s.edit)] for s in progress.planned})
+    kept, accepted = kept_prefix(pool, quota, done)
+    return [(s.source, s.edit) for s in kept], accepted, done
+
+
+def test_an_added_intervention_is_planned_like_a_fresh_run():
+    """Issue 28.11: finished rows of the old edit list interleave with the new list's order; the gaps
+    before the quota-th accept are planned, so the quota set is the fresh run's, not the old rows."""
+    sources = [f"img{i}" for i in range(30)]
+    verdict = {(s, e): (i + len(e)) % 3 != 0 for i, s in enumerate(sources) for e in ("x=1", "y=1")}
+    old = _pool(sources=sources, edits=["x=1"])
+    _, _, done = _run_to_quota(old, 6, verdict)
+    new = _pool(sources=sources, edits=["x=1", "y=1"])
+    resumed, accepted, after = _run_to_quota(new, 6, verdict, done)
+    fresh, fresh_accepted, _ = _run_to_quota(new, 6, verdict)
+    assert accepted == fresh_accepted == 6
+    assert resumed == fresh and any(edit == "y=1" for _, edit in resumed)
+    # The old rows were reused, not redone: the new attempts are the gaps, about a fresh run's size.
+    assert len(after) - len(done) <= len(fresh)
+
+
+def test_the_kept_prefix_stops_at_a_gap_and_passes_over_failed_slots():
+    pool = _pool(sources=["a", "b", "c", "d"], edits=["x=1"])
+    slots = list(pool)
+    done = {slots[0].slot_id: True, slots[2].slot_id: True, slots[3].slot_id: True}
+    assert kept_prefix(pool, 3, done) == ([slots[0]], 1)  # slot 1 is still to be tried
+    assert kept_prefix(pool, 3, done, {slots[1].slot_id}, set()) == ([slots[0], slots[2], slots[3]], 3)
+    assert kept_prefix(pool, 3, done, set(), {slots[1].source})[1] == 3  # its source failed: passed over

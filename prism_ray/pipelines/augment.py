@@ -428,11 +428,12 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], resul
     finished = load_finished(layout, results_hash)
     quotas = {g.name: g.quota for g in config.subgroups}
     done = finished.done(pools)
+    failed_slots, failed_sources = finished.failed()
     status: dict[str, str] = {}
     per_group = {}
     for pool in pools:
         mine = done.get(pool.subgroup, {})
-        kept, accepted = kept_prefix(pool, quotas[pool.subgroup], mine)
+        kept, accepted = kept_prefix(pool, quotas[pool.subgroup], mine, failed_slots, failed_sources)
         status.update({s.slot_id: "in_quota" for s in kept})
         beyond = [sid for sid in mine if sid not in status]
         status.update({sid: "beyond_quota" for sid in beyond})

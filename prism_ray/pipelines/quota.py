@@ -13,7 +13,10 @@ The contract with the job: the *in-quota* rows of a subgroup are the prefix of i
 order, up to and including the quota-th accepted attempt. That is what one sequential worker
 would have produced, whatever the rounds, over-provisioning, batching or crashes were. Every
 done attempt after that prefix is *beyond quota*: kept (never deleted), and the first to count
-when the quota is raised, because it sits earliest in the order after the prefix.
+when the quota is raised, because it sits earliest in the order after the prefix. A pool changed
+under finished work (an intervention or a source added) interleaves new slots with the finished
+ones: those gaps end the prefix until they are done, so a resumed run keeps the quota set a fresh
+run of the same config would have, and reuses every finished attempt it reaches.
 
 Round sizing: the first round plans remaining / prior attempts (no margin: a margin on a guess
 only inflates the surplus); later rounds plan remaining / p_hat plus `margin_sigmas` binomial
@@ -23,8 +26,9 @@ standard deviations, so a round rarely falls short and its surplus stays small.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 from prism_ray.results.layout import digest
@@ -192,11 +196,21 @@ def _usable(slot: Slot, failed_slots: set[str], failed_sources: set[str]) -> boo
     return slot.slot_id not in failed_slots and (slot.source is None or slot.source not in failed_sources)
 
 
-def kept_prefix(pool: SlotPool, quota: int, done: Mapping[str, bool]) -> tuple[list[Slot], int]:
+def kept_prefix(
+    pool: SlotPool,
+    quota: int,
+    done: Mapping[str, bool],
+    failed_slots: Set[str] = frozenset(),
+    failed_sources: Set[str] = frozenset(),
+) -> tuple[list[Slot], int]:
     """Done slots of the pool's prefix up to the quota-th accepted one, in rank order.
 
     `done`: slot_id -> accepted, for this subgroup's finished attempts. Returns (kept slots,
-    accepted among them). Walks the pool only as far as needed.
+    accepted among them). Walks the pool only as far as needed. A failed slot (its edit, or its
+    source, failed for good) is passed over; the first slot that is neither done nor failed ends
+    the prefix: one sequential worker would try it next, so the done slots after it are not in
+    the quota set yet. Such gaps open when the pool changes under finished work (an intervention
+    or a source added: the new slots interleave with the old ones) or a round was cut short.
     """
     kept: list[Slot] = []
     accepted = seen = 0
@@ -211,6 +225,8 @@ def kept_prefix(pool: SlotPool, quota: int, done: Mapping[str, bool]) -> tuple[l
             accepted += bool(done[slot.slot_id]) or not pool.filtered
             if accepted >= quota or seen >= total:
                 break
+        elif _usable(slot, failed_slots, failed_sources):
+            break  # still to be tried: the prefix ends before it
     return kept, accepted
 
 
@@ -232,7 +248,7 @@ def plan_round(
     for pool in pools:
         name, quota = pool.subgroup, quotas[pool.subgroup]
         finished = done.get(name, {})
-        kept, accepted = kept_prefix(pool, quota, finished)
+        kept, accepted = kept_prefix(pool, quota, finished, failed_slots, failed_sources)
         state = SubgroupProgress(name, quota, accepted=accepted, attempted=len(kept))
         if accepted >= quota:
             state.status = "met"
@@ -249,15 +265,22 @@ def plan_round(
             )
             # No margin before any evidence: the prior is a guess, and a margin on it is surplus.
             sigmas = policy.margin_sigmas if len(kept) else 0.0
-            want = attempts_needed(quota - accepted, state.acceptance, policy.over_provision, sigmas)
+            want = partial(attempts_needed, acceptance=state.acceptance, over_provision=policy.over_provision,
+                           margin_sigmas=sigmas)
         else:
-            state.acceptance, want = 1.0, quota - accepted
+            state.acceptance, want = 1.0, lambda remaining: max(remaining, 0)
+        # Finished attempts after the prefix's first gap (an interleaved new intervention, say) count
+        # once the gaps before them are done: the round plans the gaps for the accepts still missing.
+        ahead, gap = 0, False
         for slot in pool:
-            if len(state.planned) >= want:
+            if len(state.planned) >= want(quota - accepted - ahead):
                 break
-            if not _usable(slot, failed_slots, failed_sources):
+            if slot.slot_id in finished:
+                ahead += gap and (bool(finished[slot.slot_id]) or not pool.filtered)
+            elif not _usable(slot, failed_slots, failed_sources):
                 state.skipped += 1
-            elif slot.slot_id not in finished:
+            else:
+                gap = True
                 state.planned.append(slot)
         if not state.planned:
             state.status = "shortfall"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prism_ray.config import ConfigError, load_config
-from prism_ray.distributed import submit
+from prism_ray.distributed import cluster_env, submit
 from prism_ray.pipelines.augment import AugmentConfig
 from prism_ray.pipelines.finetune import FinetuneConfig
 
@@ -19,7 +19,7 @@ TINY = [REPO / "configs/augment_tiny.yaml", REPO / "configs/compute/augment_cpu.
 def _problem(cls, paths, *overrides: str) -> str | None:
     config = load_config(cls, paths, overrides)
     try:
-        submit.check_cluster_paths(config, submit.job_env_vars(config))
+        cluster_env.check_cluster_paths(config, cluster_env.job_env_vars(config))
     except ConfigError as err:
         return str(err)
     return None
@@ -60,7 +60,7 @@ def test_a_relative_output_is_refused():
 
 def test_hub_ids_are_refused_when_the_job_runs_offline():
     sd15 = [REPO / "configs/augment_sd15.yaml"]
-    assert submit.cluster_runtime_env()["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert cluster_env.cluster_runtime_env()["env_vars"]["HF_HUB_OFFLINE"] == "1"
     problem = _problem(AugmentConfig, sd15)
     assert problem.startswith("config field 'model.clip_path': 'openai/clip-vit-large-patch14' is a hub id, but the "
                               "job runs with HF_HUB_OFFLINE=1")
@@ -73,15 +73,15 @@ def test_hub_ids_are_refused_when_the_job_runs_offline():
 
 def test_the_job_gets_cluster_runtime_env_and_compute_env_vars():
     config = load_config(AugmentConfig, TINY, ["compute.env_vars.HF_HUB_OFFLINE='0'", "compute.env_vars.X=y"])
-    env = submit.runtime_env("a: 1", submit.job_env_vars(config))
+    env = cluster_env.runtime_env("a: 1", cluster_env.job_env_vars(config))
     assert env["working_dir"] == str(REPO) and {"runs", "outputs", ".venv"} <= set(env["excludes"])
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "0" and env["env_vars"]["X"] == "y"
-    assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false" and env["env_vars"][submit.CONFIG_ENV] == "a: 1"
+    assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false" and env["env_vars"][cluster_env.CONFIG_ENV] == "a: 1"
 
 
 def test_metadata_is_the_job_as_asked_for(tmp_path):
     outside = tmp_path / "mine.yaml"
-    meta = submit.job_metadata("augment", [str(TINY[0]), str(outside)], ["output=s3://b/o", "subgroups.0.quota=2"])
+    meta = cluster_env.job_metadata("augment", [str(TINY[0]), str(outside)], ["output=s3://b/o", "subgroups.0.quota=2"])
     assert meta == {"prism_job": "augment", "prism_command": f"augment --config configs/augment_tiny.yaml --config "
                     f"{outside} --set output=s3://b/o --set subgroups.0.quota=2"}
 

@@ -5,13 +5,9 @@ exits 2 and never reaches the cluster); the resolved YAML goes into the job's ru
 env var PRISM_RAY_CONFIG, and the entrypoint writes it into the job's working directory before
 running `python jobs/<job>.py --config <that file>`. Config files that are git-ignored or outside
 the repo therefore reach the cluster, and the job runs exactly the config that was checked and
-hashed. Paths *inside* the config must be reachable from the cluster: absolute paths on a shared
-filesystem, or URIs. `check_cluster_paths` refuses, before anything is uploaded, what cannot be: a
-relative output (it would land in the job's temporary working dir), a relative input the upload
-leaves behind (runs/, outputs/, git-ignored files), a hub id when the job runs with HF_HUB_OFFLINE=1.
-
-The job runs in cluster/runtime_env.yaml's environment (its excludes and env vars, as RayJobs and
-`ray job submit --runtime-env` do), plus compute.env_vars, which win.
+hashed. Paths *inside* the config must be reachable from the cluster (`cluster_env.check_cluster_paths`
+refuses, before anything is uploaded, what cannot be); the job runs in cluster/runtime_env.yaml's
+environment plus compute.env_vars.
 
 The submission id is `prism-<job>-<config_hash>`: submitting the same config again attaches to the
 running or finished job instead of starting a twin; after a FAILED or STOPPED one it submits
@@ -19,40 +15,33 @@ running or finished job instead of starting a twin; after a FAILED or STOPPED on
 1 otherwise.
 
 Token auth (Ray >= 2.52; a plain `ray start --head` turns it on when ~/.ray/auth_token exists, which
-any local `ray.init()` writes): the SDK adds `Authorization: Bearer <token>` by itself only when
-RAY_AUTH_MODE=token is set in the submitting process too. We send the header ourselves, the token
-found where Ray looks for it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), so the token
-alone is enough; a cluster that wants one we lack is one line saying how to pass it.
+any local `ray.init()` writes): we send the header ourselves, the token found where Ray looks for
+it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); one we lack is one line saying how.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
-import logging
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-# The matchers Ray's working_dir upload itself uses (a private module of the pinned Ray), so that
-# "would it be uploaded?" has one answer.
-from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from prism_ray.config import ConfigError
-from prism_ray.results.layout import is_local_path
+from prism_ray.distributed.cluster_env import (
+    REPO,
+    check_cluster_paths,
+    entrypoint,
+    job_env_vars,
+    job_metadata,
+    runtime_env,
+)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-CONFIG_ENV = "PRISM_RAY_CONFIG"
-REPO = Path(__file__).resolve().parents[2]
-# The job's environment: the working dir's excludes (Ray also skips what .gitignore lists) and env vars.
-RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 # Where Ray keeps its token (ray._private.authentication.authentication_token_setup._get_default_token_path).
 DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -132,47 +121,6 @@ def submission_id(job: str, config_hash: str, taken: dict[str, JobStatus]) -> tu
     raise SubmitError(f"{base}: 999 failed submissions of this config")
 
 
-def entrypoint(job: str, sid: str) -> str:
-    script = f"jobs/{job.replace('-', '_')}.py"
-    config = f".prism-config-{sid}.yaml"  # one file per submission: working dirs are shared by content
-    return f'printf "%s\\n" "${CONFIG_ENV}" > {config} && python {script} --config {config}'
-
-
-def cluster_runtime_env() -> dict:
-    """cluster/runtime_env.yaml: the excludes and env vars every job of this checkout runs with."""
-    try:
-        env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise SubmitError(f"{RUNTIME_ENV}: {_first_line(getattr(err, 'strerror', None) or err)}") from None
-    return {"excludes": list(env.get("excludes") or []), "env_vars": dict(env.get("env_vars") or {})}
-
-
-def job_env_vars(config) -> dict[str, str]:
-    """The job's env vars: cluster/runtime_env.yaml's, then compute.env_vars, which win (the driver needs
-    them too: s3://)."""
-    compute = getattr(config, "compute", None)
-    return {**cluster_runtime_env()["env_vars"], **(getattr(compute, "env_vars", None) or {})}
-
-
-def runtime_env(config_yaml: str, env_vars: dict[str, str]) -> dict:
-    """Working dir = the repo (less cluster/runtime_env.yaml's excludes); the job's env vars and the resolved
-    config in env_vars."""
-    return {"working_dir": str(REPO), "excludes": cluster_runtime_env()["excludes"],
-            "env_vars": {**env_vars, CONFIG_ENV: config_yaml}}
-
-
-def job_metadata(job: str, config_paths: Sequence[str], overrides: Sequence[str]) -> dict[str, str]:
-    """What `prism-ray jobs` shows instead of the config-shipping entrypoint: the job as it was asked for
-    (`augment --config configs/augment_tiny.yaml --set ...`, config paths relative to the repo when in it)."""
-    args = [job]
-    for path in config_paths:
-        resolved = Path(path).resolve()
-        args += ["--config", str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved)]
-    for override in overrides:
-        args += ["--set", override]
-    return {"prism_job": job, "prism_command": shlex.join(args)}
-
-
 def submit(job: str, config, address: str | None = None, wait: bool = True,
            config_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> int:
     """Submit (or attach to) the job for a validated `config`; follow it unless `wait` is False.
@@ -199,93 +147,6 @@ def submit(job: str, config, address: str | None = None, wait: bool = True,
         return 0
     follow(client, sid)
     return _finish(client, sid)
-
-
-# --- paths the cluster must be able to use ---------------------------------------------------
-
-# Config fields by what the job does with them; dotted names, `*` for a list index.
-OUTPUT_FIELDS = ("output", "out", "run.storage_path", "run.export_path")
-INPUT_FIELDS = ("data.manifest", "data.image_root", "counterfactuals", "samples", "images.*")
-MODEL_FIELDS = ("model", "model.path", "model.clip_path", "model.weights", "classifiers.*.path",
-                "filter.off_target.classifier")
-TINY = "tiny"  # models.loading.TINY, the shipped family (that module imports torch)
-TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads HF_HUB_OFFLINE
-
-
-def _leaves(tree, prefix: str = ""):
-    """(dotted name, value) of every scalar in a config dump (`classifiers.0.path`)."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list):
-        items = enumerate(tree)
-    else:
-        yield prefix, tree
-        return
-    for key, value in items:
-        yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
-
-
-def _not_uploaded(rel: str) -> str | None:
-    """Why REPO/rel does not reach the job's working dir, None if it does. Ray's own matchers, as its
-    upload walks the tree: runtime_env excludes and every folder's .gitignore / .rayignore on the way down."""
-    target = Path(os.path.normpath(REPO / rel))
-    if not target.is_relative_to(REPO):
-        return "it is outside the repo"
-    quiet = logging.getLogger(f"{__name__}.upload")  # the matchers log every ignore file they read
-    quiet.setLevel(logging.WARNING)
-    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    matchers, node = [_get_excludes(REPO, cluster_runtime_env()["excludes"])], REPO
-    parts = target.relative_to(REPO).parts
-    for depth, part in enumerate(parts):
-        matchers += get_excludes_from_ignore_files(node, include_gitignore=gitignore, logger=quiet)
-        node = node / part
-        if any(match(node) for match in matchers):
-            folder = "/" if depth < len(parts) - 1 or node.is_dir() else ""
-            return f"{node.relative_to(REPO)}{folder} is excluded from the upload"
-    return None if target.exists() else f"no such file in {REPO}"
-
-
-def _is_hub_id(path: str) -> bool:
-    """`org/name` that is no local folder: what models.loading.resolve_model_root downloads from the hub."""
-    return not path.startswith(("/", ".", "~")) and path.count("/") == 1 and not (REPO / path).exists()
-
-
-def path_problem(field: str, value: str, env_vars: dict[str, str]) -> str | None:
-    """The one-line reason the cluster cannot use `value` of config field `field`, None if it can."""
-    if not is_local_path(value):
-        return None  # a storage URI
-    path = value.removeprefix("file://")
-    if os.path.isabs(path) or path.startswith("~"):
-        return None  # the cluster's own filesystem: a shared mount, or not; only the cluster knows
-    use = "pass an absolute path on shared storage or a storage URI (s3://...)"
-    if any(fnmatch.fnmatchcase(field, f) for f in OUTPUT_FIELDS):
-        return (f"config field '{field}': relative path {value!r} would be written into the job's temporary "
-                f"working dir on the cluster; {use}")
-    model = any(fnmatch.fnmatchcase(field, f) for f in MODEL_FIELDS)
-    if model and path == TINY:
-        return None
-    if model and _is_hub_id(path):
-        if env_vars.get("HF_HUB_OFFLINE", "").strip().upper() not in TRUE:
-            return None
-        return (f"config field '{field}': {value!r} is a hub id, but the job runs with HF_HUB_OFFLINE=1 "
-                "(cluster/runtime_env.yaml, compute.env_vars); pass a model folder on shared storage or a "
-                "storage URI (s3://...)")
-    why = _not_uploaded(path)
-    if why is None:
-        return None
-    return f"config field '{field}': relative path {value!r} is not uploaded with the job ({why}); {use}"
-
-
-def check_cluster_paths(config, env_vars: dict[str, str]) -> None:
-    """Raise ConfigError (one line naming the field) if the job on the cluster could not use a path of
-    `config`; `env_vars` is the job's environment (job_env_vars)."""
-    fields = (*OUTPUT_FIELDS, *INPUT_FIELDS, *MODEL_FIELDS)
-    problems = [(name, problem) for name, value in _leaves(config.model_dump(mode="json"))
-                if isinstance(value, str) and value and any(fnmatch.fnmatchcase(name, f) for f in fields)
-                and (problem := path_problem(name, value, env_vars))]
-    if problems:
-        more = ", ".join(f"'{name}'" for name, _ in problems[1:])
-        raise ConfigError(problems[0][1] + (f"; also {more}" if more else ""))
 
 
 def _finish(client: JobSubmissionClient, sid: str) -> int:
@@ -379,7 +240,7 @@ def stop(sid: str, address: str | None = None) -> int:
 def list_jobs(address: str | None = None) -> int:
     jobs = _request("list jobs", connect(address).list_jobs)
     jobs = sorted(jobs, key=lambda j: j.start_time or 0)
-    print(f"{'ID':<40} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    print(f"{'ID':<40} {'STATUS':<10} {'STARTED':<19} JOB")
     for j in jobs:
         started = datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
         shown = (j.metadata or {}).get("prism_command") or j.entrypoint  # ours: the job, not its wrapper

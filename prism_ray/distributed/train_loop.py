@@ -49,10 +49,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t, run_path = config.train, loop_config["run_path"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # The first run on a machine also builds DeepSpeed's C++ ops here (minutes on a CPU): say so.
-    preparing = Progress("finetune: loading the model and starting DeepSpeed (a first run builds its ops)",
-                         emit=lambda line: print(line, flush=True))
-    with preparing if rank == 0 else contextlib.nullcontext():
+    # A first run on a machine also builds DeepSpeed's C++ ops here (minutes on a CPU): say so.
+    with Progress("finetune: loading the model and starting DeepSpeed (a first run builds its ops)",
+                  emit=lambda line: print(line, flush=True)) if rank == 0 else contextlib.nullcontext():
         engine, sd, noise_scheduler, device = setup_worker(config, loop_config["deepspeed"])
         ema = EMA(engine.module, t.ema_decay) if t.ema and rank == 0 else None
         start_step = restore(engine, ema, run_path, rank, t.zero_stage)
@@ -121,12 +120,9 @@ def setup_worker(config: FinetuneConfig, ds_config: dict):
     prediction_type = model_prediction_type(sd.scheduler, t.prediction_type)
     noise_scheduler = make_noise_scheduler(prediction_type, t.num_train_timesteps)
     # Ray Train already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed reuses it.
-    engine, _, _, _ = deepspeed.initialize(
-        model=sd.unet,
-        model_parameters=[p for p in sd.unet.parameters() if p.requires_grad],
-        config=ds_config,
-        dist_init_required=False,
-    )
+    trainable = [p for p in sd.unet.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=sd.unet, model_parameters=trainable, config=ds_config,
+                                      dist_init_required=False)
     if t.compile:  # torch.compile of engine.module in place: parameter names and checkpoints unchanged
         engine.compile()
     use_weights_only_loading(engine)
@@ -234,10 +230,9 @@ def restore(engine, ema: EMA | None, run_path: str, rank: int, zero_stage: int) 
 def use_weights_only_loading(engine) -> None:
     """Make `engine.load_checkpoint` unpickle only tensors, containers and three DeepSpeed data classes.
 
-    DeepSpeed 0.19's `TorchCheckpointEngine.load` hard-codes `torch.load(..., weights_only=False)`.
-    Its ZeRO 0-2 files need just LossScaler, ZeroStageEnum and fragment_address beyond what
-    `weights_only=True` allows, so we swap in a loader allowing those. (Only DeepSpeed's
-    universal-checkpoint loaders bypass the engine with `weights_only=False`; we never load those.)
+    DeepSpeed 0.19's `TorchCheckpointEngine.load` hard-codes `weights_only=False`; its ZeRO 0-2 files need
+    only these three classes beyond `weights_only=True`. (Its universal-checkpoint loaders bypass the
+    engine; we never load those.)
     """
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler

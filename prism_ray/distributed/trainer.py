@@ -5,8 +5,8 @@ from __future__ import annotations
 import ray
 
 from prism_ray.distributed import init_ray
-from prism_ray.distributed.torch_fit import fit_torch
 from prism_ray.distributed.latents import cache_latents, examples_dataset
+from prism_ray.distributed.torch_fit import fit_torch
 from prism_ray.distributed.train_loop import train_loop_per_worker
 from prism_ray.pipelines.deepspeed_config import check_resources
 from prism_ray.pipelines.finetune import FinetuneConfig, FinetunePlan

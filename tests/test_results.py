@@ -128,6 +128,16 @@ def test_commit_switches_both_tables_then_removes_only_the_consumed_parts(tmp_pa
     assert sorted(os.listdir(tmp_path / "_ledger" / "rows")) == ["p2.parquet"]
 
 
+def test_a_commit_that_consumes_every_part_leaves_no_ledger_folder(tmp_path):
+    layout = Layout.of(str(tmp_path))
+    write_part(layout, "rows", "p1.parquet", table("a"))
+    write_part(layout, "errors", "e1.parquet", table("e"))
+    commit(layout, table("a"), table("e"), read_state(layout).parts)
+    assert sorted(os.listdir(tmp_path)) == ["errors.parquet", "manifest.parquet"]  # no empty _ledger/ left
+    write_part(layout, "rows", "p2.parquet", table("b"))  # and the next batch's part still finds its folder
+    assert read_state(layout).parts == [str(tmp_path / "_ledger" / "rows" / "p2.parquet")]
+
+
 def test_a_commit_killed_between_its_switches_keeps_every_part(tmp_path, with_faults):
     layout = Layout.of(str(tmp_path))
     write_part(layout, "rows", "p1.parquet", table("a"))

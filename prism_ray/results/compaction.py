@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from prism_ray.results.layout import Layout
-from prism_ray.results.ledger import TMP_MARK, LedgerError, write_atomic
+from prism_ray.results.ledger import TMP_MARK, LedgerError, remove_empty_ledger, write_atomic
 
 
 def ledger_paths(layout: Layout, kind: str) -> list[str]:
@@ -83,6 +83,7 @@ def compact_table(layout: Layout, name: str, kind: str, schema) -> int:
     write_atomic(layout.uri(name), stream, "compact.switch")
     for path in parts:
         fs.rm(path)
+    remove_empty_ledger(layout)
     return rows
 
 

@@ -149,6 +149,22 @@ def commit(layout: Layout, rows: pa.Table, errors: pa.Table, consumed: list[str]
     fs, _ = layout.fs()
     for path in consumed:
         fs.rm(path)
+    remove_empty_ledger(layout)
+
+
+def remove_empty_ledger(layout: Layout) -> None:
+    """Remove `_ledger/<kind>/` folders (and `_ledger/`) that a commit left empty; a folder still holding
+    a part (work of a batch that finished after the commit's read) stays. Object stores have no folders."""
+    fs, root = layout.fs()
+    ledger = f"{root}/_ledger"
+    if not fs.isdir(ledger):
+        return
+    for folder in sorted((p for p in fs.find(ledger, withdirs=True) if fs.isdir(p)), key=len, reverse=True):
+        if not fs.ls(folder, detail=False):
+            try:
+                fs.rmdir(folder)
+            except OSError:  # something arrived in between, or a store without folders: leave it
+                pass
 
 
 def check_config_hash(rows: list[dict], results_hash: str, output: str) -> None:

@@ -286,3 +286,21 @@ def test_the_audit_runs_the_real_method_on_ray_actors(dataset, tmp_path, ray_loc
         assert 0.0 <= row["p_cf__cardiomegaly"] <= 1.0 and row["s_clip"] is not None
         assert Path(row["image_uri"]).exists() and Path(row["control_uri"]).exists()
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+def test_a_corrected_copy_of_the_manifest_resumes_the_folder(dataset, tmp_path):
+    """Issue 28.12: the manifest's name is not in the results hash; a task carries its row's content."""
+    manifest, truth = dataset
+    out = tmp_path / "out"
+    first = run(make_config(manifest, out, interventions=["Pleural Effusion=0"]), PlantedEngine(truth))
+    table = pq.read_table(manifest)
+    with_effusion = [i for i, v in enumerate(table.column("Pleural Effusion").to_pylist()) if v == 1.0]
+    drop, fix = with_effusion[:2]  # a bad row removed, another one's label corrected
+    rows = table.to_pylist()
+    rows[fix]["Support Devices"] = 1.0 - rows[fix]["Support Devices"]
+    copy = tmp_path / "corrected.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:drop] + rows[drop + 1 :], schema=table.schema), copy)
+    engine = PlantedEngine(truth)
+    again = run(make_config(str(copy), out, interventions=["Pleural Effusion=0"]), engine)
+    assert again["accounting"]["tasks"] == first["accounting"]["tasks"] - 1
+    assert again["this_run"]["sources"] == 1 and engine.calls == 1  # only the corrected row is redone

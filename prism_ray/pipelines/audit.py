@@ -41,7 +41,7 @@ from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.faults import fault_point
 from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.audit_step import AuditStep, classifier_attributes, error_schema, row_schema
-from prism_ray.pipelines.augment import ActorPoolConfig, batches
+from prism_ray.pipelines.augment import ActorPoolConfig, batches, data_identity
 from prism_ray.pipelines.counterfactuals import BatchReport
 from prism_ray.results.compaction import compact_table, read_column, table_files
 from prism_ray.results.layout import Layout, digest
@@ -153,10 +153,12 @@ class AuditConfig(BaseConfig):
         return self
 
     def results_hash(self, weights_digest: str) -> str:
-        """What decides a row's values: model weights, data, method knobs, classifiers (not compute/report)."""
+        """What decides a row's values: model weights, how data is read, method knobs, classifiers (not
+        compute/report). The manifest's name and the row selection are left out: a task id carries its
+        source row's content (`plan_tasks`), so a corrected copy of the manifest resumes the folder."""
         dump = self.model_dump(mode="json")
-        keep = {k: dump[k] for k in ("data", "classifiers", "seed")}
-        keep.update(inversion=self.inversion.identity(), edit=self.edit.identity())
+        keep = {k: dump[k] for k in ("classifiers", "seed")}
+        keep.update(data=data_identity(self.data), inversion=self.inversion.identity(), edit=self.edit.identity())
         keep["model"] = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
         keep["weights"] = weights_digest
         import json
@@ -252,7 +254,9 @@ def plan_tasks(config: AuditConfig, results_hash: str) -> tuple[list[dict], list
         if not edits:
             counts["sources_without_edit"] += 1
             continue
-        task_id = digest("audit-task", s.image_uri, results_hash, *[e["intervention"] for e in edits])
+        # What the task's rows depend on: the image, its caption and labels (group values, edit captions).
+        content = [s.caption, *sorted(groups_of.items()), *[(e["intervention"], e["edit_prompt"]) for e in edits]]
+        task_id = digest("audit-task", s.image_uri, results_hash, *content)
         tasks.append(
             {
                 "task_id": task_id,

@@ -186,10 +186,7 @@ class AugmentConfig(BaseConfig):
         """
         dump = self.model_dump(mode="json")
         model = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
-        data_keys = ("image_column", "image_root", "adapter", "adapter_options", "decode")
-        data = dump["data"] and {k: dump["data"][k] for k in data_keys}
-        if data and (self.data.edit_mask_column or self.data.keep_mask_column):  # masks change pixels
-            data.update(edit_mask_column=self.data.edit_mask_column, keep_mask_column=self.data.keep_mask_column)
+        data = self.data and data_identity(self.data)
         keep = {"model": model, "weights": weights_digest, "data": data, "mode": self.mode, "seed": self.seed}
         if self.mode == "counterfactual":
             keep.update(inversion=self.inversion.identity(), edit=self.edit.identity(), filter=dump["filter"])
@@ -197,6 +194,18 @@ class AugmentConfig(BaseConfig):
             keep.update(sampling=dump["sampling"])
         canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def data_identity(data: DataConfig) -> dict:
+    """The data settings a result depends on, for a results hash: how a row's URI and caption are read
+    and its pixels decoded. Not the manifest's name (a corrected copy resumes the same folder) nor
+    which rows it selects (`split`, `limit`): the rows enter the ids of the attempts made of them."""
+    keys = ("image_column", "image_root", "adapter", "adapter_options", "decode")
+    dump = data.model_dump(mode="json")
+    out = {k: dump[k] for k in keys}
+    if data.edit_mask_column or data.keep_mask_column:  # masks change pixels
+        out.update(edit_mask_column=data.edit_mask_column, keep_mask_column=data.keep_mask_column)
+    return out
 
 
 # --- the job ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import typing
@@ -39,13 +40,48 @@ class BaseConfig(BaseModel):
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    extra = f"; and {err.error_count() - 1} more" if err.error_count() > 1 else ""
-    return f"config field '{field}': {first['msg']}{shown}{extra}"
+def _sections(annotation) -> list[type[BaseModel]]:
+    """The config classes an annotation holds: X, `X | None`, `list[X]`, `dict[str, X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _sections(arg)]
+
+
+def _close_key(cls: type[BaseModel], loc: tuple) -> str | None:
+    """The known key nearest to the unknown one at `loc` (difflib), if any is close."""
+    models = [cls]
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: same classes
+            continue
+        inner = [c for m in models if part in m.model_fields for c in _sections(m.model_fields[part].annotation)]
+        models = inner or [m for m in models if m.__name__ == part]  # pydantic names a union member by class
+    names = [name for m in models for name in m.model_fields]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return close[0] if close else None
+
+
+def _format_error(err: ValidationError, cls: type[BaseModel]) -> str:
+    """Every problem on one line, each naming its field; the missing required fields together."""
+    parts: list[str] = []
+    missing: list[str] = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "missing":
+            if not missing:
+                parts.append("")  # the missing fields' place, filled below
+            missing.append(f"'{field}'")
+            continue
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            close = _close_key(cls, e["loc"])
+            parts.append(f"config field '{field}': unknown key" + (f", did you mean '{close}'?" if close else ""))
+            continue
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"config field '{field}': {e['msg']}{shown}")
+    if missing:
+        s = "s" if len(missing) > 1 else ""
+        parts[parts.index("")] = f"config field{s} {', '.join(missing)}: Field required"
+    return "; ".join(parts)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -119,7 +155,7 @@ def build_config(cls: type[C], data: dict | None = None, overrides: Sequence[str
     try:
         config = cls.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(_format_error(err, cls)) from None
     config.check()
     return config
 
@@ -138,7 +174,7 @@ def with_unset_defaults(config: C, defaults: dict[str, dict], source: str) -> C:
         try:
             update[name] = type(section).model_validate({**section.model_dump(exclude_unset=True), **unset})
         except ValidationError as err:
-            raise ConfigError(f"{source}: section '{name}': {_format_error(err)}") from None
+            raise ConfigError(f"{source}: section '{name}': {_format_error(err, type(section))}") from None
     if not update:
         return config
     config = config.model_copy(update=update)

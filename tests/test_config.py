@@ -100,3 +100,22 @@ def test_settings_added_later_leave_results_ids_unchanged_while_unset():
     assert "noise_seed" not in InversionConfig().identity()
     assert InversionConfig(method="ddpm", noise_seed=3).identity()["noise_seed"] == 3
     assert InversionConfig(method="ddpm").identity() != InversionConfig(method="ddpm", noise_seed=1).identity()
+
+
+def test_every_missing_field_is_named_and_an_unknown_key_gets_the_nearest_one():
+    """Issue 28.17: a bare `prism-ray augment` names both missing fields; typos get a suggestion."""
+    from prism_ray.pipelines.augment import AugmentConfig
+
+    with pytest.raises(ConfigError) as err:
+        build_config(AugmentConfig, {})
+    assert str(err.value) == "config fields 'subgroups', 'output': Field required"
+    data = {"outptu": "x", "subgroups": [{"name": "a", "quotaa": 3}], "data": {"manifest": "m"},
+            "compute": {"batch_sise": 3}, "xyzzy": 1}
+    with pytest.raises(ConfigError) as err:
+        build_config(AugmentConfig, data)
+    message = str(err.value)
+    assert "\n" not in message
+    for field, close in [("outptu", "output"), ("subgroups.0.quotaa", "quota"), ("compute.batch_sise", "batch_size")]:
+        assert f"config field '{field}': unknown key, did you mean '{close}'?" in message
+    assert "config field 'xyzzy': unknown key" in message and "'xyzzy': unknown key," not in message
+    assert "config field 'output': Field required" in message

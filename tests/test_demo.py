@@ -43,6 +43,9 @@ def test_demo_end_to_end(ray_local, tmp_path):
         assert "target_cpg" in s  # the shipped classifier scored them
         assert 0.0 < s["mean_reconstruction_error"] < 1.0
         assert s["off_target_accepted"] == 0  # measured (not None) and none let through
+        # Beside the edit's error: the decoder floor and the split by region (outside it the truth is the source).
+        assert 0.0 < s["decoder_floor"] < 0.5 and s["no_edit_error_to_true_cf_outside_region"] == 0.0
+        assert s["error_to_true_cf_in_region"] > 0.0 and s["error_to_true_cf_outside_region"] > 0.0
     summary = json.loads((report / "augment_summary.json").read_text())
     assert summary  # the augment job's own summary is kept beside the report
 
@@ -79,5 +82,5 @@ def test_demo_end_to_end(ray_local, tmp_path):
     for opened in (demo_page, augment_page):
         assert opened.console_errors == []
         assert opened.images and all(im["complete"] and im["naturalWidth"] > 0 for im in opened.images)
-    assert {"run-info", "demo-table", "grid-0", "grid-1"} <= set(demo_page.ids)
+    assert {"run-info", "demo-table", "truth-table", "off-target-scope", "grid-0", "grid-1"} <= set(demo_page.ids)
     assert {"subgroup-table", "filter-table", "off-target-table"} <= set(augment_page.ids)

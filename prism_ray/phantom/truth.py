@@ -13,6 +13,7 @@ from prism_ray.phantom.render import (
     DEVICE_KINDS,
     HIDDEN_DRAWS,
     PhantomAttributes,
+    attribute_mask,
     render_phantom,
     shows,
     true_counterfactual,
@@ -131,29 +132,74 @@ def true_cf_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:
     return true_counterfactual(attrs, int(gt_row["seed"]), phantom_intervention(spec, attrs), resolution=resolution)
 
 
+def region_for(gt_row: dict, spec: str, resolution: int) -> np.ndarray:
+    """Boolean (R, R): where the intervention can change this subject's pixels, the union of the masks
+    (`render.attribute_mask`) of the phantom attributes it changes ("Support Devices" -> every device's
+    place; "Pleural Effusion" -> the fluid's). Outside it the true counterfactual equals the source."""
+    attrs: PhantomAttributes = subject_attributes(gt_row)
+    seed = int(gt_row["seed"])
+    masks = [attribute_mask(attrs, seed, name, resolution) for name in phantom_intervention(spec, attrs)]
+    return np.logical_or.reduce(masks)
+
+
 def gray(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image[..., 0]
 
 
+def vae_round_trip(vae, images: list[np.ndarray] | np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 (N, R, R): gray images through a VAE alone (encode to the posterior mean, decode), no edit.
+
+    Applied to the true counterfactuals it gives the **decoder floor**: the closest any edit can come to
+    them through this decoder (bench_phantom's `true_vae` row); applied to the sources, what the round
+    trip alone changes.
+    """
+    from prism_ray.engine.images import decode, encode, preprocess
+
+    return decode(vae, encode(vae, preprocess([gray(x) for x in images], resolution)))[..., 0]
+
+
 @dataclass
-class TruthScores:
-    """Per-edit distances (on [0, 1]) to the true counterfactual and to the source."""
+class RegionErrors:
+    """Mean |image - reference| on [0, 1] per image (N,): whole image, inside and outside a region.
 
-    error_to_true: np.ndarray  # mean |cf - true_cf|
-    source_to_true: np.ndarray  # the "no edit" baseline: mean |source - true_cf|
-    l1_to_source: np.ndarray
+    `pooled()` averages over every pixel of every image, as bench_phantom's tables do (a large region
+    weighs more than a small one), instead of over images.
+    """
+
+    whole: np.ndarray
+    inside: np.ndarray  # NaN where the region is empty
+    outside: np.ndarray  # NaN where the region is the whole image
+    inside_pixels: np.ndarray
+    outside_pixels: np.ndarray
+
+    def pooled(self) -> dict[str, float]:
+        def mean(values: np.ndarray, pixels: np.ndarray) -> float:
+            total = pixels.sum()
+            return float(np.nansum(values * pixels) / total) if total else float("nan")
+
+        return {
+            "whole": float(self.whole.mean()),
+            "inside": mean(self.inside, self.inside_pixels),
+            "outside": mean(self.outside, self.outside_pixels),
+        }
 
 
-def score_against_truth(sources: list[np.ndarray], cfs: list[np.ndarray], trues: list[np.ndarray]) -> TruthScores:
-    s = np.stack([gray(x) for x in sources]).astype(np.float64) / 255
-    c = np.stack([gray(x) for x in cfs]).astype(np.float64) / 255
-    t = np.stack([gray(x) for x in trues]).astype(np.float64) / 255
-    axes = (1, 2)
-    return TruthScores(
-        error_to_true=np.abs(c - t).mean(axes),
-        source_to_true=np.abs(s - t).mean(axes),
-        l1_to_source=np.abs(c - s).mean(axes),
-    )
+def region_errors(
+    images: list[np.ndarray], references: list[np.ndarray], regions: list[np.ndarray]
+) -> RegionErrors:
+    """|image - reference| per image over the whole image and inside / outside its region (`region_for`).
+
+    With the true counterfactuals as references: the error to the truth where the edit had to act and
+    where it had to leave the source alone (there the truth is the source)."""
+    x = np.stack([gray(i) for i in images]).astype(np.float64) / 255  # (N, R, R)
+    r = np.stack([gray(i) for i in references]).astype(np.float64) / 255
+    m = np.stack(regions).astype(bool)
+    err = np.abs(x - r)
+    n_in, n_out = m.sum((1, 2)), (~m).sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = np.where(n_in > 0, (err * m).sum((1, 2)) / n_in, np.nan)
+        outside = np.where(n_out > 0, (err * ~m).sum((1, 2)) / n_out, np.nan)
+    return RegionErrors(err.mean((1, 2)), inside, outside, n_in, n_out)
 
 
 def classifier_path(model_root: str | Path) -> Path | None:

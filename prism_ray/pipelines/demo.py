@@ -139,7 +139,7 @@ def run(config: DemoConfig, runner=None) -> Path:
     except RunIncomplete as err:  # still report what was made, then end non-zero
         summary, incomplete = err.summary, err
 
-    _say("4/4 report", "scoring against the true counterfactuals")
+    _say("4/4 report", "scoring against the true counterfactuals and the decoder floor")
     # The classifier ships beside the starting family (fine-tuning exports only the diffusers parts).
     report = write_demo_report(
         out,
@@ -148,6 +148,7 @@ def run(config: DemoConfig, runner=None) -> Path:
         config.model,
         filter_config=config.filter,
         run_info=_run_info(config, tuned.model_path, summary),
+        vae_model=tuned.model_path,  # the decoder floor goes through the VAE that decoded the edits
     )
     minutes = (time.perf_counter() - t0) / 60
     _say(

@@ -24,7 +24,9 @@ from prism_ray.scoring.audit_stats import (
     CoChangeAccumulator,
     audit_statistics,
     benjamini_hochberg,
+    images_needed,
     mcnemar_exact,
+    min_q_values,
     poisson_weights,
 )
 
@@ -150,6 +152,65 @@ def test_benjamini_hochberg_against_a_plain_implementation():
     q = benjamini_hochberg(p)
     np.testing.assert_allclose(q[~np.isnan(p)], plain, rtol=1e-12)
     assert np.isnan(q[-1])
+
+
+def test_min_q_is_the_bh_q_of_the_cells_best_case():
+    # Brute force: the row's p replaced by McNemar's p for n of n images changed by the edit alone, then BH.
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        m = int(rng.integers(1, 25))
+        n = rng.integers(0, 20, size=m)
+        p = np.array([mcnemar_exact(rng.integers(0, k + 1), rng.integers(0, k + 1)) if k else np.nan for k in n])
+        if trial % 3 == 0:
+            p[rng.integers(0, m, size=m // 2)] = p[0]  # ties
+        got = min_q_values(n, p)
+        for i in range(m):
+            if np.isnan(p[i]):
+                assert np.isnan(got[i])
+                continue
+            best = p.copy()
+            best[i] = min(mcnemar_exact(int(n[i]), 0), p[i])
+            assert got[i] == pytest.approx(benjamini_hochberg(best)[i], rel=1e-12)
+
+
+def test_a_cell_of_eleven_images_cannot_be_flagged_in_the_readme_audit():
+    # The README audit's shape: 40 test images (200 phantoms), 11 with cardiomegaly, 16 with devices, 10 with
+    # effusion; the tiny classifier's 5 heads; subgroups Cardiomegaly and Support Devices. Each target flips in
+    # 4 of 5 images; do(Cardiomegaly=0) flips the pacemaker in 11/11 images and in 0/11 controls: the best the
+    # paired test can see in 11 images, still q >= 0.01 after BH over the table's 85 tests.
+    rng = np.random.default_rng(0)
+    names = ["cardiomegaly", "pleural_effusion", "support_devices", "pacemaker", "sex_female"]
+    i = np.arange(40)
+    cardiomegaly, devices, effusion = i < 11, (i < 6) | (i >= 30), i % 4 == 0
+    acc = CoChangeAccumulator(names, ["Cardiomegaly", "Support Devices"], config=FAST)
+    for intervention, target, chosen in (("Cardiomegaly=0", "cardiomegaly", cardiomegaly),
+                                         ("Cardiomegaly=1", "cardiomegaly", ~cardiomegaly),
+                                         ("Pleural Effusion=0", "pleural_effusion", effusion),
+                                         ("Support Devices=0", "support_devices", devices)):  # fmt: skip
+        n = int(chosen.sum())
+        edit = np.zeros((n, len(names)), bool)
+        edit[:, names.index(target)] = np.arange(n) % 5 != 0
+        if intervention == "Cardiomegaly=0":
+            edit[:, names.index("pacemaker")] = True  # the perfect co-change
+        table = one_intervention(n, paired_rows(edit, np.zeros_like(edit), rng, names), intervention, target)
+        table = table.set_column(0, "source_id", pa.array([f"img-{k}" for k in i[chosen]]))
+        for column, values in (("Cardiomegaly", cardiomegaly), ("Support Devices", devices)):
+            table = table.append_column(GROUP + column, pa.array([str(int(v)) for v in values[chosen]]))
+        acc.update(table)
+    co = acc.result().cochange
+    assert "min_q_value" in co.column_names and co.schema.field("min_q_value").type == pa.float64()
+    cell = cells(co)["Cardiomegaly=0", "pacemaker", "all"]
+    assert (cell["n"], cell["n_edit_only"], cell["n_control_only"]) == (11, 11, 0)
+    assert cell["p_value"] == pytest.approx(2**-10)  # the best the paired test can do with 11 images
+    assert cell["min_q_value"] == pytest.approx(cell["q_value"]) and cell["min_q_value"] >= 0.01
+    assert co.num_rows == 85
+    assert not cell["flagged"]
+    # A cell of 29 images could reach it; the table says how many images a cell needs.
+    assert cells(co)["Cardiomegaly=1", "pacemaker", "all"]["min_q_value"] < 0.01
+    needed = images_needed(co.column("p_value").to_numpy(zero_copy_only=False), 0.01)
+    assert 11 < needed <= 29
+    assert images_needed([1.0] * 80, 0.01) == 14  # 2^(1 - n) * 80 < 0.01 from n = 14
+    assert images_needed([1.0] * 80, 1e-300, max_n=100) is None
 
 
 def test_poisson_weights_are_a_seeded_function_of_the_source():

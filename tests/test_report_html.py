@@ -4,6 +4,7 @@ audit report opened from disk in a real headless Chromium."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import re
@@ -216,6 +217,47 @@ def test_flagged_sentences_rank_and_word_the_flagged_cells():
         "2.5e-12",
         "n/a",
     ]
+
+
+def test_an_underpowered_audit_says_what_it_could_not_flag(tmp_path):
+    # An audit of 11 images per intervention (the README's do(Cardiomegaly=0)), 60 tests: nothing flagged, and
+    # that must not read as "no co-change": the report says no cell could reach q < 0.01 (11/11 vs 0/11 gives
+    # p = 2^-10, x 60 tests > 0.01) and lists the strongest unflagged co-changes with their CIs.
+    from prism_ray.scoring.audit_stats import benjamini_hochberg, mcnemar_exact
+
+    rows = []
+    counts = {"cardiomegaly": (0, 0), "pacemaker": (7, 0), "effusion": (2, 1), "devices": (1, 0), "sex": (0, 0)}
+    targets = {"Cardiomegaly=0": "cardiomegaly", "Cardiomegaly=1": "cardiomegaly", "Pleural Effusion=0": "effusion",
+               "Support Devices=0": "devices"}  # fmt: skip
+    for intervention, target in targets.items():
+        for attribute, (edit_only, control_only) in {**counts, target: (11, 0)}.items():  # every target flips
+            # "all" (11 images) and its two halves by a subgroup column (6 and 5 images).
+            for subgroup, n, share in (("all", 11, 1.0), ("Sex=F", 6, 0.6), ("Sex=M", 5, 0.4)):
+                b, c = round(edit_only * share), round(control_only * share)
+                rows.append({
+                    "intervention": intervention, "attribute": attribute, "subgroup": subgroup, "n": n,
+                    "change_rate": b / n, "control_rate": c / n, "difference": (b - c) / n,
+                    "ci_low": (b - c) / n - 0.2, "ci_high": (b - c) / n + 0.2, "p_value": mcnemar_exact(b, c),
+                    "expected": attribute == target,
+                })  # fmt: skip
+    q = benjamini_hochberg([r["p_value"] for r in rows])
+    table = pa.Table.from_pylist([{**r, "q_value": float(v), "flagged": False} for r, v in zip(rows, q)])
+    assert "min_q_value" not in table.column_names  # an older cochange.parquet: the report computes it
+    path = render_audit_report(str(tmp_path / "report.html"), run_info={"images": 11}, cochange=table,
+                               examples={}, alpha=0.01, min_effect=0.05)  # fmt: skip
+    page = html.unescape(Path(path).read_text())
+    assert "No co-change was flagged" in page
+    power = re.search(r'<p id="power"[^>]*>(.*?)</p>', page, re.DOTALL).group(1)
+    assert "48 of 48 cells that could be flagged (not expected) cannot reach q < 0.01 at any effect size" in power
+    assert "not measurable with these images" in power
+    assert "a cell needs at least 14 images" in power and "after the BH correction over 60 tests" in power
+    unflagged = re.search(r'<table id="unflagged-table">(.*?)</table>', page, re.DOTALL).group(1)
+    body = re.findall(r"<tr>(.*?)</tr>", re.search(r"<tbody>(.*?)</tbody>", unflagged, re.DOTALL).group(1))
+    first = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", body[0])]
+    # The strongest: 7/11 pacemaker flips, its CI, q and the best q 11 images allow, and the verdict.
+    assert first[2] == "pacemaker" and first[8] == "+0.436 to +0.836" and first[-1] == "no: too few images"
+    assert len(body) == 10  # the ten strongest of them
+    assert float(first[10]) >= 0.01
 
 
 def test_a_missing_cochange_column_is_a_one_line_error():

@@ -1,5 +1,6 @@
-"""The audit's HTML report: what was run, the co-change heatmap, flagged co-changes in words, subgroup
-bars with CIs, and example grids (original | counterfactual | signed difference map)."""
+"""The audit's HTML report: what was run, the co-change heatmap, flagged co-changes in words, what the
+audit could not have flagged (cells too small to reach alpha) and the strongest unflagged co-changes,
+subgroup bars with CIs, and example grids (original | counterfactual | signed difference map)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from prism_ray.report.grids import Example, add_counterfactual_grid
 from prism_ray.report.html import HtmlReport
 from prism_ray.report.plots import ALL, cochange_heatmap, cochange_rows, subgroup_bars
+from prism_ray.scoring.audit_stats import AuditStatsConfig, images_needed, min_q_values
 
 COLUMN_EXPLANATIONS = {
     "n": "Images in the subgroup the intervention applies to.",
@@ -21,6 +23,11 @@ COLUMN_EXPLANATIONS = {
     "q_value": "Benjamini–Hochberg q-value over the whole table.",
     "expected": "The intervention's target, or an attribute declared implied by it.",
     "flagged": "Not expected, q below alpha and |difference| at least min_effect.",
+    "min_q_value": (
+        "The smallest q-value the cell's n allows: all n images changed under the edit and none under the control "
+        "(McNemar p = 2^(1 − n)), BH-corrected with the rest of the table. At or above alpha the cell cannot be "
+        "flagged at any effect size."
+    ),
 }
 
 
@@ -67,6 +74,53 @@ def cochange_sentence(row: dict) -> str:
     return f"{sentence} ({100 * row['difference']:+.0f} points{ci}), q = {format_q(row['q_value'])}."
 
 
+def with_min_q(rows: list[dict]) -> list[dict]:
+    """The rows with `min_q_value` (audit_stats.min_q_values), computed from n and p when a table lacks it."""
+    if rows and all("min_q_value" in r for r in rows):
+        return rows
+    floor = min_q_values([r["n"] for r in rows], [_nan(r["p_value"]) for r in rows])
+    return [{**r, "min_q_value": float(q)} for r, q in zip(rows, floor)]
+
+
+def strongest_unflagged(rows: list[dict], limit: int = 10) -> list[dict]:
+    """Co-changes the audit could flag (not expected) but did not, strongest evidence first (as `ranked_flagged`),
+    the edit changing the attribute more often than the control (difference > 0)."""
+    mine = [r for r in rows if not r["expected"] and not r["flagged"] and _nan(r["difference"]) > 0]
+    return sorted(mine, key=lambda r: (_nan(r["q_value"], 1.0), -abs(r["difference"])))[:limit]
+
+
+def power_sentences(rows: list[dict], alpha: float) -> list[str]:
+    """What 'not flagged' can mean here: how many cells could not reach q < alpha with any effect, and how
+    many images a cell needs in this table."""
+    open_cells = [r for r in rows if not r["expected"] and not math.isnan(_nan(r["min_q_value"]))]
+    if not open_cells:
+        return []
+    blind = [r for r in open_cells if r["min_q_value"] >= alpha]
+    out = []
+    if blind:
+        sizes = sorted({r["n"] for r in blind})
+        out.append(
+            f"{len(blind)} of {len(open_cells)} cells that could be flagged (not expected) cannot reach q < {alpha:g} "
+            f"at any effect size: even all their images changed under the edit and none under the control would "
+            f"leave q ≥ {alpha:g} after the BH correction over {len(rows)} tests (n = "
+            f"{', '.join(map(str, sizes[:8]))}{', …' if len(sizes) > 8 else ''}; column min q). For them 'not "
+            "flagged' means 'not measurable with these images', not 'no co-change'."
+        )
+    needed = images_needed([_nan(r["p_value"]) for r in rows], alpha)
+    if needed is not None:
+        out.append(
+            f"In this table a cell needs at least {needed} images, every one changed by the edit and none by the "
+            f"control, for q < {alpha:g}; a co-change seen in a share f of the images needs about {needed} / f "
+            "(e.g. 30 %: "
+            f"{math.ceil(needed / 0.3)} images)."
+        )
+    return out
+
+
+def _nan(value, default: float = math.nan) -> float:
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def flagged_sentences(cochange) -> list[str]:
     """Plain-language sentences for the flagged co-changes, in `ranked_flagged` order."""
     return [cochange_sentence(r) for r in ranked_flagged(cochange)]
@@ -94,7 +148,8 @@ def render_audit_report(
     'do(Cardiomegaly=0) → pacemaker: strongest' or 'do(sex=flip): random', rendered in that order
     (at most `max_examples_per_grid` each). `alpha` / `min_effect` only word the legend.
     """
-    rows = cochange_rows(cochange)
+    rows = with_min_q(cochange_rows(cochange))
+    level = alpha if alpha is not None else AuditStatsConfig().alpha
     report = HtmlReport("prism_ray audit report", max_images=max_images)
 
     report.add_heading("What was run", id="run-info")
@@ -116,6 +171,9 @@ def render_audit_report(
     report.add_heading("Flagged co-changes", id="flagged")
     if not flagged:
         report.add_paragraph(f"No co-change was flagged ({rule}).", id="no-flagged")
+    power = power_sentences(rows, level)
+    if power:
+        report.add_paragraph(" ".join(power), id="power", css_class="note")
     explanations = {
         k: COLUMN_EXPLANATIONS[k] for k in ("n", "change_rate", "control_rate", "difference", "q_value")
     }
@@ -131,6 +189,29 @@ def render_audit_report(
         caption=f"{len(flagged)} flagged co-change(s), strongest evidence first",
         explanations=explanations,
         id="flagged-table",
+    )  # fmt: skip
+
+    unflagged = strongest_unflagged(rows)
+    report.add_heading("Strongest unflagged co-changes", id="unflagged")
+    report.add_table(
+        columns=["rank", "intervention", "attribute", "subgroup", "n", "change_rate", "control_rate",
+                 "difference", "95 % CI", "q_value", "min q", "could be flagged"],
+        rows=[
+            [k + 1, r["intervention"], r["attribute"], r["subgroup"], r["n"], r["change_rate"], r["control_rate"],
+             r["difference"], _interval(r), format_q(r["q_value"]), format_q(r["min_q_value"]),
+             "yes" if r["min_q_value"] < level else "no: too few images"]
+            for k, r in enumerate(unflagged)
+        ],
+        caption=f"Not flagged, not expected, the edit changing the attribute more often than the control: the "
+        f"{len(unflagged)} with the strongest evidence. A CI that excludes 0 with q ≥ {level:g} is a co-change "
+        "this audit saw but could not confirm; 'could be flagged: no' is a cell too small for q < "
+        f"{level:g} at any effect.",
+        explanations={
+            **explanations,
+            "min q": COLUMN_EXPLANATIONS["min_q_value"],
+            "could be flagged": f"Whether the cell's min q is below alpha ({level:g}).",
+        },
+        id="unflagged-table",
     )  # fmt: skip
 
     if per_intervention is not None:
@@ -157,7 +238,8 @@ def render_audit_report(
         )
 
     with report.details("The whole co-change table"):
-        report.add_table(cochange, explanations=COLUMN_EXPLANATIONS, id="cochange-table")
+        shown = {k: v for k, v in COLUMN_EXPLANATIONS.items() if k in rows[0]} if rows else {}
+        report.add_table(rows, explanations=shown, id="cochange-table")
     return report.write(path)
 
 

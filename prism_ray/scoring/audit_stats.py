@@ -59,9 +59,11 @@ COCHANGE_COLUMNS = (
     "intervention", "attribute", "subgroup", "n", "change_rate", "control_rate", "difference",
     "ci_low", "ci_high", "p_value", "q_value", "expected", "flagged",
 )  # fmt: skip
-# After COCHANGE_COLUMNS: mean |p_cf - p_orig| and |p_ctrl - p_orig|, and the 2 x 2 counts behind the test.
+# After COCHANGE_COLUMNS: mean |p_cf - p_orig| and |p_ctrl - p_orig|, the 2 x 2 counts behind the test, and
+# the smallest q-value the cell's n allows (`min_q_values`: below alpha, or the cell cannot be flagged at all).
 COCHANGE_EXTRA_COLUMNS = (
     "mean_delta_p", "control_mean_delta_p", "n_changed", "n_control_changed", "n_edit_only", "n_control_only",
+    "min_q_value",
 )  # fmt: skip
 INTERVENTION_COLUMNS = (
     "intervention", "subgroup", "target", "n_rows", "n", "target_cpg", "control_target_cpg",
@@ -131,6 +133,65 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     out[order] = np.minimum(scaled, 1.0)
     q[ok] = out
     return q
+
+
+def min_q_values(n: Sequence[int] | np.ndarray, p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per row of a table, the smallest BH q-value it could get from its number of images n.
+
+    The row's best case under the paired test is every one of its n images changed under the edit and
+    none under the control: McNemar's p = 2^(1 - n) (`mcnemar_exact(n, 0)`). That p replaces the row's
+    own among the table's observed p-values, and the Benjamini-Hochberg q-value is taken as
+    `benjamini_hochberg` takes it. A row whose minimum is at or above alpha cannot be flagged at any
+    effect size: its "not flagged" says nothing. NaN where p is NaN (no image).
+    """
+    n = np.asarray(n, dtype=np.int64)
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    if m == 0:
+        return out
+    order = np.argsort(p[ok], kind="stable")
+    s = p[ok][order]  # (m,) sorted p-values
+    position = np.empty(m, np.int64)
+    position[order] = np.arange(m)  # each row's 0-based rank
+    rank = np.arange(1, m + 1)
+    # q_(k) before the monotone step, and its minimum over ranks >= k (+inf past the end).
+    suffix = np.append(np.minimum.accumulate((s * m / rank)[::-1])[::-1], np.inf)
+    sizes, which = np.unique(n[ok], return_inverse=True)
+    best = np.minimum(np.array([mcnemar_exact(int(k), 0) for k in sizes])[which.reshape(-1)], p[ok])  # (m,)
+    start = np.searchsorted(s, best, side="left")  # its new rank (0-based) among the others
+    own = best * m / (start + 1)
+    # Rows ranked between its new and its old place move down one rank: p m / (k + 2) at old rank k.
+    shifted = np.append(s * m / (rank + 1), np.inf)
+    bounds = np.stack([start, position], axis=1).reshape(-1)
+    between = np.minimum.reduceat(shifted, bounds)[::2]
+    between[start >= position] = np.inf
+    out[ok] = np.minimum.reduce([own, between, suffix[position + 1], np.ones(m)])
+    return out
+
+
+def images_needed(p_values: Sequence[float] | np.ndarray, alpha: float, max_n: int = 100_000) -> int | None:
+    """The fewest images a new cell of this table needs, all changed under the edit and none under the
+    control, for a BH q-value below `alpha` (it takes the place of the table's largest p-value);
+    None beyond `max_n`. A co-change seen in a share f of the images needs about this / f of them."""
+    p = np.asarray(p_values, dtype=np.float64)
+    p = p[~np.isnan(p)]
+    if len(p) == 0:
+        return None
+    p = np.concatenate([[p.max()], np.delete(p, p.argmax())])  # the new cell first, in the largest p's place
+    others = np.zeros(len(p) - 1, np.int64)
+
+    def best_q(n: int) -> float:
+        return float(min_q_values(np.concatenate([[n], others]), p)[0])
+
+    if best_q(max_n) >= alpha:
+        return None
+    lo, hi = 1, max_n
+    while lo < hi:  # the minimum q falls with n: bisect for the first n below alpha
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if best_q(mid) >= alpha else (lo, mid)
+    return lo
 
 
 def _poisson1_table(bits: int = 16) -> np.ndarray:
@@ -470,6 +531,7 @@ class CoChangeAccumulator:
                         cochange[column].append(value)
         q = benjamini_hochberg(cochange["p_value"])
         cochange["q_value"] = q.tolist()
+        cochange["min_q_value"] = min_q_values(cochange["n"], cochange["p_value"]).tolist()
         difference = np.asarray(cochange["difference"], dtype=np.float64)
         with np.errstate(invalid="ignore"):
             flagged = (
@@ -506,7 +568,8 @@ _COCHANGE_SCHEMA = pa.schema(
                                    "q_value")]
     + [("expected", pa.bool_()), ("flagged", pa.bool_())]
     + [(c, pa.float64()) for c in COCHANGE_EXTRA_COLUMNS[:2]]
-    + [(c, pa.int64()) for c in COCHANGE_EXTRA_COLUMNS[2:]]
+    + [(c, pa.int64()) for c in COCHANGE_EXTRA_COLUMNS[2:6]]
+    + [("min_q_value", pa.float64())]
 )  # fmt: skip
 _SUMMARY_SCHEMA = pa.schema(
     [("intervention", pa.string()), ("subgroup", pa.string()), ("target", pa.string()), ("n_rows", pa.int64()),

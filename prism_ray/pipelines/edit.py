@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from prism_ray.config import BaseConfig, with_unset_defaults
 from prism_ray.console import Progress
+from prism_ray.results.summary import RunIncomplete
 from prism_ray.data.images import DecodeConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.models.config import ModelConfig
@@ -156,6 +157,11 @@ def run(config: EditJobConfig, runner=None) -> Path:
     if not results:
         raise ValueError(f"edit: no counterfactual made ({failures[0]['image']}: {failures[0]['reason']})"
                          if failures else "edit: no counterfactual made")
+    if failures:  # the edits made are written; the exit code says that some inputs were not
+        failed = sorted({f["image"] for f in failures})
+        raise RunIncomplete(f"{len(failed)} of {len(config.images)} images failed (first: {failed[0]}); "
+                            f"the others were edited, see {out / 'index.md'}",
+                            {"edits": len(results), "failures": failures})
     return out
 
 

@@ -285,3 +285,40 @@ def test_planted_bias_rates(tmp_path):
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PhantomDatasetConfig(**kwargs)
+
+
+def test_effusion_severity_shrinks_the_fluid_inside_its_full_region():
+    """Severity 1 is the frank effusion; lower severities change fewer pixels, all inside severity 1's region,
+    and still change some (a blunted costophrenic angle); the true counterfactual (effusion removed) is the
+    same image at every severity."""
+    from prism_ray.phantom.render import PhantomAttributes, attribute_mask, render_phantom
+
+    for seed in (3, 11, 29):
+        clean = render_phantom(PhantomAttributes(), seed, 64).astype(int)
+        full = attribute_mask(PhantomAttributes(pleural_effusion=True), seed, "pleural_effusion", 64)
+        changed = []
+        for severity in (1.0, 0.5, 0.3, 0.15):
+            attrs = PhantomAttributes(pleural_effusion=True, effusion_severity=severity)
+            diff = np.abs(render_phantom(attrs, seed, 64).astype(int) - clean)
+            assert diff[~full].max() == 0  # nothing outside the frank effusion's region
+            assert np.array_equal(render_phantom(attrs.intervene({"pleural_effusion": False}), seed, 64), clean)
+            changed.append(int((diff > 0).sum()))
+        assert changed == sorted(changed, reverse=True) and changed[-1] > 0, changed
+
+
+def test_dataset_severity_is_drawn_last_and_recorded_in_the_ground_truth(tmp_path):
+    import pyarrow.parquet as pq
+
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, sample_subjects, write_phantom_dataset
+
+    plain = sample_subjects(PhantomDatasetConfig(n_subjects=50, seed=2))
+    subtle = sample_subjects(PhantomDatasetConfig(n_subjects=50, seed=2, effusion_severity=(0.15, 0.35)))
+    for key in plain:  # the knob leaves every other draw as it was
+        if key != "effusion_severity":
+            assert np.array_equal(plain[key], subtle[key]), key
+    assert np.all(plain["effusion_severity"] == 1.0)
+    assert 0.15 <= subtle["effusion_severity"].min() and subtle["effusion_severity"].max() <= 0.35
+    summary = write_phantom_dataset(str(tmp_path), PhantomDatasetConfig(n_subjects=6, seed=2, effusion_severity=(0.2, 0.2)))
+    assert set(pq.read_table(summary.ground_truth_uri).column("effusion_severity").to_pylist()) == {0.2}
+    with pytest.raises(ValueError, match="effusion_severity"):
+        PhantomDatasetConfig(effusion_severity=(0.5, 0.2))

@@ -104,6 +104,11 @@ class PhantomDatasetConfig(BaseModel):
     p_other_device_given_effusion_train: float = _prob(0.8, "P(tube and/or ECG | effusion, train)")
     p_other_device_given_no_effusion_train: float = _prob(0.1, "P(tube and/or ECG | no effusion, train)")
     other_device_mix: OtherDeviceMix = OtherDeviceMix()
+    effusion_severity: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="per-subject effusion severity drawn uniformly from [low, high] (0 < low <= high <= 1): "
+        "1 is frank basal fluid, ~0.15 a subtle blunting of the costophrenic angle",
+    )
     write_images: bool = Field(True, description="False writes only the tables (image_uri then points nowhere)")
 
     @field_validator("age_max")
@@ -125,6 +130,13 @@ class PhantomDatasetConfig(BaseModel):
             if not 0 <= age <= 120 or not 0.0 <= p <= 1.0:
                 raise ValueError(f"p_effusion_by_age: {age}: {p} needs an age in [0, 120], a rate in [0, 1]")
         return dict(sorted(v.items()))
+
+    @field_validator("effusion_severity")
+    @classmethod
+    def _severity_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"effusion_severity: needs 0 < low <= high <= 1, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _effusion_ages_covered(self) -> PhantomDatasetConfig:
@@ -186,7 +198,9 @@ def sample_subjects(config: PhantomDatasetConfig) -> dict[str, np.ndarray]:
     kind = rng.random(n)  # [0, tube) tube only, [tube, tube+ecg) ECG only, rest both
     tube = other & ((kind < mix.tube) | (kind >= mix.tube + mix.ecg))
     ecg = other & (kind >= mix.tube)
-    reported = effusion & (rng.random(n) < config.p_effusion_reported)  # drawn last: earlier draws stay
+    reported = effusion & (rng.random(n) < config.p_effusion_reported)
+    low, high = config.effusion_severity  # drawn last: datasets of earlier versions keep their subjects
+    severity = np.full(n, high) if low == high else rng.uniform(low, high, size=n)
     return {
         "subject_id": np.array([f"phantom{i:07d}" for i in range(n)]),
         "seed": seeds,
@@ -199,6 +213,7 @@ def sample_subjects(config: PhantomDatasetConfig) -> dict[str, np.ndarray]:
         "ecg": ecg,
         "sex": np.where(female, "female", "male"),
         "age": age,
+        "effusion_severity": severity,
     }
 
 
@@ -210,6 +225,7 @@ def subject_attributes(row: dict[str, Any]) -> PhantomAttributes:
         devices=frozenset(k for k in DEVICE_KINDS if bool(row[k])),
         sex=str(row["sex"]),
         age=int(row["age"]),
+        effusion_severity=float(row.get("effusion_severity", 1.0)),  # tables written before the knob: 1
     )
 
 
@@ -278,6 +294,7 @@ def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomData
             "ecg": pa.array(s["ecg"], pa.bool_()),
             "sex": pa.array(s["sex"], pa.string()),
             "age": pa.array(s["age"], pa.int64()),
+            "effusion_severity": pa.array(s["effusion_severity"], pa.float64()),
             "resolution": pa.array(np.full(n, config.resolution), pa.int64()),
         }
     )

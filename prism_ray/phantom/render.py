@@ -44,6 +44,9 @@ class PhantomAttributes(BaseModel):
     devices: frozenset[DeviceKind] = frozenset()
     sex: Literal["female", "male"] = "male"
     age: int = Field(50, ge=0, le=120)
+    # How much fluid a pleural effusion shows: 1 is frank basal fluid; small values leave a subtle
+    # blunting of the costophrenic angle (the fluid's height and its lateral meniscus scale with it).
+    effusion_severity: float = Field(1.0, gt=0.0, le=1.0)
 
     def intervene(self, intervention: dict[str, Any]) -> "PhantomAttributes":
         """These attributes with `intervention` applied.
@@ -377,14 +380,14 @@ def _heart(g: _Grid, a: _Anatomy, enlarged: bool) -> np.ndarray:
     return _inside(np.maximum(sdf, below), soft)
 
 
-def _effusion(g: _Grid, a: _Anatomy, lungs: np.ndarray, present: bool) -> np.ndarray:
+def _effusion(g: _Grid, a: _Anatomy, lungs: np.ndarray, present: bool, severity: float = 1.0) -> np.ndarray:
     """Basal pleural fluid (soft indicator inside the lungs) with a meniscus rising laterally,
-    which blunts the costophrenic angle."""
+    which blunts the costophrenic angle; `severity` scales the fluid's height and meniscus."""
     if not present:
         return np.zeros_like(g.x)
     base = _diaphragm(a, g.x)
     u = np.abs(g.x) / a.body_half_width
-    level = base - a.effusion_height - 0.25 * _sstep(0.45, 1.0, u) ** 1.5
+    level = base - severity * (a.effusion_height + 0.25 * _sstep(0.45, 1.0, u) ** 1.5)
     side = np.ones_like(g.x) if a.effusion_side == 0 else (np.sign(g.x) == a.effusion_side).astype(np.float64)
     fluid = _sstep(0.0, 0.1, g.y - level)
     return fluid * side * (lungs > 0)
@@ -473,7 +476,7 @@ def _layers(attrs: PhantomAttributes, g: _Grid, a: _Anatomy) -> dict[str, np.nda
         "bone": _bone(g, a, attrs.age),
         "lungs": lungs,
         "heart": _heart(g, a, attrs.cardiomegaly),
-        "effusion": _effusion(g, a, lungs, attrs.pleural_effusion),
+        "effusion": _effusion(g, a, lungs, attrs.pleural_effusion, attrs.effusion_severity),
         "breast": _breast(g, a, attrs.sex == "female"),
         "pacemaker": _pacemaker(g, a, "pacemaker" in attrs.devices),
         "tube": _tube(g, a, "tube" in attrs.devices),
@@ -581,7 +584,7 @@ def attribute_mask(attrs: PhantomAttributes, seed: int, attribute: str, resoluti
         if name == "heart":  # both heart sizes
             maps = [_heart(g, a, False), _heart(g, a, True)]
         elif name == "effusion":
-            maps = [_effusion(g, a, lungs, True)]
+            maps = [_effusion(g, a, lungs, True, attrs.effusion_severity)]
         elif name == "breast":
             maps = [_breast(g, a, True)]
         elif name == "bone":  # the age factor is positive, so the support does not depend on age

@@ -6,7 +6,8 @@ import difflib
 import hashlib
 import json
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,18 @@ C = TypeVar("C", bound="BaseConfig")
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range; the message names the field."""
+
+
+@contextmanager
+def config_field(field: str) -> Iterator[None]:
+    """Checks of what a config value points to (a model folder, say) whose failure is the config's:
+    a missing path or an unusable model inside the block becomes a ConfigError naming `field`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config field '{field}': {err}") from None
 
 
 class BaseConfig(BaseModel):

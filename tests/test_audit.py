@@ -12,14 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mounts import Mounts, fill
 
 from prism_ray import faults
-from prism_ray.config import build_config
+from prism_ray.config import ConfigError, build_config
 from prism_ray.phantom.dataset import PhantomDatasetConfig, subject_attributes, write_phantom_dataset
 from prism_ray.phantom.render import render_phantom
 from prism_ray.pipelines import audit
 from prism_ray.pipelines.augment import in_process
 from prism_ray.pipelines.counterfactuals import Edited
+from prism_ray.results.ledger import OutputWriteError
 from prism_ray.scoring.audit_stats import COCHANGE_COLUMNS
 
 RESOLUTION = 64  # the shipped classifier's input size
@@ -304,3 +306,61 @@ def test_a_corrected_copy_of_the_manifest_resumes_the_folder(dataset, tmp_path):
     again = run(make_config(str(copy), out, interventions=["Pleural Effusion=0"]), engine)
     assert again["accounting"]["tasks"] == first["accounting"]["tasks"] - 1
     assert again["this_run"]["sources"] == 1 and engine.calls == 1  # only the corrected row is redone
+
+
+# --- issues 28.9 and 28.17: an output that cannot be written, a wrong model path --------------------
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    made = Mounts(tmp_path)
+    yield made
+    made.close()
+
+
+def test_a_read_only_output_ends_the_audit_before_any_compute(dataset, mounts):
+    manifest, truth = dataset
+    out = mounts.read_only("out") / "out"
+    engine = PlantedEngine(truth)
+    with pytest.raises(OutputWriteError, match=rf"output '{out}' cannot be written \(EROFS"):
+        run(make_config(manifest, out), engine)
+    assert engine.calls == 0
+
+
+def test_a_disk_that_fills_mid_audit_ends_it_naming_the_output_without_retries(dataset, mounts):
+    manifest, truth = dataset
+    disk = mounts.small_disk()
+    engine = PlantedEngine(truth)
+    planted = engine.counterfactuals
+
+    def fill_first(pixels, tasks):
+        if engine.calls == 0:
+            fill(disk)
+        return planted(pixels, tasks)
+
+    engine.counterfactuals = fill_first
+    with pytest.raises(OutputWriteError, match=rf"cannot write '{disk / 'out'}.*\(ENOSPC"):
+        run(make_config(manifest, disk / "out", interventions=["Pleural Effusion=0"]), engine)
+    assert engine.calls == 1
+
+
+def test_a_full_disk_at_the_audit_report_warns_and_keeps_the_results(dataset, tmp_path, caplog):
+    manifest, truth = dataset
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="prism_ray.audit"):
+        summary = run(make_config(manifest, out, interventions=["Pleural Effusion=0"]), PlantedEngine(truth),
+                      PRISM_RAY_FAULTS="report.write=enospc")
+    warned = [m for m in caplog.messages if "report" in m]
+    assert len(warned) == 1 and f"cannot write '{out / 'report.html'}' (ENOSPC" in warned[0]
+    assert summary["rows"] > 0 and (out / "summary.json").exists() and not (out / "report.html").exists()
+
+
+def test_wrong_model_paths_are_config_errors_before_the_output_exists(dataset, tmp_path):
+    manifest, truth = dataset
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="config field 'model.path': .*no such folder"):
+        run(make_config(manifest, tmp_path / "out", model={"path": nowhere}), PlantedEngine(truth))
+    with pytest.raises(ConfigError, match="config field 'classifiers.1.path': .*no such folder"):
+        run(make_config(manifest, tmp_path / "out", classifiers=[{"path": "tiny"}, {"path": nowhere}]),
+            PlantedEngine(truth))
+    assert not (tmp_path / "out").exists()

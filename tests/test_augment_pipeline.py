@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from mounts import Mounts, fill
 
 from prism_ray import faults
 from prism_ray.config import ConfigError, build_config
@@ -21,7 +22,7 @@ from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_datase
 from prism_ray.pipelines import augment
 from prism_ray.pipelines.counterfactuals import Edited
 from prism_ray.results.layout import Layout
-from prism_ray.results.ledger import LedgerError
+from prism_ray.results.ledger import LedgerError, OutputWriteError
 from prism_ray.results.summary import RunIncomplete
 
 
@@ -170,7 +171,7 @@ def test_enospc_during_the_manifest_commit_leaves_the_previous_manifest_readable
     out = tmp_path / "out"
     run(make_config(manifest, out, quota=2))
     before = manifest_rows(out)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match=r"cannot write '.*manifest.parquet' \(ENOSPC: No space left"):
         run(make_config(manifest, out, quota=4), PRISM_RAY_FAULTS="commit.write=enospc")
     assert manifest_rows(out) == before  # still the last committed manifest, readable
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # the failed temporary file is gone
@@ -279,19 +280,41 @@ def test_a_shortfall_and_zero_outputs_end_the_run_incomplete(manifest, tmp_path)
         run(config)
 
 
-def test_the_cli_exits_non_zero_on_a_shortfall(manifest, tmp_path, capsys, monkeypatch):
+def _cli_fake_run(config, runner=None):
+    return run(config)
+
+
+def run_cli(config, folder: Path, **env) -> tuple[int, str]:
+    """`prism-ray augment --config <config>` with the fake engine: (exit code, stderr)."""
+    import contextlib
+    import io
+
     from prism_ray import cli
 
-    def fake_run(config, runner=None):
-        return run(config)
+    path = folder / "job.yaml"
+    path.write_text(config.to_yaml())
+    old = cli.JOBS["augment"]
+    cli.JOBS["augment"] = cli.Job("", "prism_ray.pipelines.augment:AugmentConfig", f"{__name__}:_cli_fake_run")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = cli.main(["augment", "--config", str(path)])
+    finally:
+        cli.JOBS["augment"] = old
+    return code, err.getvalue()
 
-    monkeypatch.setitem(cli.JOBS, "augment", cli.Job("", "prism_ray.pipelines.augment:AugmentConfig",
-                                                      f"{__name__}:_cli_fake_run"))
-    globals()["_cli_fake_run"] = fake_run
-    config = tmp_path / "job.yaml"
-    config.write_text(make_config(manifest, tmp_path / "out", quota=1000).to_yaml())
-    assert cli.main(["augment", "--config", str(config)]) == 3
-    assert "augment incomplete: effusion short by" in capsys.readouterr().err
+
+def the_error_line(stderr: str) -> str:
+    """The one line the CLI ends a failed job with (the job's own log lines come before it)."""
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr and lines[-1].startswith("prism-ray augment: "), stderr
+    assert sum(line.startswith("prism-ray augment: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def test_the_cli_exits_non_zero_on_a_shortfall(manifest, tmp_path):
+    code, err = run_cli(make_config(manifest, tmp_path / "out", quota=1000), tmp_path)
+    assert code == 3 and "augment incomplete: effusion short by" in err
 
 
 def test_inversion_needs_fp32_weights_at_config_load(manifest, tmp_path):
@@ -392,12 +415,19 @@ def test_every_input_row_is_accounted_for(manifest, tmp_path):
     assert any(e["stage"] == "read" and e["source_uri"].endswith("missing.png") for e in errors)
 
 
-def test_a_wrong_model_folder_fails_on_the_driver_in_one_line(manifest, tmp_path):
+def test_a_wrong_model_folder_is_a_config_error_before_the_output_exists(manifest, tmp_path):
+    """Issue 28.17: exit 2 naming the field, and no empty output folder left behind."""
     (tmp_path / "model" / "unet").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"model '.*model': missing component folder"):
+    with pytest.raises(ConfigError, match=r"config field 'model.path': model '.*model': missing component folder"):
         run(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "model")}))
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(ConfigError, match="config field 'model.path': .*no such folder"):
         run(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "nowhere")}))
+    with pytest.raises(ConfigError, match="config field 'model.clip_path': .*no such folder"):
+        run(make_config(manifest, tmp_path / "out", model={"clip_path": str(tmp_path / "nowhere")}))
+    assert not (tmp_path / "out").exists()
+    code, err = run_cli(make_config(manifest, tmp_path / "out", model={"path": str(tmp_path / "nowhere")}), tmp_path)
+    assert code == 2 and "config field 'model.path'" in the_error_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unsupported_prediction_type_is_refused_before_any_work(manifest, tmp_path, tiny_family):
@@ -448,3 +478,67 @@ def test_an_added_intervention_resumes_into_the_fresh_runs_quota_set(manifest, t
     assert quota_set(tmp_path / "out") == quota_set(tmp_path / "fresh")
     assert "Cardiomegaly=1" in {i for _, i, _ in quota_set(tmp_path / "out")}
     assert resumed["subgroups"]["effusion"]["accepted"] == 4
+
+
+# --- issue 28.9: an output that cannot be written -------------------------------------------------
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    made = Mounts(tmp_path)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_read_only_output_ends_the_job_before_any_compute(manifest, mounts, exists):
+    out = mounts.read_only(*["out"] * exists) / "out"
+    engine = FakeEngine()
+    with pytest.raises(OutputWriteError, match=rf"output '{out}' cannot be written \(EROFS: Read-only file system\)"):
+        run(make_config(manifest, out), engine=engine)
+    assert engine.calls == 0  # nothing computed, nothing retried
+
+
+def test_an_output_under_a_file_exits_1_in_one_line_before_any_compute(manifest, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "out"
+    code, err = run_cli(make_config(manifest, out), tmp_path)
+    assert code == 1 and f"output '{out}' cannot be written (ENOTDIR" in the_error_line(err)
+
+
+class FaultEngine(FakeEngine):
+    """Runs `fault` (fill the output's disk, remount it read-only) before its first batch, as a long run
+    meets a disk that fills up or fails."""
+
+    def __init__(self, fault):
+        super().__init__()
+        self.fault = fault
+
+    def counterfactuals(self, pixels, tasks):
+        if self.calls == 0:
+            self.fault()
+        return super().counterfactuals(pixels, tasks)
+
+
+@pytest.mark.parametrize("fault, code", [("full", "ENOSPC"), ("read_only", "EROFS")])
+def test_an_output_that_fills_or_fails_mid_run_ends_the_job_naming_it_without_retries(manifest, mounts, fault, code):
+    disk = mounts.small_disk()
+    out = disk / "out"
+    engine = FaultEngine(lambda: fill(disk) if fault == "full" else mounts.make_read_only(disk))
+    with pytest.raises(OutputWriteError) as info:
+        run(make_config(manifest, out), engine=engine)
+    message = str(info.value)
+    assert f"cannot write '{out}" in message and f"({code}: " in message and "\n" not in message
+    assert engine.calls == 1  # the batch is not computed again
+
+
+def test_a_full_disk_at_the_report_warns_and_the_run_ends_by_its_results(manifest, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="prism_ray.augment"):
+        summary = run(make_config(manifest, out), PRISM_RAY_FAULTS="report.write=enospc")
+    assert all(i["status"] == "met" for i in summary["subgroups"].values())  # exit 0
+    warned = [m for m in caplog.messages if "report" in m]
+    assert len(warned) == 1 and f"cannot write '{out / 'report.html'}' (ENOSPC" in warned[0]
+    assert not (out / "report.html").exists() and (out / "run_summary.json").exists()
+    with pytest.raises(RunIncomplete):  # a shortfall still ends short (exit 3), not failed
+        run(make_config(manifest, tmp_path / "short", quota=1000), PRISM_RAY_FAULTS="report.write=enospc")

@@ -12,7 +12,10 @@ from prism_ray import faults
 from prism_ray.results.layout import Layout, digest
 from prism_ray.results.ledger import (
     LedgerError,
+    OutputGuard,
+    OutputWriteError,
     check_config_hash,
+    check_writable,
     commit,
     read_state,
     write_json_atomic,
@@ -63,7 +66,7 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_previous_file(tmp_path, wi
     uri = str(tmp_path / "t.parquet")
     write_table_atomic(table("a"), uri)
     with_faults("w=enospc")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match=rf"cannot write '{uri}' \(ENOSPC: No space left.*not retried"):
         write_table_atomic(table("a", "b"), uri, fault="w")
     assert pq.read_table(uri).column("slot_id").to_pylist() == ["a"]
     assert os.listdir(tmp_path) == ["t.parquet"]
@@ -188,3 +191,24 @@ def test_outputs_resolve_on_the_driver_and_relative_paths_are_refused_under_job_
     with pytest.raises(ConfigError, match="config field 'output': relative path 'out' under `ray job submit`"):
         resolve_output("out")
     assert resolve_output("/abs/run") == "/abs/run" and resolve_output("gs://b/x") == "gs://b/x"
+
+
+def test_the_output_probe_leaves_nothing_and_names_an_output_it_cannot_write(tmp_path):
+    check_writable(Layout.of(str(tmp_path / "out")))
+    assert os.listdir(tmp_path / "out") == []  # made, probed, the probe removed
+    (tmp_path / "file").write_text("a file where the output's parent folder should be")
+    with pytest.raises(OutputWriteError, match=r"output '.*file/out' cannot be written \(ENOTDIR"):
+        check_writable(Layout.of(str(tmp_path / "file" / "out")))
+
+
+def test_the_output_guard_leaves_other_storage_errors_to_the_runners_retries(tmp_path):
+    class Step:
+        model_loads = 1
+
+        def __call__(self, batch):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    guarded = OutputGuard(Step, str(tmp_path))
+    assert guarded.model_loads == 1
+    with pytest.raises(ConnectionResetError):  # transient: the runner retries the batch
+        guarded([])

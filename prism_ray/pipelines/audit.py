@@ -34,17 +34,18 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from prism_ray.config import BaseConfig, ConfigError
+from prism_ray.config import BaseConfig, ConfigError, config_field
 from prism_ray.console import Progress
 from prism_ray.data.config import DataConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.faults import fault_point
 from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.audit_step import AuditStep, classifier_attributes, error_schema, row_schema
-from prism_ray.pipelines.augment import ActorPoolConfig, batches, data_identity
+from prism_ray.pipelines.augment import ActorPoolConfig, batches, data_identity, map_batches, model_roots
 from prism_ray.pipelines.counterfactuals import BatchReport
 from prism_ray.results.compaction import compact_table, read_column, table_files
 from prism_ray.results.layout import Layout, digest
+from prism_ray.results.ledger import OutputGuard, OutputWriteError, check_writable
 from prism_ray.scoring.audit_stats import CONTROL, AuditStatsConfig
 from prism_ray.scoring.filter import FilterConfig
 
@@ -345,9 +346,7 @@ def run(config: AuditConfig, runner=None) -> dict:
     `runner(step_factory, compute, output)` as in `pipelines.augment.run`; default: Ray actors.
     """
     from prism_ray.data.schemas import rows_to_table
-    from prism_ray.data.storage import makedirs
-    from prism_ray.models.loading import check_model_folder, require_supported_prediction, resolve_model_root
-    from prism_ray.models.loading import weights_digest
+    from prism_ray.models.loading import resolve_model_root, weights_digest
     from prism_ray.results.ledger import write_json_atomic, write_part
     from prism_ray.scoring.audit_stats import audit_statistics
 
@@ -357,13 +356,12 @@ def run(config: AuditConfig, runner=None) -> dict:
     layout = Layout.of(config.output)
     if layout.root != config.output:
         config = config.model_copy(update={"output": layout.root})
-    makedirs(layout.root)
     m = config.model
-    roots = [check_model_folder(m.path, m.cache_dir)]
-    require_supported_prediction(roots[0])
-    if m.clip_path:
-        roots.append(resolve_model_root(m.clip_path, m.cache_dir))
-    roots += [resolve_model_root(c.path, m.cache_dir) for c in config.classifiers]
+    roots = model_roots(config)  # wrong model paths are config errors here, before the output exists
+    for i, c in enumerate(config.classifiers):
+        with config_field(f"classifiers.{i}.path"):
+            roots.append(resolve_model_root(c.path, m.cache_dir))
+    check_writable(layout)  # a read-only or full output ends the job now, not after every batch
     model_id = weights_digest(*roots)
     results_hash = config.results_hash(model_id)
     attributes = classifier_attributes(config)
@@ -395,7 +393,7 @@ def run(config: AuditConfig, runner=None) -> dict:
     work_seconds = 0.0
     actors: dict = {}
     if todo:
-        step_factory = partial(AuditStep, config, results_hash, attributes)
+        step_factory = partial(OutputGuard, partial(AuditStep, config, results_hash, attributes), layout.root)
         total = sum(len(task["edits"]) for task in todo)
         line = Progress("audit:   rows", total, "rows", detail=lambda: f"{tally['error']} errors")
 
@@ -411,7 +409,7 @@ def run(config: AuditConfig, runner=None) -> dict:
         with line:  # from the Ray start on: the first rows come only after the actors load the models
             pool = runner(step_factory, config.compute, layout.root)
             try:
-                pool.map(batches(todo, config.compute.batch_size, config.compute.num_actors), on_report)
+                map_batches(pool, batches(todo, config.compute.batch_size, config.compute.num_actors), on_report)
                 actors = pool.stats()
             finally:
                 pool.close()
@@ -491,7 +489,10 @@ def run(config: AuditConfig, runner=None) -> dict:
     t = time.perf_counter()
     from prism_ray.pipelines.audit_examples import write_report
 
-    write_report(config, layout, summary, tables)
+    try:
+        write_report(config, layout, summary, tables)
+    except OutputWriteError as err:  # the tables are written: the report is not a result, the run ends by them
+        log.warning("audit: no report: %s", err)
     summary["seconds"]["report"] = time.perf_counter() - t
     write_json_atomic(summary, layout.uri("summary.json"))
     for r in summary["flagged"][:10]:

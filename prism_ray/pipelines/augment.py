@@ -15,7 +15,7 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from prism_ray.config import BaseConfig, ConfigError
+from prism_ray.config import BaseConfig, ConfigError, config_field
 from prism_ray.console import Progress
 from prism_ray.data.captions import check_interventions, check_selector, parse_interventions
 from prism_ray.data.config import DataConfig
@@ -26,7 +26,15 @@ from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.counterfactuals import BatchReport, CounterfactualStep, is_transient
 from prism_ray.pipelines.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
 from prism_ray.results.layout import Layout, digest
-from prism_ray.results.ledger import check_config_hash, commit, read_state, write_part
+from prism_ray.results.ledger import (
+    OutputGuard,
+    OutputWriteError,
+    check_config_hash,
+    check_writable,
+    commit,
+    read_state,
+    write_part,
+)
 from prism_ray.results.summary import RunIncomplete, write_summary
 from prism_ray.scoring.filter import FilterConfig
 
@@ -557,6 +565,34 @@ def in_process(step_factory, compute: ActorPoolConfig, output: str = "", engine=
     return InProcessRunner(step_factory, compute, engine)
 
 
+def map_batches(runner, work: list[list[dict]], on_report) -> None:
+    """`runner.map(work, on_report)`; a write the output refused ends the job in its own one line,
+    also where the runner wraps the step's exception (Ray's RayTaskError keeps it as `cause`)."""
+    try:
+        runner.map(work, on_report)
+    except OutputWriteError as err:
+        raise (getattr(err, "cause", None) or err) from None
+
+
+def model_roots(config) -> list:
+    """The local folders of a job's models (for `models.loading.weights_digest`), checked on the driver
+    before the job creates anything: a wrong path is a config error naming its field."""
+    from prism_ray.models.loading import check_model_folder, require_supported_prediction, resolve_model_root
+
+    m = config.model
+    with config_field("model.path"):
+        roots = [check_model_folder(m.path, m.cache_dir)]
+        if config.mode == "counterfactual":
+            require_supported_prediction(roots[0])
+    if m.clip_path:
+        with config_field("model.clip_path"):
+            roots.append(resolve_model_root(m.clip_path, m.cache_dir))
+    if config.filter.off_target.classifier:  # loaded by every actor: checked once here
+        with config_field("filter.off_target.classifier"):
+            resolve_model_root(config.filter.off_target.classifier, m.cache_dir)
+    return roots
+
+
 def run(config: AugmentConfig, runner=None) -> dict:
     """Run rounds until every subgroup meets its quota (or runs out of sources); returns the run summary.
 
@@ -564,13 +600,7 @@ def run(config: AugmentConfig, runner=None) -> dict:
     the whole job (`map`, `stats`, `close`); default: Ray actors (`distributed.rounds.ray_runner`,
     joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
     """
-    from prism_ray.data.storage import makedirs
-    from prism_ray.models.loading import (
-        check_model_folder,
-        require_supported_prediction,
-        resolve_model_root,
-        weights_digest,
-    )
+    from prism_ray.models.loading import weights_digest
 
     if runner is None:
         from prism_ray.distributed.rounds import ray_runner as runner
@@ -578,15 +608,10 @@ def run(config: AugmentConfig, runner=None) -> dict:
     layout = Layout.of(config.output)  # resolved on the driver; relative paths refused under `ray job submit`
     if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path
         config = config.model_copy(update={"output": layout.root})
-    log.info("augment: output %s", layout.root)
-    makedirs(layout.root)
-    m = config.model
     t = time.perf_counter()
-    roots = [check_model_folder(m.path, m.cache_dir)]  # a wrong model path fails here, not in the actors
-    if config.mode == "counterfactual":
-        require_supported_prediction(roots[0])
-    if m.clip_path:
-        roots.append(resolve_model_root(m.clip_path, m.cache_dir))
+    roots = model_roots(config)  # a wrong model path is a config error here, before the output exists
+    log.info("augment: output %s", layout.root)
+    check_writable(layout)  # a read-only or full output ends the job now, not after every batch
     model_id = weights_digest(*roots)
     results_hash = config.results_hash(model_id)
     sources = load_sources(config)
@@ -629,9 +654,10 @@ def run(config: AugmentConfig, runner=None) -> dict:
             with Progress(f"augment:   round {round_index + 1}", n_slots, "attempts", detail=tally.line) as line:
                 round_progress.append(line)
                 if pool_runner is None:  # started once (under the progress line: Ray, model loads), fed round after round
-                    step_factory = partial(CounterfactualStep, config, results_hash, model_id)
-                    pool_runner = runner(step_factory, config.compute, layout.root)
-                pool_runner.map(batches(tasks, config.compute.batch_size, config.compute.num_actors), on_report)
+                    step = partial(CounterfactualStep, config, results_hash, model_id)
+                    pool_runner = runner(partial(OutputGuard, step, layout.root), config.compute, layout.root)
+                map_batches(pool_runner, batches(tasks, config.compute.batch_size, config.compute.num_actors),
+                            on_report)
             seconds = time.perf_counter() - t
             rounds.append({"round": round_index + 1, "tasks": len(tasks), "attempts_planned": n_slots,
                            "seconds": seconds, "subgroups": {n: dict(tally.counts[n] - before[n]) for n in quotas}})
@@ -659,7 +685,10 @@ def run(config: AugmentConfig, runner=None) -> dict:
     log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
     from prism_ray.report.augment_report import write_augment_report
 
-    write_augment_report(config, summary)  # report.html, also for an incomplete run
+    try:
+        write_augment_report(config, summary)  # report.html, also for an incomplete run
+    except OutputWriteError as err:  # the results are committed: the report is not one, the run ends by them
+        log.warning("augment: no report: %s", err)
     if short or final["rows"] == 0 and sum(quotas.values()):
         detail = ", ".join(f"{n} short by {k}" for n, k in short.items()) or "no outputs"
         errors = summary["error_rows"]

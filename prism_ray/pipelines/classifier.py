@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from prism_ray.config import BaseConfig, ConfigError
+from prism_ray.config import BaseConfig, ConfigError, config_field
 from prism_ray.data.config import DataConfig
 from prism_ray.pipelines.finetune import RunStorageConfig
 
@@ -203,10 +203,14 @@ def _rows(table, config: ClassifierConfig) -> Rows:
 def plan_run(config: ClassifierConfig) -> ClassifierPlan:
     """Every check the driver can make (manifest, columns, splits) before any worker starts."""
     from prism_ray.data.storage import join_uri
+    from prism_ray.models.loading import resolve_model_root
     from prism_ray.pipelines.finetune import absolute_storage
     from prism_ray.training.classifier import pos_weight
     from prism_ray.training.examples import write_error_rows
 
+    if config.model.weights:  # a wrong folder is a config error, found before the run folder exists
+        with config_field("model.weights"):
+            resolve_model_root(config.model.weights)
     train_table, valid_table, row_errors = split_rows(config)
     storage_path = absolute_storage(config.run.storage_path)
     run_path = join_uri(storage_path, config.run.name)

@@ -11,7 +11,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from prism_ray.config import BaseConfig
+from prism_ray.config import BaseConfig, config_field
 from prism_ray.data.config import DataConfig
 from prism_ray.models.config import ModelConfig
 
@@ -192,18 +192,20 @@ def plan_run(config: FinetuneConfig) -> FinetunePlan:
     """Every check the driver can make (DeepSpeed combinations, model, manifest), before any worker starts."""
     from prism_ray.data.images import default_min_side
     from prism_ray.data.storage import join_uri
-    from prism_ray.models.loading import resolve_model_root
+    from prism_ray.models.loading import check_model_folder
     from prism_ray.pipelines.deepspeed_config import build_deepspeed_config
 
     deepspeed = build_deepspeed_config(config)
     storage_path = absolute_storage(config.run.storage_path)
-    model_root = resolve_model_root(config.model.path, config.model.cache_dir)
+    with config_field("model.path"):  # a wrong model path is a config error, found before the run folder exists
+        model_root = check_model_folder(config.model.path, config.model.cache_dir)
+        resolution = model_resolution(model_root)
     run_path = join_uri(storage_path, config.run.name)
     return FinetunePlan(
         run_path=run_path,
         storage_path=storage_path,
         model_root=model_root,
-        resolution=model_resolution(model_root),
+        resolution=resolution,
         rows=training_rows(config.data, join_uri(run_path, "errors"), config.config_hash()),
         min_side=config.data.decode.min_side or default_min_side(vae_stride(model_root)),
         deepspeed=deepspeed,

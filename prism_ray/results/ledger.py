@@ -10,10 +10,14 @@ Protocol (one output folder, see `Layout`):
 3. `commit` writes the new manifest and errors tables under temporary names and switches each
    into place; the previous table stays valid until its switch. Only then are the parts it
    consumed removed. A crash anywhere leaves a state the next `read_state` finishes the same way.
+4. A job probes its output before any compute (`check_writable`), and a write the output itself
+   refuses (read-only, full, over quota, no permission) ends the job in one line naming the path
+   (`OutputWriteError`), where other storage errors are retried: a full disk stays full.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import posixpath
 import time
@@ -35,6 +39,74 @@ class LedgerError(RuntimeError):
     """The output folder holds something the job cannot read; nothing was deleted."""
 
 
+class OutputWriteError(LedgerError):
+    """The output refuses writes (`OUTPUT_WRITE_ERRNOS`): the job stops naming the path, no batch retried."""
+
+
+# What a write to the output answers when the output itself is the problem: retrying cannot help.
+OUTPUT_WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+def _describe(err: OSError) -> str:
+    """'ENOSPC: No space left on device' (the errno's name, or the class without one)."""
+    return f"{errno.errorcode.get(err.errno, type(err).__name__)}: {err.strerror or err}"
+
+
+def output_write_error(err: BaseException, uri: str) -> OutputWriteError | None:
+    """`err` as an OutputWriteError naming `uri` when the output refused the write; None otherwise
+    (a lost connection, say, stays a storage error the runtime retries)."""
+    if not isinstance(err, OSError) or err.errno not in OUTPUT_WRITE_ERRNOS:
+        return None
+    return OutputWriteError(
+        f"cannot write '{uri}' ({_describe(err)}); not retried: free space or make the output writable, "
+        "then run the job again (finished work is kept)"
+    )
+
+
+def check_writable(layout: Layout) -> None:
+    """Create the output folder, then write and remove a probe file in it: an output that cannot be
+    written ends the job here, in one line naming it, before any compute. (Found at the first result
+    instead, every batch would be computed and retried before the job gave up.)"""
+    fs, root = layout.fs()
+    probe = f"{root}/.write-probe{TMP_MARK}{uuid.uuid4().hex[:12]}"  # never read as a result
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"prism-ray: can this output be written?\n")
+        fs.rm(probe)
+    except OSError as err:
+        raise OutputWriteError(
+            f"output '{layout.root}' cannot be written ({_describe(err)}); nothing was computed"
+        ) from None
+
+
+class OutputGuard:
+    """A job's per-batch step (`step_factory(**kwargs)`) whose writes the output refuses end the job as
+    an `OutputWriteError` naming the file, instead of reaching the runner as a storage error it would
+    retry (`pipelines.counterfactuals.is_transient`). Any runner builds it the way it builds the step."""
+
+    def __init__(self, step_factory, root: str, **kwargs):
+        self.step = step_factory(**kwargs)
+        self.root = root
+
+    @property
+    def model_loads(self) -> int:
+        return self.step.model_loads
+
+    def __call__(self, batch):
+        try:
+            return self.step(batch)
+        except OSError as err:
+            where = err.filename if isinstance(err.filename, str) else None
+            _, root = Layout(self.root).fs()
+            if where is not None and not (where == root or where.startswith(root.rstrip("/") + "/")):
+                raise  # not the output's file (a model cache, say): the runner decides
+            failed = output_write_error(err, where or self.root)
+            if failed is None:
+                raise
+            raise failed from err
+
+
 def _retrying(what: str, fn, retries: int, wait: float):
     """`fn()` with retries on storage errors (OSError except a missing file); other errors pass through."""
     for attempt in range(retries + 1):
@@ -51,24 +123,27 @@ def _retrying(what: str, fn, retries: int, wait: float):
 def write_atomic(uri: str, write, fault: str = "table.write") -> None:
     """Call `write(binary file)` on a temporary name beside `uri`, then switch it into place: a reader
     never sees half a file, and a failure (or a killed process) leaves at most a temporary file, which
-    no reader takes for a result."""
+    no reader takes for a result. A write the output refuses raises `OutputWriteError` naming `uri`."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
     parent, name = posixpath.split(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "wb") as f:
             write(f)
         fault_point(fault)  # tests: a full disk or a killed process mid-write
         fs.mv(tmp, path)  # local: os.rename, atomic; object stores: one whole-object put
-    except BaseException:
+    except BaseException as err:
         try:
             fs.rm(tmp)
         except OSError:
             pass
+        failed = output_write_error(err, uri)
+        if failed is not None:
+            raise failed from err
         raise
 
 

@@ -136,4 +136,8 @@ def test_experiment_trains_three_arms_and_writes_its_table(augmented):
     assert cells["original"]["diff"] is None and 0.0 <= cells["sd_samples"]["p_sign_flip"] <= 1.0
     written = json.loads((root / "out" / "summary.json").read_text())
     assert written["headline"]["pleural_effusion"]["accuracy"].keys() == set(experiment.ARMS)
-    assert "## pleural_effusion" in (root / "out" / "report.md").read_text()
+    report = (root / "out" / "report.md").read_text()
+    assert "### pleural_effusion" in report and report.index("## Primary comparison") < report.index("### ")
+    primary = written["primary"]  # pleural_effusion x Support Devices (the other head's column) by default
+    assert (primary["head"], primary["attribute"]) == ("pleural_effusion", "Support Devices")
+    assert {c["arm"] for c in primary["comparisons"]} == {"counterfactuals", "sd_samples"}

@@ -13,6 +13,10 @@ Output layout under `output`:
   table.parquet                 per arm x head x subgroup x metric: mean over seeds +- t-interval, and for (b), (c)
                                 the paired difference to (a) with its t-interval, paired t-test and sign-flip p
   summary.json, report.md       the headline numbers; report.html when the HTML renderer is installed
+
+The report opens with the primary comparison stated in the config before the run (`evaluation.primary_head`,
+`evaluation.primary_attribute`: worst-group accuracy, (c) - (a) and (b) - (a) paired by seed), what the
+seeds can resolve, and a multiplicity note; every other row is exploratory.
 """
 
 from __future__ import annotations
@@ -107,6 +111,15 @@ class EvaluationConfig(BaseConfig):
         5, ge=1, description="smaller subgroups (and label x subgroup cells) are not scored"
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    primary_head: str | None = Field(
+        None,
+        description="the head of the pre-stated primary comparison (its worst-group accuracy); default: the first",
+    )
+    primary_attribute: str | None = Field(
+        None,
+        description="the primary comparison's groups: the head's label x this attribute; default: the first other "
+        "head's column (the shortcut a counterfactual set should break), else the first of `subgroups`",
+    )
 
 
 class ExperimentConfig(BaseConfig):
@@ -143,7 +156,31 @@ class ExperimentConfig(BaseConfig):
             raise ValueError(
                 "counterfactuals: give an augment output (counterfactuals and/or samples) to compare"
             )
+        head = self.evaluation.primary_head
+        if head is not None and head not in self.heads:
+            raise ValueError(f"evaluation.primary_head: {head!r} is not one of the heads {list(self.heads)}")
+        self.primary()
         return self
+
+    def primary(self) -> tuple[str, str]:
+        """(head, attribute) of the primary comparison: worst-group accuracy over head label x attribute."""
+        e = self.evaluation
+        head = e.primary_head or next(iter(self.heads))
+        own = self.heads[head].partition("=")[0]
+        others = [spec.partition("=")[0] for h, spec in self.heads.items() if h != head]
+        # The attributes the test split is scored by (`test_attributes`), the other heads' columns first.
+        candidates = [c for c in others if c != own] + list(e.subgroups)
+        candidates += [f"{e.age_column} bin"] if e.age_column else []
+        if e.primary_attribute is not None:
+            if e.primary_attribute not in candidates:
+                raise ValueError(
+                    f"evaluation.primary_attribute: {e.primary_attribute!r} is not scored for {head!r}; "
+                    f"one of {candidates}"
+                )
+            return head, e.primary_attribute
+        if not candidates:
+            raise ValueError("evaluation.primary_attribute: give the attribute of the primary comparison")
+        return head, candidates[0]
 
     def arms(self) -> list[str]:
         given = {
@@ -513,6 +550,7 @@ def run(config: ExperimentConfig, runner=None) -> dict:
         "runs": runs,
         "paired_test": "two-sided paired t-test across seeds (df = seeds - 1); exact sign-flip p beside it",
         "headline": headline(table_rows, config),
+        "primary": primary_comparison(table_rows, *config.primary()),
         "wall_seconds": time.perf_counter() - started,
     }
     write_json_atomic(summary, layout.uri("summary.json"))
@@ -539,8 +577,115 @@ def headline(table_rows: list[dict], config: ExperimentConfig) -> dict:
     return out
 
 
-def _fmt(x, digits: int = 3) -> str:
-    return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+def _fmt(x, digits: int = 3, sign: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "-"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+PRIMARY_LABELS = {"counterfactuals": "(c) − (a)", "sd_samples": "(b) − (a)"}
+
+
+def primary_comparison(table_rows: list[dict], head: str, attribute: str) -> dict:
+    """The pre-stated comparison from table.parquet's rows: worst-group accuracy of `head` over its label x
+    `attribute` per arm (mean, t-interval), and (c) − (a), (b) − (a) paired by seed (difference, t-interval,
+    paired t and sign-flip p, and whether the interval excludes 0)."""
+    key = (head, attribute, "worst", "worst_group_accuracy")
+    cells = {r["arm"]: r for r in table_rows if (r["head"], r["attribute"], r["group"], r["metric"]) == key}
+    out = {"head": head, "attribute": attribute, "metric": "worst_group_accuracy", "arms": {}, "comparisons": []}
+    if "original" not in cells or not np.isfinite(cells["original"].get("mean") or math.nan):
+        return {**out, "missing": f"no worst-group accuracy of {head!r} over {attribute!r}: no label x "
+                f"{attribute!r} cell of at least evaluation.min_group test rows"}  # fmt: skip
+    arms = {arm: {k: cells[arm].get(k) for k in ("mean", "ci_low", "ci_high", "n_seeds")} for arm in cells}
+    comparisons = []
+    for arm in ("counterfactuals", "sd_samples"):
+        r = cells.get(arm)
+        if r is None or r.get("diff") is None:
+            continue
+        low, high = r.get("diff_ci_low"), r.get("diff_ci_high")
+        finite = low is not None and high is not None and np.isfinite(low) and np.isfinite(high)
+        comparisons.append({
+            "arm": arm, "label": PRIMARY_LABELS[arm], "diff": r["diff"], "ci_low": low, "ci_high": high,
+            "p_paired_t": r.get("p_paired_t"), "p_sign_flip": r.get("p_sign_flip"), "n_seeds": r["n_seeds"],
+            "resolved": bool(finite and (low > 0 or high < 0)),
+            "half_width": (high - low) / 2 if finite else None,
+        })  # fmt: skip
+    return {**out, "arms": arms, "comparisons": comparisons}
+
+
+def seed_resolution(n_seeds: int, level: float) -> dict:
+    """What n paired seeds can resolve: the t-interval's half width per unit of the differences' sd, and the
+    smallest two-sided p the exact sign-flip test can give (2 / 2^n; the t-test has no such floor)."""
+    from prism_ray.scoring.classification import t_quantile
+
+    t = t_quantile(0.5 + level / 2, n_seeds - 1) if n_seeds >= 2 else math.nan
+    alpha = 1 - level
+    return {
+        "n_seeds": n_seeds, "df": n_seeds - 1, "t_critical": t, "half_width_per_sd": t / math.sqrt(n_seeds),
+        "min_sign_flip_p": 2.0 / 2**n_seeds,
+        "seeds_for_sign_flip": next(n for n in range(2, 64) if 2.0 / 2**n <= alpha),
+    }  # fmt: skip
+
+
+def exploratory_tests(table_rows: list[dict], primary: dict, alpha: float) -> dict:
+    """The paired t-tests of every other row: how many, how many below `alpha`, how many chance alone gives."""
+    key = (primary["head"], primary["attribute"], "worst", "worst_group_accuracy")
+    p = [r["p_paired_t"] for r in table_rows
+         if r.get("p_paired_t") is not None and np.isfinite(r["p_paired_t"])
+         and (r["head"], r["attribute"], r["group"], r["metric"]) != key]  # fmt: skip
+    return {"tests": len(p), "below_alpha": sum(v < alpha for v in p), "expected_by_chance": alpha * len(p),
+            "alpha": alpha, "smallest_p": min(p) if p else None}  # fmt: skip
+
+
+def primary_text(primary: dict, resolution: dict, exploratory: dict, level: float) -> dict:
+    """The report's opening as plain data: sentences before the table, the table, and sentences after it."""
+    head, attribute = primary["head"], primary["attribute"]
+    columns = ["comparison", "arm mean", f"difference [{level:.0%} CI]", "p (paired t)", "p (sign-flip)",
+               "verdict"]
+    if primary.get("missing"):
+        return {"lead": f"The primary comparison could not be computed: {primary['missing']}.", "columns": columns,
+                "rows": [], "verdict": "No verdict.", "after": []}  # fmt: skip
+    base = primary["arms"]["original"]
+    lead = (
+        f"Stated in the config before the run (evaluation.primary_head, evaluation.primary_attribute): the "
+        f"worst-group accuracy of `{head}`, the lowest accuracy over its label × `{attribute}` cells, arm minus "
+        f"`original`, paired by seed. (a) original: {_fmt(base['mean'])} "
+        f"[{_fmt(base['ci_low'])}, {_fmt(base['ci_high'])}]."
+    )
+    rows, verdicts = [], []
+    for c in primary["comparisons"]:
+        arm = primary["arms"][c["arm"]]
+        if c["resolved"]:
+            verdict = f"`{c['arm']}` {'above' if c['diff'] > 0 else 'below'} `original` (the interval excludes 0)"
+        else:
+            verdict = "not resolved (the interval includes 0)"
+        interval = f"[{_fmt(c['ci_low'], sign=True)}, {_fmt(c['ci_high'], sign=True)}]"
+        rows.append([c["label"], _fmt(arm["mean"]), f"{_fmt(c['diff'], sign=True)} {interval}",
+                     _fmt(c["p_paired_t"]), _fmt(c["p_sign_flip"]), verdict])  # fmt: skip
+        verdicts.append(f"{c['label']} = {_fmt(c['diff'], sign=True)}: {verdict}")
+    n = resolution["n_seeds"]
+    widths = ", ".join(
+        f"±{_fmt(c['half_width'])} for {c['label']}" for c in primary["comparisons"] if c["half_width"]
+    )
+    seeds = (
+        f"What {n} seeds can resolve: the paired t-test has {resolution['df']} degrees of freedom, so the "
+        f"{level:.0%} interval of a difference is ± {_fmt(resolution['t_critical'], 2)} × sd / √{n} = "
+        f"± {_fmt(resolution['half_width_per_sd'], 2)} × the seed-to-seed sd of the paired differences"
+        + (f" (here {widths})" if widths else "")
+        + "; a smaller true difference cannot be told from 0. The exact sign-flip test cannot go below "
+        f"p = {_fmt(resolution['min_sign_flip_p'])} with {n} seeds (2 / 2^{n}); it needs "
+        f"{resolution['seeds_for_sign_flip']} seeds to reach p ≤ {exploratory['alpha']:g}."
+    )
+    e, k = exploratory, max(1, len(primary["comparisons"]))
+    multiplicity = (
+        f"Multiplicity: everything below is exploratory. Its tables hold {e['tests']} paired t-tests (arms × heads "
+        f"× metrics × subgroups) without correction, {e['below_alpha']} of them with p < {e['alpha']:g} where about "
+        f"{e['expected_by_chance']:.1f} would by chance alone if no arm differed, so a single small p among them "
+        f"(smallest here: {_fmt(e['smallest_p'])}) is not evidence that an arm helped. The conclusion rests on the "
+        f"primary comparison's {k} test{'s' if k > 1 else ''} (Bonferroni over them: p < {e['alpha'] / k:g})."
+    )
+    return {"lead": lead, "columns": columns, "rows": rows, "verdict": "; ".join(verdicts) + ".",
+            "after": [seeds, multiplicity]}  # fmt: skip
 
 
 REPORT_COLUMNS = (
@@ -572,7 +717,7 @@ def report_sections(table_rows: list[dict], config: ExperimentConfig) -> dict[st
             elif group == "worst":
                 what = f"worst-group accuracy over {head} x {attribute}"
             else:
-                what = f"accuracy | {head}={label}, {attribute}={group}"
+                what = f"accuracy given {head}={label}, {attribute}={group}"
             for r in mine:
                 if (r["attribute"], r["group"], r["label"], r["metric"]) != (attribute, group, label, metric):
                     continue
@@ -594,26 +739,36 @@ def report_sections(table_rows: list[dict], config: ExperimentConfig) -> dict[st
     return out
 
 
+def markdown_row(cells: list[str]) -> str:
+    """One Markdown table row; a '|' inside a cell is escaped so the row keeps its column count."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
 def write_report(layout, summary: dict, table_rows: list[dict], config: ExperimentConfig) -> None:
     """report.md, and report.html through the shared renderer (`prism_ray.report.html`) when present."""
     import fsspec
 
+    level = config.evaluation.level
     intro = (
         f"Arms {list(summary['arms'])}, seeds {config.seeds}; test split `{config.test_split}` "
-        f"({summary['test_rows']} images). Mean over seeds with a {config.evaluation.level:.0%} t-interval; "
+        f"({summary['test_rows']} images). Mean over seeds with a {level:.0%} t-interval; "
         "differences to `original` are paired by seed (two-sided paired t-test; exact sign-flip p, which "
         "cannot go below 2/2^seeds)."
     )
+    primary = primary_comparison(table_rows, *config.primary())
+    resolution = seed_resolution(len(config.seeds), level)
+    opening = primary_text(primary, resolution, exploratory_tests(table_rows, primary, 1 - level), level)
     sections = report_sections(table_rows, config)
-    lines = ["# Did the augmentation help?", "", intro, ""]
+    lines = ["# Did the augmentation help?", "", "## Primary comparison", "", opening["lead"], "",
+             markdown_row(opening["columns"]), "|" + "---|" * len(opening["columns"])]  # fmt: skip
+    lines += [markdown_row(row) for row in opening["rows"]]
+    lines += ["", f"**{opening['verdict']}**", ""]
+    for sentence in opening["after"]:
+        lines += [sentence, ""]
+    lines += ["## All rows (exploratory)", "", intro, ""]
     for head, rows in sections.items():
-        lines += [
-            f"## {head}",
-            "",
-            "| " + " | ".join(REPORT_COLUMNS) + " |",
-            "|" + "---|" * len(REPORT_COLUMNS),
-        ]
-        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        lines += [f"### {head}", "", markdown_row(list(REPORT_COLUMNS)), "|" + "---|" * len(REPORT_COLUMNS)]
+        lines += [markdown_row(row) for row in rows] + [""]
     with fsspec.open(layout.uri("report.md"), "w") as f:
         f.write("\n".join(lines))
     try:
@@ -621,8 +776,15 @@ def write_report(layout, summary: dict, table_rows: list[dict], config: Experime
     except ImportError:  # hook: the HTML renderer is not part of this installation
         return
     report = HtmlReport("Did the augmentation help?")
+    report.add_heading("Primary comparison", id="primary")
+    report.add_paragraph(opening["lead"])
+    report.add_table(columns=opening["columns"], rows=opening["rows"], id="primary-table")
+    report.add_paragraph(opening["verdict"], id="verdict")
+    for sentence in opening["after"]:
+        report.add_paragraph(sentence, css_class="note")
+    report.add_heading("All rows (exploratory)", id="exploratory")
     report.add_paragraph(intro)
     for head, rows in sections.items():
-        report.add_heading(head, level=2)
-        report.add_table(columns=list(REPORT_COLUMNS), rows=rows)
+        with report.details(f"{head}: {len(rows)} rows"):
+            report.add_table(columns=list(REPORT_COLUMNS), rows=rows)
     report.write(layout.uri("report.html"))

@@ -37,6 +37,7 @@ from prism_ray.results.ledger import (
 )
 from prism_ray.results.summary import RunIncomplete, write_summary
 from prism_ray.scoring.filter import FilterConfig
+from prism_ray.scoring.filter import model_fit as filter_model_fit
 
 log = logging.getLogger("prism_ray.augment")
 
@@ -486,17 +487,12 @@ def finalise(config: AugmentConfig, layout: Layout, pools: list[SlotPool], resul
 
 
 def model_fit(rows: list[dict], threshold: float) -> dict:
-    """How many sources the model reconstructs below `threshold` dB; warns when over a quarter do
-    (a latent error can look fine while the VAE paints its training texture over unseen anatomy)."""
-    psnr = {r["source_uri"]: r.get("reconstruction_psnr") for r in rows}
-    known = [v for v in psnr.values() if v is not None]
-    below = sum(v < threshold for v in known)
-    share = below / len(known) if known else None
-    if share is not None and share > 0.25:
-        log.warning("augment: %d of %d sources reconstruct below %.1f dB PSNR: the model may not fit these "
-                    "images (filter.reconstruction_psnr_min rejects their edits)", below, len(known), threshold)
-    return {"psnr_threshold": threshold, "sources": len(known), "below": below, "share_below": share,
-            "warning": bool(share is not None and share > 0.25)}
+    """`scoring.filter.model_fit` (the edit job warns per image with the same threshold), logged as a warning
+    when over a quarter of the sources reconstruct below `threshold` dB."""
+    fit = filter_model_fit(rows, threshold)
+    if fit["warning"]:
+        log.warning("augment: %s (filter.reconstruction_psnr_min rejects their edits)", fit["message"])
+    return fit
 
 
 class Tally:

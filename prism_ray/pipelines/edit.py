@@ -24,7 +24,7 @@ from prism_ray.results.summary import RunIncomplete
 from prism_ray.data.images import DecodeConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.models.config import ModelConfig
-from prism_ray.scoring.filter import FilterConfig
+from prism_ray.scoring.filter import FilterConfig, fit_warning
 
 
 class EditJobConfig(BaseConfig):
@@ -134,6 +134,11 @@ def run(config: EditJobConfig, runner=None) -> Path:
         source = _resize(pixels[item.index], size)
         write_png(source, str(folder / "source.png"))
         accepted = config.filter.accept(item.scores)
+        # The augment job's model-fit check, per image: a non-X-ray comes back as the model's own X-ray.
+        psnr = float(item.scores["reconstruction_psnr"][0])
+        fit = fit_warning(psnr, config.filter.fit_warning_psnr)
+        if fit:
+            print(f"edit: warning: {Path(uri).name} {fit}", flush=True)
         for k, caption in enumerate(captions):
             cf = item.images[k]
             diff = _difference(source, cf)
@@ -145,7 +150,7 @@ def run(config: EditJobConfig, runner=None) -> Path:
                 "image": uri, "folder": str(folder), "edit_prompt": caption,
                 "s_clip": float(item.scores["s_clip"][k]), "accepted": bool(accepted[k]),
                 "reconstruction_error": float(item.scores["reconstruction_error"][k]),
-                "l1": float(item.scores["l1"][k]),
+                "reconstruction_psnr": psnr, "fit_warning": fit, "l1": float(item.scores["l1"][k]),
             })
     if tiles:
         save_contact_sheet(tiles, str(out / "sheet.png"), ncols=3, labels=labels, upscale=max(1, 192 // size))
@@ -187,14 +192,23 @@ def _difference(source: np.ndarray, cf: np.ndarray) -> np.ndarray:
 def _write_index(out: Path, config: EditJobConfig, results: list[dict], failures: list[dict]) -> None:
     lines = [
         "# prism_ray edit", "",
-        f"Caption: `{config.prompt}`. Model: `{config.model.path}`. Filter: S_CLIP >= {config.filter.s_clip_min}.", "",
+        f"Caption: `{config.prompt}`. Model: `{config.model.path}`. Filter: S_CLIP >= {config.filter.s_clip_min}. "
+        f"Model fit: warned below {config.filter.fit_warning_psnr:g} dB PSNR (filter.fit_warning_psnr).", "",
         "![source | counterfactual | difference](sheet.png)", "",
         "Each row of the sheet: the source as the model sees it (square, model resolution), the "
         "counterfactual, and four times the absolute difference (bright = changed).", "",
-        "| image | edit prompt | S_CLIP | accepted | reconstruction error | L1 |", "|---|---|---|---|---|---|",
+    ]
+    unfit = {r["image"]: r["fit_warning"] for r in results if r.get("fit_warning")}
+    if unfit:
+        lines += ["**Model-fit warnings** (the unedited reconstruction, PSNR against the source):", ""]
+        lines += [f"- {Path(image).name}: {warning}" for image, warning in unfit.items()] + [""]
+    lines += [
+        "| image | edit prompt | S_CLIP | accepted | reconstruction error | PSNR (dB) | model fit | L1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {Path(r['image']).name} | {r['edit_prompt']} | {r['s_clip']:.3f} | {r['accepted']} | "
-              f"{r['reconstruction_error']:.4f} | {r['l1']:.4f} |" for r in results]
+              f"{r['reconstruction_error']:.4f} | {r['reconstruction_psnr']:.1f} | "
+              f"{'warning' if r.get('fit_warning') else 'ok'} | {r['l1']:.4f} |" for r in results]
     if failures:
         lines += ["", "Failures:", ""] + [f"- {f['image']}: {f['stage']}: {f['reason']}" for f in failures]
     (out / "index.md").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""The accept filter: which counterfactuals to keep, from their CLIP scores and reconstruction error."""
+"""The accept filter: which counterfactuals to keep, from their CLIP scores and reconstruction error; and
+the model-fit warning (a source reconstructed below `fit_warning_psnr`) that augment and edit share."""
 
 from __future__ import annotations
 
@@ -173,3 +174,37 @@ class FilterConfig(BaseConfig):
             ok = value >= t.bound if t.is_minimum else value <= t.bound
             keep = ok if keep is None else keep & ok
         return keep
+
+
+# --- does the model fit the images? ------------------------------------------------------------
+# A latent error can look fine while the VAE paints its training texture over an image unlike its data
+# (a grey gradient, a colour photo came back as chest X-rays); the pixel PSNR of the unedited
+# reconstruction sees it. `fit_warning_psnr` is the threshold; the augment job warns per run when over
+# FIT_WARNING_SHARE of the sources fall below it, the edit job per image.
+FIT_WARNING_SHARE = 0.25
+
+
+def fit_warning(psnr: float | None, threshold: float) -> str | None:
+    """The model-fit warning of one image from its reconstruction PSNR (dB); None when it fits or is unknown."""
+    if psnr is None or not psnr < threshold:  # NaN: unknown, no warning
+        return None
+    return (
+        f"reconstructs below {threshold:.1f} dB PSNR ({psnr:.1f} dB) without any edit: the model may not fit "
+        "this image, and its counterfactuals may be the model's own picture rather than an edit of it"
+    )
+
+
+def model_fit(rows: list[dict], threshold: float) -> dict:
+    """How many sources (rows' `reconstruction_psnr`, one per `source_uri`) reconstruct below `threshold` dB;
+    `warning` when over FIT_WARNING_SHARE of them do, with its sentence in `message`."""
+    psnr = {r["source_uri"]: r.get("reconstruction_psnr") for r in rows}
+    known = [v for v in psnr.values() if v is not None]
+    below = sum(v < threshold for v in known)
+    share = below / len(known) if known else None
+    warning = bool(share is not None and share > FIT_WARNING_SHARE)
+    message = None
+    if warning:
+        message = f"{below} of {len(known)} sources reconstruct below {threshold:.1f} dB PSNR: the model may not fit "
+        message += "these images"
+    return {"psnr_threshold": threshold, "sources": len(known), "below": below, "share_below": share,
+            "warning": warning, "message": message}  # fmt: skip

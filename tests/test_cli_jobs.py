@@ -92,6 +92,7 @@ def test_jobs_print_their_progress_and_their_end_after_ray_starts(tmp_path):
     )
     lines = _lines(audited)
     assert audited.returncode == 0, "\n".join(lines[-40:])
+    assert f"audit: output {tmp_path / 'audit'}" in lines, lines  # the resolved output, at the start
     assert [line for line in lines if line.startswith("audit:   rows:")], lines  # the heartbeat
     assert [line for line in lines if "report.html" in line and str(tmp_path / "audit") in line], lines
     assert not _quiet(lines), _quiet(lines)

@@ -362,6 +362,7 @@ def run(config: AuditConfig, runner=None) -> dict:
         with config_field(f"classifiers.{i}.path"):
             roots.append(resolve_model_root(c.path, m.cache_dir))
     check_writable(layout)  # a read-only or full output ends the job now, not after every batch
+    log.info("audit: output %s", layout.root)
     model_id = weights_digest(*roots)
     results_hash = config.results_hash(model_id)
     attributes = classifier_attributes(config)

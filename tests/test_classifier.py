@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -167,6 +168,190 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert t.should_stop
 
 
+def test_early_stopping_in_max_mode_keeps_the_highest_value():
+    from prism_ray.training.classifier import EarlyStopping
+
+    s = EarlyStopping(patience=2, min_delta=0.01, mode="max")
+    assert s.best == -math.inf and s.update(10, 0.5) and not s.update(20, 0.505)  # within min_delta
+    assert s.update(30, 0.7) and not s.update(40, math.nan) and not s.update(50, 0.6) and s.should_stop
+    assert (s.best, s.best_step) == (0.7, 30)
+    with pytest.raises(ValueError, match="mode 'max'"):
+        EarlyStopping(patience=2).load(s.state())  # a best accuracy is not a best loss
+
+
+# --- groups, group-balanced sampling, Group DRO --------------------------------------------------
+
+Y_GROUPS = np.array(
+    [[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, np.nan, 1], [1, 0, 0], [0, 0, np.nan], [1, 0, 1]], np.float32
+)  # heads: effusion, devices, female
+
+
+def test_group_ids_are_the_joint_label_with_unknown_as_its_own_value():
+    from prism_ray.training.classifier import group_ids, group_names
+
+    g = group_ids(Y_GROUPS, [0, 1])  # effusion + 3 * devices, '?' = 2
+    np.testing.assert_array_equal(g, [1, 0, 4, 6, 1, 0, 1])
+    names = group_names(["effusion", "devices"])
+    assert len(names) == 9 and [names[i] for i in (0, 1, 4, 6)] == [
+        "effusion=0,devices=0", "effusion=1,devices=0", "effusion=1,devices=1", "effusion=0,devices=?"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(group_ids(Y_GROUPS, [2]), [1, 0, 0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(group_ids(Y_GROUPS, []), np.zeros(7))  # no group heads: one group
+
+
+def test_group_balanced_sampling_gives_every_group_the_same_mass():
+    from prism_ray.training.classifier import batch_indices, group_balanced_row_weights, group_ids
+
+    g = group_ids(Y_GROUPS, [0, 1])  # groups 0 (2 rows), 1 (3 rows), 4 (1 row), 6 (1 row)
+    w = group_balanced_row_weights(g)
+    np.testing.assert_allclose(w, [1 / 12, 1 / 8, 1 / 4, 1 / 4, 1 / 12, 1 / 8, 1 / 12])
+    for group in (0, 1, 4, 6):
+        assert w[g == group].sum() == pytest.approx(0.25)
+    drawn = np.concatenate([batch_indices(7, 64, step=s, seed=0, rank=0, weights=w) for s in range(1, 60)])
+    shares = np.bincount(g[drawn], minlength=9)[[0, 1, 4, 6]] / len(drawn)
+    np.testing.assert_allclose(shares, 0.25, atol=0.02)
+
+
+def _bce(logit, y, pw=1.0):
+    s = 1 / (1 + math.exp(-logit))
+    return -(pw * y * math.log(s) + (1 - y) * math.log(1 - s))
+
+
+def test_group_losses_and_one_group_dro_update_match_plain_numpy():
+    from prism_ray.training.classifier import group_dro_update, group_ids, group_losses
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=Y_GROUPS.shape)
+    g = group_ids(Y_GROUPS, [0, 1])
+    pw = np.array([2.0, 1.0, 0.5])
+    sums, counts = group_losses(
+        torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(Y_GROUPS), torch.as_tensor(g), 9,
+        torch.as_tensor(pw, dtype=torch.float32),
+    )  # fmt: skip
+    plain_sums, plain_counts = np.zeros(9), np.zeros(9)
+    for i, j in itertools.product(range(7), range(3)):
+        if not math.isnan(Y_GROUPS[i, j]):
+            plain_sums[g[i]] += _bce(logits[i, j], Y_GROUPS[i, j], pw[j])
+            plain_counts[g[i]] += 1
+    np.testing.assert_allclose(sums.numpy(), plain_sums, rtol=1e-5)
+    np.testing.assert_array_equal(counts.numpy(), plain_counts)
+
+    # q_g <- q_g exp(eta loss_g) / sum: a group absent from the batch has loss 0, a group with q = 0 stays 0.
+    q = np.array([0.3, 0.2, 0.0, 0.0, 0.4, 0.0, 0.1, 0.0, 0.0])
+    loss = np.divide(plain_sums, plain_counts, out=np.zeros(9), where=plain_counts > 0)
+    for eta in (0.01, 1.0):
+        plain = q * np.exp(eta * loss)
+        plain /= plain.sum()
+        new = group_dro_update(torch.as_tensor(q), torch.as_tensor(loss), eta).numpy()
+        np.testing.assert_allclose(new, plain, rtol=1e-12)
+    assert new[2] == 0.0 and new[4] > q[4]
+
+
+class _Linear(torch.nn.Module):
+    """A tiny real model with the classifiers' interface: `model(pixels).logits`, (B, H)."""
+
+    def __init__(self, side: int, heads: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(side * side, heads)
+
+    def forward(self, pixels):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.linear(pixels.flatten(1)))
+
+
+def test_group_dro_step_is_algorithm_1_and_two_workers_share_one_q():
+    from prism_ray.training.classifier import TorchStepper, group_dro_step, group_ids, group_losses
+
+    x = torch.as_tensor(np.random.default_rng(5).normal(size=(7, 1, 4, 4)), dtype=torch.float32)
+    y, g = torch.as_tensor(Y_GROUPS), torch.as_tensor(group_ids(Y_GROUPS, [0, 1]))
+    q0 = torch.tensor([0.25, 0.25, 0, 0, 0.25, 0, 0.25, 0, 0], dtype=torch.float64)
+
+    model = _Linear(4, 3)
+    with torch.no_grad():
+        logits = model(x).logits.double().numpy()
+    plain = np.zeros(9)
+    counts = np.zeros(9)
+    for i, j in itertools.product(range(7), range(3)):
+        if not math.isnan(Y_GROUPS[i, j]):
+            plain[g[i]] += _bce(logits[i, j], Y_GROUPS[i, j])
+            counts[g[i]] += 1
+    mean = np.divide(plain, counts, out=np.zeros(9), where=counts > 0)
+    q1 = q0.numpy() * np.exp(0.5 * mean)
+    q1 /= q1.sum()
+    # The weights' gradient of sum_g q1_g loss_g, by autograd on a copy (q1 a constant).
+    copy = _Linear(4, 3)
+    sums, n = group_losses(copy(x).logits, y, g, 9)
+    (torch.as_tensor(q1, dtype=torch.float32) * sums / n.clamp(min=1)).sum().backward()
+    expected = copy.linear.weight.detach() - 0.1 * copy.linear.weight.grad
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, _, q = group_dro_step(model, TorchStepper(model, optimizer, None), x, y, g, q0, step_size=0.5)
+    np.testing.assert_allclose(q.numpy(), q1, rtol=1e-6)
+    assert loss.item() == pytest.approx(float(q1 @ mean), rel=1e-5)
+    torch.testing.assert_close(model.linear.weight.detach(), expected)
+
+    # Two workers, each half the batch: with the group sums and counts averaged over both, each gets the q
+    # of the whole batch.
+    halves = [slice(0, 4), slice(4, 7)]
+    stats = []
+    for h in halves:
+        s_, c_ = group_losses(_Linear(4, 3)(x[h]).logits, y[h], g[h], 9)
+        stats.append(torch.cat([s_, c_]).detach())
+    mean_stats = (stats[0] + stats[1]) / 2
+    for h in halves:
+        w = _Linear(4, 3)
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        _, _, q_worker = group_dro_step(w, TorchStepper(w, opt, None), x[h], y[h], g[h], q0, 0.5,
+                                        reduce=lambda _: mean_stats)  # fmt: skip
+        np.testing.assert_allclose(q_worker.numpy(), q1, rtol=1e-5)
+
+
+def test_worst_group_accuracy_on_logits_matches_the_scoring_metric():
+    from prism_ray.training.classifier import group_ids, worst_group_accuracy
+
+    rng = np.random.default_rng(6)
+    y = (rng.random((60, 3)) < 0.5).astype(np.float32)
+    y[rng.random((60, 3)) < 0.15] = np.nan
+    logits = rng.normal(size=(60, 3)).astype(np.float32)
+    g = group_ids(y, [1])  # effusion's accuracy per effusion label x devices (0, 1, ?)
+    got = worst_group_accuracy(torch.as_tensor(logits), torch.as_tensor(y), torch.as_tensor(g), 3, head=0)
+    known = np.isfinite(y[:, 0])
+    p = 1 / (1 + np.exp(-logits[known, 0]))
+    assert got.item() == pytest.approx(cm.worst_group_accuracy(y[known, 0], p, g[known]), abs=1e-6)
+    none = np.full((4, 1), np.nan, np.float32)
+    assert math.isnan(
+        worst_group_accuracy(torch.zeros(4, 1), torch.as_tensor(none), torch.zeros(4, dtype=torch.long), 1, 0)
+    )
+
+
+def test_group_settings_are_checked_against_the_heads():
+    from prism_ray.config import ConfigError, build_config
+    from prism_ray.pipelines.classifier import ClassifierConfig
+
+    def config(**train):
+        return build_config(ClassifierConfig, {
+            "data": {"manifest": "m.parquet"}, "heads": {"effusion": "Pleural Effusion", "devices": "Support Devices"},
+            "train": train, "run": {"storage_path": "/tmp/x", "name": "n"},
+        })  # fmt: skip
+
+    c = config(group_heads=["devices", "effusion"], select="valid_worst_group", select_head="devices")
+    assert c.group_columns() == (1, 0) and c.select_column() == 1
+    for train, message in (
+        ({"balance": "groups"}, "'train.group_heads': balance: groups needs"),
+        (
+            {"objective": "group_dro", "select": "valid_worst_group"},
+            "objective: group_dro, select: valid_worst",
+        ),
+        ({"group_heads": ["effusion", "sex"]}, "'train.group_heads': 'sex' is not one of the heads"),
+        ({"group_heads": ["effusion"], "select_head": "sex"}, "'train.select_head': 'sex'"),
+        ({"group_heads": ["effusion", "effusion"]}, "duplicates"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config(**train)
+
+
 def test_build_classifier_defaults_still_load_the_shipped_weights():
     from prism_ray.models.classifier import build_classifier, classifier_labels, load_classifier
     from prism_ray.models.loading import resolve_model_root
@@ -248,3 +433,53 @@ def test_classifier_job_learns_exports_and_resumes(phantoms, tmp_path):
     from prism_ray.training.classifier import read_classifier_checkpoint
 
     assert read_classifier_checkpoint(resumed.checkpoint_path, "trainer_state.json")["start_step"] == 40
+
+
+def test_classifier_job_group_dro_selects_by_worst_group_and_resumes_its_q(phantoms, tmp_path, capsys):
+    """Group-balanced sampling + Group DRO over effusion x devices, best weights by the validation worst-group
+    accuracy; a run stopped at step 20 and resumed ends with the q and weights of a straight run."""
+    import re
+
+    from prism_ray.config import build_config
+    from prism_ray.pipelines.classifier import ClassifierConfig, in_process, run
+    from prism_ray.training.callbacks import STATE_FILE
+    from prism_ray.training.classifier import BEST_FILE, read_classifier_checkpoint
+
+    torch.set_num_threads(1)
+    base = {
+        "data": {"manifest": phantoms.manifest_uri},
+        "heads": {"pleural_effusion": "Pleural Effusion", "support_devices": "Support Devices"},
+        "train": {
+            "max_steps": 30, "batch_size": 16, "eval_every": 10, "log_every": 10, "checkpoint_every": 10,
+            "patience": None, "balance": "groups", "objective": "group_dro", "dro_step_size": 0.5,
+            "group_heads": ["pleural_effusion", "support_devices"], "select": "valid_worst_group",
+        },
+        "run": {"storage_path": str(tmp_path), "name": "straight"},
+    }  # fmt: skip
+    capsys.readouterr()
+    straight = run(build_config(ClassifierConfig, base), runner=in_process)
+    out = capsys.readouterr().out
+    assert "training rows per group {'pleural_effusion=0,support_devices=0'" in out
+    worst = {
+        int(s): float(v) for s, v in re.findall(r"step (\d+) valid_loss \S+ valid_worst_group (\S+)", out)
+    }
+    assert sorted(worst) == [10, 20, 30]
+    assert straight.select == "valid_worst_group" and straight.best_valid_worst_group == pytest.approx(
+        max(worst.values()), abs=1e-3
+    )
+    assert straight.best_step == max(worst, key=lambda s: (worst[s], -s))  # the first of the highest
+    q = read_classifier_checkpoint(straight.checkpoint_path, STATE_FILE)["group_dro_q"]
+    assert len(q) == 9 and sum(q) == pytest.approx(1.0) and max(q) > 0.25 + 0.01  # moved off uniform
+    assert sum(v > 0 for v in q) == 4  # the 4 groups of the training rows; no unknown labels
+
+    half = dict(base, train=dict(base["train"], max_steps=20), run=dict(base["run"], name="resumed"))
+    run(build_config(ClassifierConfig, half), runner=in_process)
+    resumed = run(build_config(ClassifierConfig, dict(half, train=base["train"])), runner=in_process)
+    state = read_classifier_checkpoint(resumed.checkpoint_path, STATE_FILE)
+    assert state["start_step"] == 20
+    np.testing.assert_allclose(state["group_dro_q"], q, rtol=1e-5)
+    assert resumed.best_step == straight.best_step
+    a = read_classifier_checkpoint(straight.checkpoint_path, BEST_FILE)
+    b = read_classifier_checkpoint(resumed.checkpoint_path, BEST_FILE)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,13 +43,30 @@ class ClassifierTrainConfig(BaseConfig):
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    balance: Literal["loss", "sampling", "none"] = Field(
-        "loss", description="per-head pos_weight = negatives/positives, class-balanced sampling, or neither"
+    balance: Literal["loss", "sampling", "groups", "none"] = Field(
+        "loss",
+        description="per-head pos_weight = negatives/positives, class-balanced sampling, group-balanced "
+        "sampling (every group_heads group the same mass), or none",
     )
+    group_heads: list[str] = Field(
+        default_factory=list,
+        description="heads whose joint label is a row's group (each 1, 0 or unknown = a group of its own): "
+        "for balance: groups, objective: group_dro, select: valid_worst_group",
+    )
+    objective: Literal["erm", "group_dro"] = Field(
+        "erm", description="mean loss, or online Group DRO over the group_heads groups (Sagawa et al. 2020)"
+    )
+    dro_step_size: float = Field(0.01, gt=0.0, description="Group DRO's eta: q_g <- q_g exp(eta loss_g)")
     uncertain: Literal["negative", "positive", "ignore"] = Field(
         "negative", description="CheXpert -1 labels; blank cells are always 'ignore' (no loss)"
     )
     eval_every: int = Field(50, ge=1, description="steps between validation losses")
+    select: Literal["valid_loss", "valid_worst_group"] = Field(
+        "valid_loss",
+        description="the early-stopping / exported-weights rule: lowest validation loss, or highest "
+        "validation worst-group accuracy of select_head over its label x the group_heads groups",
+    )
+    select_head: str | None = Field(None, description="the head of valid_worst_group; default: the first")
     patience: int | None = Field(
         5, ge=1, description="evaluations without improvement before stopping; None = off"
     )
@@ -97,6 +115,37 @@ class ClassifierConfig(BaseConfig):
             raise ConfigError(
                 "config field 'data.split': the classifier job reads train_split and valid_split"
             )
+        t = self.train
+        unknown = [
+            h for h in t.group_heads + [t.select_head or next(iter(self.heads))] if h not in self.heads
+        ]
+        if unknown:
+            field = "train.group_heads" if unknown[0] in t.group_heads else "train.select_head"
+            raise ConfigError(
+                f"config field '{field}': {unknown[0]!r} is not one of the heads {list(self.heads)}"
+            )
+        if len(set(t.group_heads)) != len(t.group_heads):
+            raise ConfigError(f"config field 'train.group_heads': duplicates in {t.group_heads}")
+        uses = {
+            "balance: groups": t.balance == "groups",
+            "objective: group_dro": t.objective == "group_dro",
+            "select: valid_worst_group": t.select == "valid_worst_group",
+        }
+        needs = [what for what, on in uses.items() if on]
+        if needs and not t.group_heads:
+            raise ConfigError(
+                f"config field 'train.group_heads': {', '.join(needs)} needs the heads whose labels define "
+                "the groups"
+            )
+
+    def group_columns(self) -> tuple[int, ...]:
+        """Indices of `train.group_heads` among the heads (the columns of the targets)."""
+        heads = list(self.heads)
+        return tuple(heads.index(h) for h in self.train.group_heads)
+
+    def select_column(self) -> int:
+        """Index of the head whose validation worst-group accuracy `train.select: valid_worst_group` uses."""
+        return list(self.heads).index(self.train.select_head or next(iter(self.heads)))
 
 
 def deepspeed_config(config: ClassifierConfig) -> dict:
@@ -224,6 +273,11 @@ def plan_run(config: ClassifierConfig) -> ClassifierPlan:
         y = train.targets[:, h]
         if not (np.isfinite(y) & (y > 0.5)).any() or not (np.isfinite(y) & (y < 0.5)).any():
             raise ValueError(f"config field 'heads.{head}': the training rows hold only one class")
+    if (
+        config.train.select == "valid_worst_group"
+        and not np.isfinite(valid.targets[:, config.select_column()]).any()
+    ):
+        raise ValueError("config field 'train.select_head': no validation row has a label for it")
     return ClassifierPlan(
         run_path=run_path,
         storage_path=storage_path,
@@ -330,10 +384,15 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
         balanced_row_weights,
         batch_indices,
         cpu_copy,
+        group_balanced_row_weights,
+        group_dro_step,
+        group_ids,
         init_classifier,
+        multi_head_loss,
+        predict_logits,
         read_classifier_checkpoint,
         train_step,
-        validation_loss,
+        worst_group_accuracy,
         write_classifier_checkpoint,
     )
     from prism_ray.training.examples import write_error_rows
@@ -344,8 +403,13 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
     torch.manual_seed(t.seed)  # the same initial weights on every worker
     model = init_classifier(plan.heads, m.resolution, m.weights, **m.arch_kwargs())
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    stopper = EarlyStopping(t.patience, t.min_delta)
+    stopper = EarlyStopping(t.patience, t.min_delta, mode="max" if t.select == "valid_worst_group" else "min")
     best_state = cpu_copy(model.state_dict())
+    columns, n_groups = config.group_columns(), 3 ** len(t.group_heads)
+    # Group DRO's q starts uniform over the groups of all training rows (every worker the same q).
+    present = np.bincount(group_ids(plan.train.targets, columns), minlength=n_groups) > 0
+    q_start = present / present.sum()
+    best_metrics: dict = {}  # the validation metrics at the best step
     start_step, resumed = 0, ctx.restore(plan.run_path)
     if resumed is not None:
         model.load_state_dict(read_classifier_checkpoint(resumed, MODEL_FILE))
@@ -353,11 +417,16 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
         best_state = read_classifier_checkpoint(resumed, BEST_FILE)
         state = read_classifier_checkpoint(resumed, STATE_FILE)
         start_step = int(state["step"])
-        stopper.load(state["early_stopping"])
+        with config_field("train.select"):
+            stopper.load(state["early_stopping"])
+        best_metrics = state.get("best_metrics", {"valid_loss": stopper.best})
+        if state.get("group_dro_q") is not None and len(state["group_dro_q"]) == n_groups:
+            q_start = np.asarray(state["group_dro_q"])  # the adversary continues where it stopped
         if ctx.rank == 0:
             print(f"classifier: resumed from step {start_step} ({resumed})", flush=True)
     module, stepper = ctx.wrap(model, optimizer, config)
     device = next(model.parameters()).device
+    q = torch.as_tensor(q_start, dtype=torch.float32, device=device)  # (G,) Group DRO's group weights
 
     shard = Rows(plan.train.uris[ctx.rank :: ctx.world], plan.train.targets[ctx.rank :: ctx.world])
     train_px, train_y, errors = load_pixels(shard, m.resolution, config.data.decode)
@@ -367,8 +436,16 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
         write_error_rows(bad, plan.errors_uri, config.config_hash())
     if len(train_px) == 0 or len(valid_px) == 0:
         raise ValueError(f"classifier: worker {ctx.rank} has no readable training or validation image")
-    weights = balanced_row_weights(train_y) if t.balance == "sampling" else None
+    train_groups = group_ids(train_y, columns)  # (N,) all 0 without group_heads
+    valid_groups = torch.as_tensor(group_ids(valid_y, columns), device=device)
+    valid_t = torch.as_tensor(valid_y, dtype=torch.float32, device=device)
+    weights = {"sampling": balanced_row_weights, "groups": group_balanced_row_weights}.get(t.balance)
+    weights = weights(train_groups if t.balance == "groups" else train_y) if weights else None
     pw = torch.as_tensor(plan.pos_weight.copy(), device=device) if t.balance == "loss" else None
+
+    def reduce(stats):
+        return torch.as_tensor(ctx.mean(stats), device=device)  # sync point: over the workers
+
     log = MetricsLog(config.config_hash(), t.max_steps) if ctx.rank == 0 else None
     loss_sum, window_start, step = torch.zeros((), device=device), start_step + 1, start_step
     stopped = stopper.should_stop  # a run that stopped early stays stopped when re-run
@@ -380,20 +457,36 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
         )
         x = to_pixels(train_px[idx], m.resolution, device)  # (B, 1, R, R)
         y = torch.as_tensor(train_y[idx], dtype=torch.float32, device=device)  # (B, H)
-        loss, norm = train_step(module, stepper, x, y, pw)
+        if t.objective == "group_dro":
+            g = torch.as_tensor(train_groups[idx], device=device)  # (B,)
+            loss, norm, q = group_dro_step(
+                module, stepper, x, y, g, q, t.dro_step_size, pw, reduce if ctx.world > 1 else None
+            )
+        else:
+            loss, norm = train_step(module, stepper, x, y, pw)
         loss_sum += loss
         metrics: dict = {"step": step}
         if step % t.eval_every == 0 or step == t.max_steps:
-            # sync point: every worker gets the same mean, hence the same stopping decision
-            (value,) = ctx.mean(validation_loss(model, valid_px, valid_y).reshape(1))
+            logits = predict_logits(model, valid_px)  # (N, H)
+            loss_now = multi_head_loss(logits, valid_t)
+            worst_now = worst_group_accuracy(logits, valid_t, valid_groups, n_groups, config.select_column())
+            scores = torch.stack([loss_now, worst_now])
+            # sync point: every worker gets the same means, hence the same stopping decision (and q, equal)
+            valid_loss, valid_worst, *q_now = ctx.mean(torch.cat([scores, q]))
+            valid_worst = valid_worst if t.group_heads else math.nan  # no groups: not a worst-group number
+            value = valid_worst if t.select == "valid_worst_group" else valid_loss
             if stopper.update(step, value):
                 best_state = cpu_copy(model.state_dict())
+                best_metrics = {"valid_loss": valid_loss, "valid_worst_group": valid_worst}
             stopped = stopper.should_stop
-            metrics.update(valid_loss=value, best_valid_loss=stopper.best, best_step=stopper.best_step)
+            metrics.update(valid_loss=valid_loss, valid_worst_group=valid_worst, best_step=stopper.best_step)
+            metrics[f"best_{t.select}"] = stopper.best
             if ctx.rank == 0:
+                worst = f" valid_worst_group {valid_worst:.3f}" if t.group_heads else ""
+                dro = f" q {[round(v, 3) for v in q_now]}" if t.objective == "group_dro" else ""
                 print(
-                    f"classifier: step {step} valid_loss {value:.4f} (best {stopper.best:.4f} at "
-                    f"{stopper.best_step}){' - stopping early' if stopped else ''}",
+                    f"classifier: step {step} valid_loss {valid_loss:.4f}{worst}{dro} (best {t.select} "
+                    f"{stopper.best:.4f} at {stopper.best_step}){' - stopping early' if stopped else ''}",
                     flush=True,
                 )
         if step % t.log_every == 0 or step == t.max_steps or stopped:
@@ -414,8 +507,12 @@ def train_worker(config: ClassifierConfig, plan: ClassifierPlan, ctx: WorkerCont
                         "start_step": start_step,
                         "config_hash": config.config_hash(),
                         "early_stopping": stopper.state(),
+                        "select": t.select,
+                        "best_metrics": best_metrics,
                         "stopped_early": stopped,
                         "heads": list(plan.heads),
+                        "group_heads": list(t.group_heads),
+                        "group_dro_q": q.tolist() if t.objective == "group_dro" else None,
                     }
                     write_classifier_checkpoint(
                         tmp,
@@ -443,10 +540,12 @@ class ClassifierResult:
     model_path: str | None
     final_step: int
     best_step: int
-    best_valid_loss: float
+    best_valid_loss: float  # at best_step
     stopped_early: bool
     checkpoint_path: str
     skipped: dict[str, int] = field(default_factory=dict)
+    select: str = "valid_loss"  # the rule that chose best_step (train.select)
+    best_valid_worst_group: float = math.nan  # at best_step: train.select_head over label x group_heads
 
 
 Runner = Callable[[ClassifierConfig, ClassifierPlan], str]
@@ -469,6 +568,8 @@ def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierRes
     from prism_ray.training.classifier import (
         BEST_FILE,
         export_classifier,
+        group_ids,
+        group_names,
         init_classifier,
         read_classifier_checkpoint,
     )
@@ -481,11 +582,18 @@ def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierRes
         f"run folder {plan.run_path}",
         flush=True,
     )
+    if config.train.group_heads:
+        names = group_names(config.train.group_heads)
+        counts = np.bincount(group_ids(plan.train.targets, config.group_columns()), minlength=len(names))
+        per_group = {names[g]: int(n) for g, n in enumerate(counts) if n}
+        print(f"classifier: training rows per group {per_group}", flush=True)
     if runner is None:
         from prism_ray.distributed.classifier_loop import fit as runner
     checkpoint = runner(config, plan)
     state = read_classifier_checkpoint(checkpoint, STATE_FILE)
     stopping = state["early_stopping"]
+    best = state.get("best_metrics") or {"valid_loss": stopping["best"]}
+    best_loss, best_worst = best.get("valid_loss", math.nan), best.get("valid_worst_group", math.nan)
     model_path = None
     if config.run.export:
         model_path = (
@@ -498,15 +606,20 @@ def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierRes
         metadata = {
             "step": state["step"],
             "best_step": stopping["best_step"],
-            "best_valid_loss": stopping["best"],
+            "select": config.train.select,
+            "best_valid_loss": best_loss,
+            "best_valid_worst_group": best_worst,
             "heads": dict(config.heads),
+            "group_heads": list(config.train.group_heads),
+            "objective": config.train.objective,
             "config_hash": config.config_hash(),
         }
         export_classifier(skeleton, read_classifier_checkpoint(checkpoint, BEST_FILE), model_path, metadata)
     skipped = skipped_rows(plan.errors_uri)
+    worst = f", valid worst-group accuracy {best_worst:.3f}" if config.train.group_heads else ""
     print(
-        f"classifier: step {state['step']}, best valid loss {stopping['best']:.4f} at step "
-        f"{stopping['best_step']}, model {model_path} ({time.perf_counter() - started:.0f}s)",
+        f"classifier: step {state['step']}, best ({config.train.select}) at step {stopping['best_step']}: "
+        f"valid loss {best_loss:.4f}{worst}, model {model_path} ({time.perf_counter() - started:.0f}s)",
         flush=True,
     )
     return ClassifierResult(
@@ -514,8 +627,10 @@ def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierRes
         model_path=model_path,
         final_step=int(state["step"]),
         best_step=int(stopping["best_step"]),
-        best_valid_loss=float(stopping["best"]),
+        best_valid_loss=float(best_loss),
         stopped_early=bool(state.get("stopped_early")),
         checkpoint_path=checkpoint,
         skipped=skipped,
+        select=config.train.select,
+        best_valid_worst_group=float(best_worst),
     )

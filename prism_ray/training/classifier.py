@@ -1,13 +1,15 @@
-"""Attribute classifier training in plain torch: balanced loss and sampling, steps, early stopping, checkpoints, export."""
+"""Attribute classifier training in plain torch: balanced loss and sampling, groups and Group DRO, steps, early
+stopping, checkpoints, export."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from prism_ray.models.classifier import build_classifier, to_pixels
 from prism_ray.training.callbacks import STATE_FILE
 
 MODEL_FILE = "classifier.safetensors"  # the weights (and BatchNorm buffers) at the checkpoint's step
-BEST_FILE = "best.safetensors"  # the weights with the best validation loss so far (what is exported)
+BEST_FILE = "best.safetensors"  # the weights with the best validation score so far (what is exported)
 OPTIMIZER_FILE = "optimizer.pt"  # AdamW state, loaded with weights_only=True
 
 
@@ -80,6 +82,41 @@ def balanced_row_weights(targets: np.ndarray) -> np.ndarray:
     return per_row / per_row.sum()
 
 
+# --- groups: the joint label of some heads ----------------------------------------------------
+
+UNKNOWN = 2  # a group head's value where its label is NaN: a group of its own, the row stays in training
+
+
+def group_ids(targets: np.ndarray, columns: Sequence[int]) -> np.ndarray:
+    """(N,) int64 group of each row of (N, H) `targets`: the joint label of the heads `columns`, each 0, 1 or
+    unknown (NaN), as the base-3 number sum_k value_k * 3**k; `3 ** len(columns)` possible groups.
+
+    A row with an unknown label on a group head is not dropped: it is in the group with that head unknown
+    (CheXpert's blank cells are common), trained and scored like any other group.
+    """
+    out = np.zeros(len(targets), np.int64)
+    for k, h in enumerate(columns):
+        y = targets[:, h]
+        out += np.where(np.isfinite(y), (y > 0.5).astype(np.int64), UNKNOWN) * 3**k
+    return out
+
+
+def group_names(heads: Sequence[str]) -> list[str]:
+    """The name of each of the `3 ** len(heads)` group ids, e.g. 'pleural_effusion=1,support_devices=?'."""
+    names = []
+    for g in range(3 ** len(heads)):
+        values = [(g // 3**k) % 3 for k in range(len(heads))]
+        names.append(",".join(f"{h}={'?' if v == UNKNOWN else v}" for h, v in zip(heads, values)))
+    return names
+
+
+def group_balanced_row_weights(groups: np.ndarray) -> np.ndarray:
+    """(N,) sampling weights that give every group present in `groups` the same total mass."""
+    counts = np.bincount(groups)
+    weight = 1.0 / (np.count_nonzero(counts) * counts[groups])
+    return weight / weight.sum()
+
+
 def batch_indices(
     n: int, batch_size: int, *, step: int, seed: int, rank: int, weights: np.ndarray | None = None
 ):
@@ -99,13 +136,43 @@ def batch_indices(
 # --- loss and steps --------------------------------------------------------------------------
 
 
-def multi_head_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None):
-    """Mean binary cross-entropy over the known labels; (B, H) logits and targets, NaN = no label."""
+def label_losses(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None):
+    """(B, H) binary cross-entropy per label, 0 where the label is unknown (NaN), and the (B, H) known mask."""
     known = torch.isfinite(targets)
     per_label = F.binary_cross_entropy_with_logits(
         logits.float(), torch.where(known, targets, 0.0), pos_weight=pos_weight, reduction="none"
     )  # (B, H)
-    return (per_label * known).sum() / known.sum().clamp(min=1)
+    return per_label * known, known
+
+
+def multi_head_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None):
+    """Mean binary cross-entropy over the known labels; (B, H) logits and targets, NaN = no label."""
+    per_label, known = label_losses(logits, targets, pos_weight)
+    return per_label.sum() / known.sum().clamp(min=1)
+
+
+def group_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    n_groups: int,
+    pos_weight: torch.Tensor | None = None,
+):
+    """(G,) summed BCE over the known labels of each group's rows and (G,) how many labels that is; a group's
+    mean loss is their ratio (`multi_head_loss` restricted to the group), a group absent from the batch has 0 / 0."""
+    per_label, known = label_losses(logits, targets, pos_weight)  # (B, H)
+    zeros = torch.zeros(n_groups, device=logits.device)
+    sums = zeros.index_add(0, groups, per_label.sum(1))  # (G,)
+    counts = zeros.index_add(0, groups, known.sum(1).float())  # (G,)
+    return sums, counts
+
+
+def group_dro_update(q: torch.Tensor, group_loss: torch.Tensor, step_size: float) -> torch.Tensor:
+    """One exponentiated-gradient step of the adversary's group weights, q_g <- q_g exp(eta loss_g) normalised:
+    Group DRO, Sagawa, Koh, Hashimoto & Liang 2020, "Distributionally Robust Neural Networks for Group Shifts"
+    (ICLR), Algorithm 1, on a batch's (G,) mean group losses as their code does (kohpangwei/group_DRO). Taken
+    in log space (a softmax), the same numbers without overflow; a group with q_g = 0 stays at 0."""
+    return torch.softmax(torch.log(q) + step_size * group_loss.detach(), dim=0)
 
 
 def train_step(model, stepper, pixels: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None):
@@ -113,6 +180,37 @@ def train_step(model, stepper, pixels: torch.Tensor, targets: torch.Tensor, pos_
     loss = multi_head_loss(model(pixels).logits, targets, pos_weight)
     norm = stepper.step(loss)
     return loss.detach(), norm
+
+
+def group_dro_step(
+    model,
+    stepper,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    q: torch.Tensor,
+    step_size: float,
+    pos_weight: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """One Group DRO step (Sagawa et al. 2020, Algorithm 1): update q with the batch's mean group losses, then
+    an optimiser step on the robust loss sum_g q_g loss_g over the groups in the batch (an absent group's loss
+    is 0). (loss, gradient norm, new q), device tensors.
+
+    `reduce` (several workers) turns this worker's (2G,) group loss sums and label counts into the mean over
+    every worker, so each updates q from the losses of the whole global batch and the q stay equal; it is a
+    host sync. None (one worker): no host sync here.
+    """
+    n_groups = q.numel()
+    sums, counts = group_losses(model(pixels).logits, targets, groups, n_groups, pos_weight)  # (G,), (G,)
+    stats = torch.cat([sums.detach(), counts])
+    if reduce is not None:
+        stats = reduce(stats)  # sync point: the global batch's group losses
+    global_sums, global_counts = stats[:n_groups], stats[n_groups:]
+    q = group_dro_update(q, global_sums / global_counts.clamp(min=1), step_size)
+    loss = (q * (sums / counts.clamp(min=1))).sum()  # this worker's share; DDP averages the gradients
+    norm = stepper.step(loss)
+    return loss.detach(), norm, q
 
 
 class TorchStepper:
@@ -152,19 +250,50 @@ def validation_loss(model, pixels: np.ndarray, targets: np.ndarray) -> torch.Ten
     return multi_head_loss(logits, torch.as_tensor(targets, dtype=torch.float32, device=logits.device))
 
 
+def worst_group_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, n_groups: int, head: int
+) -> torch.Tensor:
+    """The lowest accuracy of head `head` (positive at logit >= 0, i.e. p >= 0.5) over its label x group cells
+    with at least one row of known label, as `scoring.classification.worst_group_accuracy`; a 0-d device
+    tensor, NaN when no row has a label. (N, H) logits and targets, (N,) group ids below `n_groups`."""
+    y = targets[:, head]
+    known = torch.isfinite(y)
+    positive = y > 0.5
+    correct = ((logits[:, head] >= 0) == positive) & known
+    cell = groups * 2 + positive.long()  # (N,) label x group
+    zeros = torch.zeros(2 * n_groups, device=logits.device)
+    hits = zeros.index_add(0, cell, correct.float())
+    rows = zeros.index_add(0, cell, known.float())
+    accuracy = torch.where(rows > 0, hits / rows.clamp(min=1), torch.full_like(rows, math.inf))
+    worst = accuracy.min()
+    return torch.where(torch.isinf(worst), torch.full_like(worst, math.nan), worst)
+
+
 @dataclass
 class EarlyStopping:
-    """Stop after `patience` evaluations without the validation loss improving by more than `min_delta`."""
+    """Stop after `patience` evaluations without the selection value improving by more than `min_delta`: lower
+    is better (`mode="min"`, a validation loss) or higher (`mode="max"`, a worst-group accuracy). A NaN value
+    never improves."""
 
     patience: int | None
     min_delta: float = 0.0
-    best: float = math.inf
+    mode: Literal["min", "max"] = "min"
+    best: float | None = None  # None: the worst value of `mode` (inf for min, -inf for max)
     best_step: int = 0
     bad: int = 0
 
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping.mode: {self.mode!r} is not 'min' or 'max'")
+        if self.best is None:
+            self.best = math.inf if self.mode == "min" else -math.inf
+
     def update(self, step: int, value: float) -> bool:
         """Record one evaluation; True when it is the new best."""
-        if value < self.best - self.min_delta:
+        better = (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
             self.best, self.best_step, self.bad = value, step, 0
             return True
         self.bad += 1
@@ -175,9 +304,15 @@ class EarlyStopping:
         return self.patience is not None and self.bad >= self.patience
 
     def state(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "mode": self.mode}
 
     def load(self, state: Mapping) -> None:
+        """Continue from `state()`; a state of the other mode (a best on another scale) is a ValueError."""
+        mode = state.get("mode", "min")  # checkpoints before modes were all validation losses
+        if mode != self.mode:
+            raise ValueError(
+                f"early stopping: the checkpoint selected with mode {mode!r}, this run {self.mode!r}"
+            )
         self.best, self.best_step, self.bad = float(state["best"]), int(state["best_step"]), int(state["bad"])
 
 

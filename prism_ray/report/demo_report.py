@@ -54,14 +54,14 @@ COLUMNS = {
         "off-target flips, accepted",
         (
             "Accepted edits in which a classifier head the intervention should not change flipped its decision (or "
-            "moved more than filter.off_target.max_shift), counted from the manifest's off_target column over every "
-            "finished attempt: 0 while the off-target filter is on; empty when it is off (not measured). It counts "
+            "moved more than filter.off_target.max_shift), counted from the manifest's off_target column over the "
+            "quota set (the attempted column): 0 while the off-target filter is on; empty when it is off (not measured). It counts "
             "the classifier's decisions, not pixels: see 'What the off-target check covers'."
         ),
     ),
     "off_target_rejected": (
         "off-target flips, rejected",
-        "Finished attempts with such a flip, which the off-target filter rejected.",
+        "Attempts of the quota set with such a flip, which the off-target filter rejected.",
     ),
     "off_target_heads": (
         "off-target heads",
@@ -222,7 +222,8 @@ def write_demo_report(
         for r in read_table(join_uri(counterfactuals, "manifest.parquet")).to_pylist()
         if r.get("quota_status") in (None, "in_quota", "beyond_quota") and r.get("image_uri")
     ]
-    # The quota sets are scored; off-target flips are counted over every finished attempt (beyond quota too).
+    # The quota sets are scored and counted (attempted, accepted, off-target flips: one scope); rejected
+    # examples may come from any finished attempt.
     manifest = [r for r in finished if r.get("quota_status") in (None, "in_quota")]
     truth = {r["image_uri"]: r for r in read_table(ground_truth_uri).to_pylist()}
     classifier = classifier_path(resolve_model_root(model_root))
@@ -266,7 +267,7 @@ def write_demo_report(
             "mean_reconstruction_error": float(np.mean([r["reconstruction_error"] for r in rows])),
             "l1_to_source": float(region_errors(cfs, src, regions).whole.mean()),
             **truth_scores(src, cfs, trues, regions, src_vae, true_vae),
-            **_off_target([r for r in finished if r["subgroup"] == subgroup]),
+            **_off_target(attempted),  # the same scope as attempted / accepted: the quota set
         }
         target = {}
         if clf is not None:

@@ -2,15 +2,18 @@
 
 Arms (PRISM, Table 3): (a) `original` = the training split; (b) `sd_samples` = (a) + the in-quota rows of an
 `augment` run in `mode: samples`; (c) `counterfactuals` = (a) + its accepted in-quota counterfactuals, each
-labelled as its source with the intervention applied. Every arm trains with the same optimiser-step
-budget and the same seeds, validates (early stopping) on the same validation split and is scored on the
-same test split.
+labelled as its source with the intervention applied. Beside them, the non-generative fixes (`fixes`) on the
+rows of (a): (d) `group_balanced` = group-balanced resampling (`train.balance: groups`), (e) `group_dro` =
+online Group DRO (`train.objective: group_dro`), both over `train.group_heads` (default: the primary
+comparison's head and the head whose column is its attribute). Every arm trains with the same optimiser-step
+budget, the same seeds and the same model-selection rule (`train.select`), validates (early stopping) on the
+same validation split and is scored on the same test split.
 
 Output layout under `output`:
   arms/<arm>/manifest.parquet   the arm's training + validation rows (image_uri, split, caption, one column per head)
   runs/<arm>-seed<k>/           each classifier run (checkpoints, metrics, model/ = the exported classifier)
   arms.parquet                  one row per arm x seed x head x subgroup x metric, with a bootstrap CI over test rows
-  table.parquet                 per arm x head x subgroup x metric: mean over seeds +- t-interval, and for (b), (c)
+  table.parquet                 per arm x head x subgroup x metric: mean over seeds +- t-interval, and for (b)-(e)
                                 the paired difference to (a) with its t-interval, paired t-test and sign-flip p
   summary.json, report.md       the headline numbers; report.html when the HTML renderer is installed
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -36,7 +39,9 @@ from prism_ray.pipelines.classifier import (
     ClassifierTrainConfig,
 )
 
-ARMS = ("original", "sd_samples", "counterfactuals")
+ARMS = ("original", "sd_samples", "counterfactuals", "group_balanced", "group_dro")
+# The fixes' arms: the rows of (a), trained with these train settings instead of the experiment's.
+FIX_TRAIN = {"group_balanced": {"balance": "groups"}, "group_dro": {"objective": "group_dro"}}
 _BOUNDED = ("accuracy", "balanced_accuracy", "auroc", "ece", "worst_group_accuracy")  # metrics in [0, 1]
 
 
@@ -123,7 +128,7 @@ class EvaluationConfig(BaseConfig):
 
 
 class ExperimentConfig(BaseConfig):
-    """`prism-ray experiment`: train arms (a)-(c) over seeds, evaluate on one held-out split, compare."""
+    """`prism-ray experiment`: train arms (a)-(e) over seeds, evaluate on one held-out split, compare."""
 
     data: DataConfig = Field(..., description="the original manifest, with a 'split' column")
     heads: dict[str, str] = Field(..., min_length=1, description="head name -> column or column=value")
@@ -135,6 +140,18 @@ class ExperimentConfig(BaseConfig):
     samples_labels: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="samples subgroup -> {column: value}; default: the labels of original rows with that caption",
+    )
+    counterfactuals_limit: int | None = Field(
+        None,
+        ge=0,
+        description="at most this many counterfactuals per augment subgroup: the first accepted in-quota rows "
+        "in the subgroup's attempt order (a learning curve over the set's size); None = all",
+    )
+    samples_limit: int | None = Field(None, ge=0, description="as counterfactuals_limit, for samples")
+    fixes: list[Literal["group_balanced", "group_dro"]] = Field(
+        default_factory=list,
+        description="non-generative arms on the original rows: group_balanced (train.balance: groups), "
+        "group_dro (train.objective: group_dro), over train.group_heads",
     )
     seeds: list[int] = Field([0, 1, 2], min_length=3, description="one classifier per arm and seed")
     model: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
@@ -152,14 +169,32 @@ class ExperimentConfig(BaseConfig):
             raise ValueError("data.split: the experiment reads train_split, valid_split and test_split")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: duplicates in {self.seeds}")
-        if self.counterfactuals is None and self.samples is None:
+        if self.counterfactuals is None and self.samples is None and not self.fixes:
             raise ValueError(
-                "counterfactuals: give an augment output (counterfactuals and/or samples) to compare"
+                "counterfactuals: give an augment output (counterfactuals and/or samples) or fixes to compare"
             )
+        if len(set(self.fixes)) != len(self.fixes):
+            raise ValueError(f"fixes: duplicates in {self.fixes}")
         head = self.evaluation.primary_head
         if head is not None and head not in self.heads:
             raise ValueError(f"evaluation.primary_head: {head!r} is not one of the heads {list(self.heads)}")
         self.primary()
+        t = self.train
+        named = [("train.group_heads", h) for h in t.group_heads] + [("train.select_head", t.select_head)]
+        for name, value in named:
+            if value is not None and value not in self.heads:
+                raise ValueError(f"{name}: {value!r} is not one of the heads {list(self.heads)}")
+        uses = {
+            "train.select: valid_worst_group": t.select == "valid_worst_group",
+            "train.balance: groups": t.balance == "groups",
+            "train.objective: group_dro": t.objective == "group_dro",
+        }
+        needs = list(self.fixes) + [what for what, on in uses.items() if on]
+        if needs and not self.group_heads():
+            raise ValueError(
+                f"train.group_heads: {', '.join(needs)} needs groups, and the primary attribute "
+                f"{self.primary()[1]!r} is not another head's column; give the heads whose labels define them"
+            )
         return self
 
     def primary(self) -> tuple[str, str]:
@@ -182,11 +217,22 @@ class ExperimentConfig(BaseConfig):
             raise ValueError("evaluation.primary_attribute: give the attribute of the primary comparison")
         return head, candidates[0]
 
+    def group_heads(self) -> list[str]:
+        """The heads whose joint label is a row's group, for every arm (the fixes' training, `train.select`):
+        `train.group_heads`, else the primary comparison's head and the head whose column is its attribute
+        (the shortcut: effusion x devices), else none."""
+        if self.train.group_heads:
+            return list(self.train.group_heads)
+        head, attribute = self.primary()
+        other = [h for h, spec in self.heads.items() if h != head and spec.partition("=")[0] == attribute]
+        return [head, other[0]] if other else []
+
     def arms(self) -> list[str]:
         given = {
             "original": True,
             "sd_samples": self.samples is not None,
             "counterfactuals": bool(self.counterfactuals),
+            **{fix: fix in self.fixes for fix in FIX_TRAIN},
         }
         return [arm for arm in ARMS if given[arm]]
 
@@ -194,15 +240,30 @@ class ExperimentConfig(BaseConfig):
 # --- the arms' training rows -----------------------------------------------------------------
 
 
-def augment_rows(folder: str):
-    """The augmentation set of an augment output: rows `quota_status == "in_quota"` and `accepted`."""
+def augment_rows(folder: str, limit: int | None = None):
+    """The augmentation set of an augment output: rows `quota_status == "in_quota"` and `accepted`, in the
+    manifest's order; with `limit`, at most that many per subgroup: the first by `attempt_rank` (the subgroup's
+    deterministic attempt order, the quota's prefix), so a smaller limit takes a prefix of a larger one's."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from prism_ray.data.storage import join_uri, read_table
 
     table = read_table(join_uri(folder, "manifest.parquet"))
     keep = pc.and_(pc.equal(table.column("quota_status"), "in_quota"), table.column("accepted"))
-    return table.filter(keep)
+    table = table.filter(keep)
+    if limit is None:
+        return table
+    subgroups = table.column("subgroup").to_pylist()
+    ranks = table.column("attempt_rank").to_pylist()
+    order = sorted(range(table.num_rows), key=lambda i: (ranks[i] is None, ranks[i] or 0, i))  # stable
+    taken: dict = {}
+    chosen = np.zeros(table.num_rows, bool)
+    for i in order:
+        if taken.get(subgroups[i], 0) < limit:
+            taken[subgroups[i]] = taken.get(subgroups[i], 0) + 1
+            chosen[i] = True
+    return table.filter(pa.array(chosen))
 
 
 def counterfactual_targets(
@@ -311,9 +372,9 @@ def build_arms(config: ExperimentConfig, root: str) -> tuple[dict[str, str], dic
     train_table = manifest.take(
         pa.array(np.flatnonzero(pc.equal(split, config.train_split).to_numpy(zero_copy_only=False)))
     )
-    extra = {"original": None}
+    extra = {"original": None, **{fix: None for fix in FIX_TRAIN}}  # the fixes train on the original rows
     if config.samples is not None:
-        s = augment_rows(config.samples).to_pylist()
+        s = augment_rows(config.samples, config.samples_limit).to_pylist()
         extra["sd_samples"] = table(
             [r["image_uri"] for r in s],
             "train",
@@ -321,7 +382,7 @@ def build_arms(config: ExperimentConfig, root: str) -> tuple[dict[str, str], dic
             sample_targets(config, train_table, s),
         )
     if config.counterfactuals is not None:
-        c = augment_rows(config.counterfactuals).to_pylist()
+        c = augment_rows(config.counterfactuals, config.counterfactuals_limit).to_pylist()
         sources = {u: r for u, r in zip(uris, rows)}
         extra["counterfactuals"] = table(
             [r["image_uri"] for r in c],
@@ -467,7 +528,13 @@ def _classifier_config(config: ExperimentConfig, manifest: str, root: str, arm: 
             "train_split": "train",
             "valid_split": "valid",
             "model": config.model.model_dump(mode="json"),
-            "train": dict(config.train.model_dump(mode="json"), seed=seed),
+            # every arm: the same steps and selection rule over the same groups; a fix changes only its knob
+            "train": {
+                **config.train.model_dump(mode="json"),
+                "seed": seed,
+                "group_heads": config.group_heads(),
+                **FIX_TRAIN.get(arm, {}),
+            },
             "compute": config.compute.model_dump(mode="json"),
             "run": {"storage_path": f"{root}/runs", "name": f"{arm}-seed{seed}"},
         },
@@ -531,6 +598,8 @@ def run(config: ExperimentConfig, runner=None) -> dict:
                     "model": result.model_path,
                     "best_step": result.best_step,
                     "best_valid_loss": result.best_valid_loss,
+                    "best_valid_worst_group": result.best_valid_worst_group,
+                    "select": result.select,
                     "stopped_early": result.stopped_early,
                 }
             )

@@ -1,4 +1,5 @@
-"""The experiment job end to end in this process: real augment outputs (tiny quotas), three arms x three seeds."""
+"""The experiment job end to end in this process: real augment outputs (tiny quotas), five arms x three seeds;
+arms (d), (e) and the augment limits on hand-made inputs."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def augmented(tmp_path_factory):
     return root, data
 
 
-def test_experiment_trains_three_arms_and_writes_its_table(augmented):
+def test_experiment_trains_five_arms_and_writes_its_table(augmented):
     from prism_ray.config import build_config
     from prism_ray.pipelines import classifier, experiment
 

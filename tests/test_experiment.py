@@ -152,7 +152,7 @@ def test_experiment_trains_five_arms_and_writes_its_table(augmented):
     assert "### pleural_effusion" in report and report.index("## Primary comparison") < report.index("### ")
     primary = written["primary"]  # pleural_effusion x Support Devices (the other head's column) by default
     assert (primary["head"], primary["attribute"]) == ("pleural_effusion", "Support Devices")
-    assert {c["arm"] for c in primary["comparisons"]} == {"counterfactuals", "sd_samples"}
+    assert {c["arm"] for c in primary["comparisons"]} == {"counterfactuals", "sd_samples", "group_balanced", "group_dro"}
 
 
 # --- arms (d), (e) and the augment limits, without training -------------------------------------

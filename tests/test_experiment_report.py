@@ -61,7 +61,7 @@ def test_the_report_opens_with_the_primary_comparison_and_its_limits(tmp_path):
     assert md.index("## Primary comparison") < md.index("## All rows (exploratory)") < md.index("### pleural_effusion")
     primary = experiment.primary_comparison(table, "pleural_effusion", "Support Devices")
     c = {x["arm"]: x for x in primary["comparisons"]}
-    assert set(c) == {"counterfactuals", "sd_samples"}
+    assert set(c) == {"counterfactuals", "sd_samples", "group_balanced", "group_dro"}
     cell = next(r for r in table if r["arm"] == "counterfactuals" and r["attribute"] == "Support Devices"
                 and r["metric"] == "worst_group_accuracy" and r["head"] == "pleural_effusion")  # fmt: skip
     assert c["counterfactuals"]["diff"] == pytest.approx(cell["diff"])
@@ -100,3 +100,18 @@ def test_the_primary_comparison_is_checked_in_the_config(tmp_path):
     assert _config(tmp_path, primary_attribute="Sex").primary() == ("pleural_effusion", "Sex")
     missing = experiment.primary_comparison([], "pleural_effusion", "Sex")
     assert "no worst-group accuracy" in missing["missing"] and missing["comparisons"] == []
+
+
+def test_a_worst_group_accuracy_of_zero_is_a_result_not_missing():
+    """A classifier that takes the shortcut completely scores 0 in a contradicting group: still a comparison."""
+    from prism_ray.pipelines import experiment
+
+    key = {"head": "pleural_effusion", "attribute": "Support Devices", "group": "worst",
+           "metric": "worst_group_accuracy"}
+    table = [dict(key, arm="original", mean=0.0, ci_low=0.0, ci_high=0.0, n_seeds=5),
+             dict(key, arm="counterfactuals", mean=0.4, ci_low=0.3, ci_high=0.5, n_seeds=5, diff=0.4,
+                  diff_ci_low=0.3, diff_ci_high=0.5, p_paired_t=0.001, p_sign_flip=0.06)]
+    primary = experiment.primary_comparison(table, "pleural_effusion", "Support Devices")
+    assert "missing" not in primary and primary["arms"]["original"]["mean"] == 0.0
+    assert [(c["arm"], c["label"], c["resolved"]) for c in primary["comparisons"]] == [
+        ("counterfactuals", "(c) − (a)", True)]

@@ -652,7 +652,8 @@ def _fmt(x, digits: int = 3, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
-PRIMARY_LABELS = {"counterfactuals": "(c) − (a)", "sd_samples": "(b) − (a)"}
+PRIMARY_LABELS = {"counterfactuals": "(c) − (a)", "sd_samples": "(b) − (a)", "group_balanced": "(d) − (a)",
+                  "group_dro": "(e) − (a)"}
 
 
 def primary_comparison(table_rows: list[dict], head: str, attribute: str) -> dict:
@@ -662,12 +663,13 @@ def primary_comparison(table_rows: list[dict], head: str, attribute: str) -> dic
     key = (head, attribute, "worst", "worst_group_accuracy")
     cells = {r["arm"]: r for r in table_rows if (r["head"], r["attribute"], r["group"], r["metric"]) == key}
     out = {"head": head, "attribute": attribute, "metric": "worst_group_accuracy", "arms": {}, "comparisons": []}
-    if "original" not in cells or not np.isfinite(cells["original"].get("mean") or math.nan):
+    mean = cells["original"].get("mean") if "original" in cells else None
+    if mean is None or not np.isfinite(mean):  # (a worst-group accuracy of exactly 0 is a result, not missing)
         return {**out, "missing": f"no worst-group accuracy of {head!r} over {attribute!r}: no label x "
                 f"{attribute!r} cell of at least evaluation.min_group test rows"}  # fmt: skip
     arms = {arm: {k: cells[arm].get(k) for k in ("mean", "ci_low", "ci_high", "n_seeds")} for arm in cells}
     comparisons = []
-    for arm in ("counterfactuals", "sd_samples"):
+    for arm in PRIMARY_LABELS:  # the generative arms first; the non-generative fixes beside them
         r = cells.get(arm)
         if r is None or r.get("diff") is None:
             continue

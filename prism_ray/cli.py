@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_job(name: str, config_paths: list[str], overrides: list[str], print_config: bool = False) -> int:
     from prism_ray.config import ConfigError, describe_config, load_config
+    from prism_ray.distributed import RayStartError  # the package holds no Ray import itself
     from prism_ray.results.ledger import LedgerError
     from prism_ray.results.summary import RunIncomplete
 
@@ -167,7 +168,7 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
     except RunIncomplete as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, LedgerError) as err:
+    except (ValueError, FileNotFoundError, LedgerError, RayStartError) as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 1
     return 0

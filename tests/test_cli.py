@@ -119,3 +119,26 @@ def test_cluster_commands_are_not_jobs():
     assert set(cli.CLUSTER_COMMANDS).isdisjoint(cli.JOBS)
     args = cli.build_parser().parse_args(["logs", "prism-augment-0123", "--follow"])
     assert args.job == "logs" and args.submission_id == "prism-augment-0123" and args.follow
+
+
+def test_an_unreachable_ray_address_is_one_line_and_exit_1(tmp_path):
+    """RAY_ADDRESS naming a port nothing listens on: ray.init would retry for minutes; the job says so at once."""
+    import os
+    import socket
+
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+
+    data = write_phantom_dataset(str(tmp_path / "data"), PhantomDatasetConfig(n_subjects=12, seed=1))
+    with socket.socket() as s:  # a free port, closed again: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "prism_ray.cli", "augment", "--config", "configs/augment_tiny.yaml",
+         "--set", f"data.manifest={data.manifest_uri}", "--set", f"output={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}"),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("prism-ray augment:")]
+    assert len(errors) == 1 and f"RAY_ADDRESS=127.0.0.1:{port}: nothing answers" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr

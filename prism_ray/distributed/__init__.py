@@ -22,6 +22,28 @@ _WORKER_NOISE = re.compile(
 )
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started here or the cluster of RAY_ADDRESS could not be joined (one line: why)."""
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise RayStartError at once when nothing listens at RAY_ADDRESS's host:port (ray.init would retry the
+    connection for minutes); 'auto', 'local' and addresses without a port are left to ray.init."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayStartError(
+            f"RAY_ADDRESS={address}: nothing answers at {host}:{port} ({err.strerror or err}); start the head "
+            "(`ray start --head`) or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
+
+
 def verbose() -> bool:
     return bool(os.environ.get(VERBOSE_ENV))
 
@@ -72,10 +94,14 @@ def init_ray() -> None:
         if not os.environ.get("RAY_ADDRESS"):  # an in-process Ray on this machine: its token is Ray's business
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            log_to_driver=True,
-            logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
-        )
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True,
+                     logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"))
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:  # Ray's start/join failures
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RayStartError(f"Ray did not start ({address or 'a local Ray'}): {first}") from None
         if not verbose():
             _filter_worker_lines()

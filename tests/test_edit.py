@@ -112,3 +112,12 @@ def test_with_unset_defaults_names_a_bad_family_file():
         with_unset_defaults(config, {"inversion": {"num_inference_steps": 0}}, "f.yaml")
     with pytest.raises(ConfigError, match="'nope' is not a section"):
         with_unset_defaults(config, {"nope": {"x": 1}}, "f.yaml")
+
+
+def test_a_wrong_model_path_is_a_config_error_before_the_output_exists(tmp_path):
+    config = build_config(EditJobConfig, {"images": ["a.png"], "prompt": "Chest X-ray showing Support Devices",
+                                          "do": ["Support Devices=0"], "out": str(tmp_path / "edits"),
+                                          "model": {"path": str(tmp_path / "no-such-model"), "device": "cpu"}})
+    with pytest.raises(ConfigError, match=r"config field 'model.path'"):
+        run(config)
+    assert not (tmp_path / "edits").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from prism_ray.config import BaseConfig, with_unset_defaults
+from prism_ray.config import BaseConfig, config_field, with_unset_defaults
 from prism_ray.console import Progress
 from prism_ray.results.summary import RunIncomplete
 from prism_ray.data.images import DecodeConfig
@@ -89,15 +89,22 @@ def run(config: EditJobConfig, runner=None) -> Path:
     """Edit every image in this process; returns the output folder (`runner` is unused)."""
     from prism_ray.data.images import decode_image, default_min_side, make_square
     from prism_ray.data.storage import ImageReadError, read_image_bytes, write_png
-    from prism_ray.models.loading import METHOD_DEFAULTS_FILE, family_method_defaults, resolve_model_root
+    from prism_ray.models.loading import (
+        METHOD_DEFAULTS_FILE,
+        check_model_folder,
+        family_method_defaults,
+        require_supported_prediction,
+    )
     from prism_ray.pipelines.counterfactuals import MethodEngine
     from prism_ray.report.contact_sheet import save_contact_sheet
 
     captions = config.edit_captions()
+    with config_field("model.path"):  # a wrong model is a config error (exit 2), found before `out` exists
+        root = check_model_folder(config.model.path, config.model.cache_dir)
+        require_supported_prediction(root)
     out = Path(config.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"edit: {len(config.images)} images x {len(captions)} edits -> {out}", flush=True)
-    root = resolve_model_root(config.model.path, config.model.cache_dir)
     config = with_unset_defaults(config, family_method_defaults(root), str(root / METHOD_DEFAULTS_FILE))
     print(f"edit: {config.inversion.num_inference_steps} DDIM steps x {config.inversion.num_inner_steps} "
           f"null-text steps at lr {config.inversion.learning_rate:g}", flush=True)

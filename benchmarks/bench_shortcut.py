@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -403,8 +402,7 @@ def main(argv=None) -> dict:
     from prism_ray.console import configure_logging
     from prism_ray.phantom.dataset import write_phantom_dataset
 
-    configure_logging()
-    logging.getLogger("prism_ray").setLevel(logging.WARNING)  # the jobs' own lines: this script says more
+    configure_logging()  # the jobs' own lines (progress every 10 s) between this script's [shortcut] lines
     out = Path(args.out).resolve()
     t0, seconds = time.perf_counter(), {}
 

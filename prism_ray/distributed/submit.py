@@ -9,10 +9,9 @@ hashed. Paths *inside* the config must be reachable from the cluster (`cluster_e
 refuses, before anything is uploaded, what cannot be); the job runs in cluster/runtime_env.yaml's
 environment plus compute.env_vars.
 
-The submission id is `prism-<job>-<config_hash>`: submitting the same config again attaches to the
-running or finished job instead of starting a twin; after a FAILED or STOPPED one it submits
-`...-2`, `...-3`. Exit codes follow the job: 0 SUCCEEDED, 3 a shortfall (the driver exited 3),
-1 otherwise.
+The submission id is `prism-<job>-<config_hash>`: the same config again attaches to the running or
+finished job; after a FAILED or STOPPED one it submits `...-2`, `...-3`. Exit codes follow the job
+(0 SUCCEEDED, 3 a shortfall, 1 otherwise).
 
 Token auth (Ray >= 2.52; a plain `ray start --head` turns it on when ~/.ray/auth_token exists, which
 any local `ray.init()` writes): we send the header ourselves, the token found where Ray looks for
@@ -22,6 +21,7 @@ it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); one we lack is one 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from prism_ray.distributed import verbose
 from prism_ray.distributed.cluster_env import (
     REPO,
     check_cluster_paths,
@@ -128,6 +129,7 @@ def submit(job: str, config, address: str | None = None, wait: bool = True,
     script = REPO / "jobs" / f"{job.replace('-', '_')}.py"
     if not script.is_file():
         raise SubmitError(f"jobs/{script.name}: not found under {REPO} (submit from a repo checkout)")
+    logging.getLogger("ray").setLevel(logging.INFO if verbose() else logging.ERROR)  # "Ignoring upload ..."
     client = connect(address)
     env_vars = job_env_vars(config)
     check_cluster_paths(config, env_vars)

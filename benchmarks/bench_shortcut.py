@@ -3,7 +3,7 @@ counterfactual augmentation that fixes it (PRISM's Table 3), and the audit that 
 
 The phantoms plant the shortcut: in the train split tubes / ECG leads follow pleural effusion with
 strength c (P(device | effusion) = c, P(device | no effusion) = 1 - c; 0.5 is no correlation), and
-the effusion is subtle (severity 0.15-0.35: a blunted costophrenic angle, not a white lung base),
+the effusion is subtle (severity 0.2-0.5: a blunted costophrenic angle, not a white lung base),
 so the device is the easier cue. Valid and test are independent of it. Pacemakers are off, so
 "Support Devices" means exactly tube / ECG. Steps:
 
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subjects", type=int, default=2000)
     p.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.75, 0.9, 1.0])
     p.add_argument("--main", type=float, default=0.9, help="the correlation of the learning curve and the audit")
-    p.add_argument("--severity", type=float, nargs=2, default=[0.15, 0.35])
+    p.add_argument("--severity", type=float, nargs=2, default=[0.2, 0.5])
     p.add_argument("--per-direction", type=int, default=128, help="counterfactuals per direction in the sweep")
     p.add_argument("--curve", type=int, nargs="+", default=[32, 128, 512], help="learning-curve sizes")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps of inversion, edit and samples")
@@ -271,43 +271,81 @@ def audit_difference(rows: list[dict], arms: tuple[str, str], intervention: str,
 # --- label quality of the counterfactuals, by the phantom truth ------------------------------------
 
 
+def truth_pair(gt: dict, labels: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, true counterfactual) of a ground-truth row rendered at `size`: the same subject with the devices
+    the edit's labels say (none, or a tube and ECG leads: "Support Devices" is true of either)."""
+    from prism_ray.phantom.dataset import subject_attributes
+    from prism_ray.phantom.render import render_phantom
+
+    attrs = subject_attributes(gt)
+    wanted = {"devices": frozenset() if labels[1] == 0 else frozenset({"tube", "ecg"})}
+    return (render_phantom(attrs, int(gt["seed"]), size),
+            render_phantom(attrs.intervene(wanted), int(gt["seed"]), size))
+
+
 def label_quality(cf_folder: Path, truth_uri: str, judge: str | None) -> dict:
-    """Per edit direction: the share of edits closer to their true counterfactual than their source is, and,
-    when a judge classifier is given, the share it reads with the edit's intended labels."""
+    """Per edit direction, how often an edit's labels are right, by the phantom truth and by a judge.
+
+    Truth (through the family's VAE, so the round trip every edit pays is on both sides): inside the
+    subject's effusion region, is the edit closer to its true counterfactual (effusion as labelled)
+    than to the same image with the effusion flipped? Inside the device region, is a removal closer to
+    its true counterfactual than to its source? (An addition's true device placement is one of many,
+    docs/method.md §12: only the judge reads its device.) Judge: a classifier the shortcut cannot fool
+    (trained at c = 0.5), on the edits and, for its own error, on the sources' VAE round trips.
+    """
     from PIL import Image
 
     from prism_ray.data.storage import read_table
     from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
+    from prism_ray.models.loading import load_sd_components
     from prism_ray.phantom.dataset import subject_attributes
-    from prism_ray.phantom.render import render_phantom
+    from prism_ray.phantom.render import attribute_mask, render_phantom
+    from prism_ray.phantom.truth import vae_round_trip
     from prism_ray.pipelines.experiment import augment_rows
 
     truth = {r["image_uri"]: r for r in read_table(truth_uri).to_pylist()}
     rows = augment_rows(str(cf_folder)).to_pylist()
+    vae = load_sd_components("tiny", device="cpu").vae
     model = load_classifier(judge) if judge else None
     out = {}
-    for name, (_, spec, labels) in EDITS.items():
+    for name, (_, _, labels) in EDITS.items():
         mine = [r for r in rows if r["subgroup"] == name]
         if not mine:
             continue
-        closer, images = [], []
+        cfs = [np.asarray(Image.open(r["image_uri"]).convert("L")) for r in mine]
+        size = cfs[0].shape[0]
+        refs, regions = [], []
         for r in mine:
             gt = truth[r["source_uri"]]
-            cf = np.asarray(Image.open(r["image_uri"]).convert("L"), dtype=np.float64)
-            attrs = subject_attributes(gt)
-            wanted = {"devices": frozenset() if labels[1] == 0 else frozenset({"tube", "ecg"})}
-            true_cf = render_phantom(attrs.intervene(wanted), int(gt["seed"]), cf.shape[0]).astype(np.float64)
-            source = render_phantom(attrs, int(gt["seed"]), cf.shape[0]).astype(np.float64)
-            closer.append(np.abs(cf - true_cf).mean() < np.abs(source - true_cf).mean())
-            images.append(np.asarray(Image.open(r["image_uri"]).convert("RGB")))
-        entry = {"n": len(mine), "closer_to_truth_than_source": float(np.mean(closer))}
+            attrs, seed = subject_attributes(gt), int(gt["seed"])
+            source, true_cf = truth_pair(gt, labels, size)
+            flipped = render_phantom(subject_attributes(gt).intervene(
+                {"devices": frozenset() if labels[1] == 0 else frozenset({"tube", "ecg"}),
+                 "pleural_effusion": not bool(labels[0])}), seed, size)
+            refs += [source, true_cf, flipped]
+            with_fluid = attrs.intervene({"pleural_effusion": True})
+            regions.append((attribute_mask(with_fluid, seed, "pleural_effusion", size),
+                            np.logical_or.reduce([attribute_mask(attrs, seed, k, size) for k in ("tube", "ecg")])))
+        through = vae_round_trip(vae, refs, size).astype(np.float64)  # (3N, R, R)
+        effusion_right, device_right = [], []
+        for k, (cf, (fluid, devices)) in enumerate(zip(cfs, regions)):
+            cf = cf.astype(np.float64)
+            src, true_cf, flipped = through[3 * k], through[3 * k + 1], through[3 * k + 2]
+            if fluid.any():
+                effusion_right.append(np.abs(cf - true_cf)[fluid].mean() < np.abs(cf - flipped)[fluid].mean())
+            if labels[1] == 0 and devices.any():
+                device_right.append(np.abs(cf - true_cf)[devices].mean() < np.abs(cf - src)[devices].mean())
+        entry = {"n": len(mine), "truth_effusion_as_labelled": float(np.mean(effusion_right))}
+        if device_right:
+            entry["truth_device_removed"] = float(np.mean(device_right))
         if model is not None:
-            p = predict_proba(model, np.stack(images))
             names = classifier_labels(model)
-            effusion = p[:, names.index("pleural_effusion")] >= 0.5
-            device = p[:, names.index("support_devices")] >= 0.5
-            entry["judge_effusion_as_labelled"] = float(np.mean(effusion == bool(labels[0])))
-            entry["judge_device_as_labelled"] = float(np.mean(device == bool(labels[1])))
+            rgb = lambda images: np.repeat(np.stack(images)[..., None], 3, axis=-1)  # noqa: E731
+            p, p_src = predict_proba(model, rgb(cfs)), predict_proba(model, rgb(list(through[0::3].astype(np.uint8))))
+            e, d = names.index("pleural_effusion"), names.index("support_devices")
+            entry["judge_effusion_as_labelled"] = float(np.mean((p[:, e] >= 0.5) == bool(labels[0])))
+            entry["judge_device_as_labelled"] = float(np.mean((p[:, d] >= 0.5) == bool(labels[1])))
+            entry["judge_effusion_right_on_source_round_trip"] = float(np.mean((p_src[:, e] >= 0.5) == bool(labels[0])))
         out[name] = entry
     return out
 
@@ -372,8 +410,6 @@ def examples_of(cf_folder: Path, truth_uri: str, k: int = 4) -> list[tuple[str, 
     from PIL import Image
 
     from prism_ray.data.storage import read_table
-    from prism_ray.phantom.dataset import subject_attributes
-    from prism_ray.phantom.render import render_phantom
     from prism_ray.pipelines.experiment import augment_rows
 
     truth = {r["image_uri"]: r for r in read_table(truth_uri).to_pylist()}
@@ -381,13 +417,9 @@ def examples_of(cf_folder: Path, truth_uri: str, k: int = 4) -> list[tuple[str, 
     out = []
     for name, (_, _, labels) in EDITS.items():
         for r in [r for r in rows if r["subgroup"] == name][:k]:
-            gt = truth[r["source_uri"]]
             cf = np.asarray(Image.open(r["image_uri"]).convert("L"))
-            attrs = subject_attributes(gt)
-            wanted = {"devices": frozenset() if labels[1] == 0 else frozenset({"tube", "ecg"})}
-            src = render_phantom(attrs, int(gt["seed"]), cf.shape[0])
-            out.append((f"{name}: {Path(r['source_uri']).stem}", [src, cf,
-                        render_phantom(attrs.intervene(wanted), int(gt["seed"]), cf.shape[0])]))
+            source, true_cf = truth_pair(truth[r["source_uri"]], labels, cf.shape[0])
+            out.append((f"{name}: {Path(r['source_uri']).stem}", [source, cf, true_cf]))
     return out
 
 

@@ -33,6 +33,8 @@ def test_the_quick_benchmark_runs_every_step_and_writes_its_report(tmp_path):
     assert {"original", "counterfactuals"} <= {row[1] for row in saved["audit_table"]}
     quality = saved["label_quality"]["remove_devices"]
     assert quality["n"] > 0 and 0.0 <= quality["judge_device_as_labelled"] <= 1.0
+    assert 0.0 <= quality["truth_effusion_as_labelled"] <= 1.0 and 0.0 <= quality["truth_device_removed"] <= 1.0
+    assert "truth_device_removed" not in saved["label_quality"]["add_devices"]  # an addition's placement is one of many
     page = (tmp_path / "report.html").read_text()
     for anchor in ('id="verdict"', 'id="sweep"', 'id="curve"', 'id="main"', 'id="audit"', 'id="examples"'):
         assert anchor in page, anchor

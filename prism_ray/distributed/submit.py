@@ -10,8 +10,7 @@ refuses, before anything is uploaded, what cannot be); the job runs in cluster/r
 environment plus compute.env_vars.
 
 The submission id is `prism-<job>-<config_hash>`: the same config again attaches to the running or
-finished job; after a FAILED or STOPPED one it submits `...-2`, `...-3`. Exit codes follow the job
-(0 SUCCEEDED, 3 a shortfall, 1 otherwise).
+finished job; after a FAILED or STOPPED one it submits `...-2`, `...-3`; exit codes follow the job.
 
 Token auth (Ray >= 2.52; a plain `ray start --head` turns it on when ~/.ray/auth_token exists, which
 any local `ray.init()` writes): we send the header ourselves, the token found where Ray looks for

@@ -93,7 +93,7 @@ def main() -> None:
     )
     t = time.perf_counter()
     cf_summary = (
-        _allow_shortfall(augment.run, cf) if not args.reuse_augment else _summary(out / "counterfactuals")
+        allow_shortfall(augment.run, cf) if not args.reuse_augment else _summary(out / "counterfactuals")
     )
     seconds["augment_counterfactuals"] = time.perf_counter() - t
     accepted = experiment.augment_rows(str(out / "counterfactuals")).column("edit_prompt").to_pylist()
@@ -113,7 +113,7 @@ def main() -> None:
     )
     t = time.perf_counter()
     if not args.reuse_augment:
-        _allow_shortfall(augment.run, samples)
+        allow_shortfall(augment.run, samples)
     seconds["augment_samples"] = time.perf_counter() - t
 
     config = build_config(
@@ -187,7 +187,7 @@ def _summary(folder: Path) -> dict:
     return json.loads((folder / "run_summary.json").read_text())
 
 
-def _allow_shortfall(run, config) -> dict:
+def allow_shortfall(run, config) -> dict:
     """An augment run; a quota shortfall is reported and the rows it has are used."""
     from prism_ray.pipelines.augment import in_process
     from prism_ray.results.summary import RunIncomplete

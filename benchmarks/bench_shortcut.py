@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_experiment import allow_shortfall  # an augment run in this process; a shortfall is reported
 
 HEADS = {"pleural_effusion": "Pleural Effusion", "support_devices": "Support Devices"}
 ARM_LABELS = {
@@ -151,7 +152,7 @@ def make_counterfactuals(args, manifest: str, out: Path) -> dict:
                       for name, (sel, spec, _) in EDITS.items()],
         "output": str(out),
     })
-    return _allow_shortfall(augment.run, config)
+    return allow_shortfall(augment.run, config)
 
 
 def make_samples(args, out: Path) -> dict:
@@ -166,19 +167,7 @@ def make_samples(args, out: Path) -> dict:
                       for name, (prompt, _) in SAMPLE_PROMPTS.items()],
         "output": str(out),
     })
-    return _allow_shortfall(augment.run, config)
-
-
-def _allow_shortfall(run, config) -> dict:
-    """An augment run in this process; a quota shortfall is reported and the rows it has are used."""
-    from prism_ray.pipelines.augment import in_process
-    from prism_ray.results.summary import RunIncomplete
-
-    try:
-        return run(config, runner=in_process)
-    except RunIncomplete as err:
-        print(f"(shortfall) {err}", flush=True)
-        return err.summary
+    return allow_shortfall(augment.run, config)
 
 
 # --- the experiment and the audit ----------------------------------------------------------------
@@ -271,6 +260,11 @@ def audit_difference(rows: list[dict], arms: tuple[str, str], intervention: str,
 # --- label quality of the counterfactuals, by the phantom truth ------------------------------------
 
 
+def _rgb(images: list[np.ndarray]) -> np.ndarray:
+    """(N, R, R, 3) uint8 from gray (R, R) images, as the classifiers read them."""
+    return np.repeat(np.stack(images)[..., None], 3, axis=-1)
+
+
 def truth_pair(gt: dict, labels: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, true counterfactual) of a ground-truth row rendered at `size`: the same subject with the devices
     the edit's labels say (none, or a tube and ECG leads: "Support Devices" is true of either)."""
@@ -340,8 +334,8 @@ def label_quality(cf_folder: Path, truth_uri: str, judge: str | None) -> dict:
             entry["truth_device_removed"] = float(np.mean(device_right))
         if model is not None:
             names = classifier_labels(model)
-            rgb = lambda images: np.repeat(np.stack(images)[..., None], 3, axis=-1)  # noqa: E731
-            p, p_src = predict_proba(model, rgb(cfs)), predict_proba(model, rgb(list(through[0::3].astype(np.uint8))))
+            p = predict_proba(model, _rgb(cfs))
+            p_src = predict_proba(model, _rgb(list(through[0::3].astype(np.uint8))))
             e, d = names.index("pleural_effusion"), names.index("support_devices")
             entry["judge_effusion_as_labelled"] = float(np.mean((p[:, e] >= 0.5) == bool(labels[0])))
             entry["judge_device_as_labelled"] = float(np.mean((p[:, d] >= 0.5) == bool(labels[1])))

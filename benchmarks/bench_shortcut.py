@@ -20,7 +20,7 @@ so the device is the easier cue. Valid and test are independent of it. Pacemaker
    0..k-1, the model of each run selected by its best validation worst-group accuracy (stated here,
    in advance: `train.select: valid_worst_group`), scored on the independent test split;
 5. at the main correlation, a learning curve over the number of counterfactuals per direction;
-6. the audit job on the main correlation's test split with the (a) and (c) classifiers of seed 0
+6. the audit job on the main correlation's test split with the (a) and (c) classifiers of the first seed
    side by side: do(Support Devices=0/1); the effusion head of each is flagged when it changes more
    than under the control reconstruction;
 7. `report.html` (sweep plot, learning curve, audit table, example pairs) and `result.json`.
@@ -70,12 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.75, 0.9, 1.0])
     p.add_argument("--main", type=float, default=0.9, help="the correlation of the learning curve and the audit")
     p.add_argument("--severity", type=float, nargs=2, default=[0.2, 0.5])
-    p.add_argument("--per-direction", type=int, default=128, help="counterfactuals per direction in the sweep")
+    p.add_argument("--per-direction", type=int, default=512,
+                   help="counterfactuals per direction in the sweep and the main comparison")
     p.add_argument("--curve", type=int, nargs="+", default=[32, 128, 512], help="learning-curve sizes")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps of inversion, edit and samples")
     p.add_argument("--inner", type=int, default=2, help="null-text inner steps")
     p.add_argument("--train-steps", type=int, default=300, help="optimiser steps per classifier (every arm)")
     p.add_argument("--seeds", type=int, default=6, help="6: the exact sign-flip test can reach p < 0.05")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first..first+n-1 (a confirmation run takes seeds no earlier run has seen)")
     p.add_argument("--audit-sources", type=int, default=160)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -189,7 +192,7 @@ def run_experiment(args, manifest: str, out: Path, *, counterfactuals: Path, sam
         "samples": None if samples is None else str(samples),
         "samples_labels": {name: labels for name, (_, labels) in SAMPLE_PROMPTS.items()},
         "fixes": ["group_balanced", "group_dro"] if fixes else [],
-        "seeds": list(range(args.seeds)),
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "train": {"max_steps": args.train_steps, "batch_size": 32, "eval_every": 25, "patience": None,
                   "log_every": 1000, "checkpoint_every": args.train_steps, "select": "valid_worst_group",
                   "group_heads": list(HEADS)},
@@ -477,7 +480,7 @@ def main(argv=None) -> dict:
 
     t = time.perf_counter()
     runs = out / "experiments" / f"c{args.main:g}" / "runs"
-    models = {arm: str(runs / f"{arm}-seed0" / "model") for arm in ("original", "counterfactuals")}
+    models = {arm: str(runs / f"{arm}-seed{args.first_seed}" / "model") for arm in ("original", "counterfactuals")}
     audit_summary = run_audit(args, data[args.main].manifest_uri, models, out / "audit")
     import pyarrow.parquet as pq
 
@@ -488,7 +491,7 @@ def main(argv=None) -> dict:
     seconds["audit"] = time.perf_counter() - t
     say(f"audit: {audit_summary['rows']} rows ({seconds['audit']:.0f}s)")
 
-    judge = str(out / "experiments" / f"c{min(args.correlations):g}" / "runs" / "original-seed0" / "model")
+    judge = str(out / "experiments" / f"c{min(args.correlations):g}" / "runs" / f"original-seed{args.first_seed}" / "model")
     quality = label_quality(cf_folder, data[1.0].ground_truth_uri, judge if min(args.correlations) == 0.5 else None)
     seconds["total"] = time.perf_counter() - t0
 

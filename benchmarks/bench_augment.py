@@ -72,6 +72,7 @@ def make_data(root: Path, n: int) -> str:
 
 
 def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
+    from prism_ray.distributed.rounds import ray_runner
     from prism_ray.pipelines.augment import AugmentConfig
     from prism_ray.pipelines.augment import run as augment
 
@@ -93,7 +94,7 @@ def run(args, family: str, manifest: str, actors: int, out: str) -> dict:
         }
     )
     start = time.perf_counter()
-    summary = augment(config)
+    summary = augment(config, runner=ray_runner)
     wall = time.perf_counter() - start
     attempts = summary["attempts_this_run"]
     busy = sum(summary["actor_stage_seconds"].values())

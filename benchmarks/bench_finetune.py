@@ -75,6 +75,7 @@ def bench_core(family: Path, steps: int, batch: int, cached: bool, threads: int 
 def bench_ray(family: Path, manifest: Path, storage: Path, steps: int, batch: int, workers: int, cached: bool):
     from prism_ray.config import build_config
     from prism_ray.data.storage import read_table
+    from prism_ray.distributed.trainer import fit
     from prism_ray.pipelines.finetune import FinetuneConfig, run
 
     name = f"bench-{'cached' if cached else 'pixels'}-{workers}w"
@@ -95,7 +96,7 @@ def bench_ray(family: Path, manifest: Path, storage: Path, steps: int, batch: in
         },
     )
     started = time.perf_counter()
-    result = run(config)
+    result = run(config, runner=fit)
     wall = time.perf_counter() - started
     rows = read_table(f"{result.run_path}/metrics/part-{1:08d}-{steps:08d}.parquet").to_pylist()
     per_worker = statistics.median(r["images_per_second"] for r in rows[2:]) / workers

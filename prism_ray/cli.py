@@ -13,18 +13,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prism_ray.console import configure_logging
 
 
+# The Ray runners the jobs run on from the command line. The pipelines never pick one (they import
+# nothing of prism_ray.distributed: the import-linter contract in pyproject.toml); library callers and
+# tests pass theirs, e.g. `augment.in_process`.
+RAY_ACTORS = "prism_ray.distributed.rounds:ray_runner"  # long-lived Ray actors (augment, audit)
+RAY_TRAIN_DEEPSPEED = "prism_ray.distributed.trainer:fit"  # the U-Net fine-tune on Ray Train + DeepSpeed
+RAY_TRAIN_CLASSIFIER = "prism_ray.distributed.classifier_loop:fit"  # the classifier on Ray Train (DDP)
+
+
 @dataclass(frozen=True)
 class Job:
-    """A job: its config class and the pipeline function that runs it, imported only when it runs."""
+    """A job: its config class, the pipeline function that runs it and the runner it runs on, each
+    imported only when it runs."""
 
     help: str
     config: str  # "module:Class"
-    run: str  # "module:function" taking the config
+    run: str  # "module:function" taking the config and the runner
+    # "module:attr" passed as run(config, runner=...); a mapping of them is passed as a dict of the
+    # loaded runners (a job made of other jobs); None: the job runs in this process and takes no runner.
+    runner: str | Mapping[str, str] | None = None
 
 
 JOBS: dict[str, Job] = {
@@ -32,21 +45,25 @@ JOBS: dict[str, Job] = {
         "end-to-end demo on phantoms: dataset -> fine-tune -> counterfactuals -> filter -> report",
         "prism_ray.pipelines.demo:DemoConfig",
         "prism_ray.pipelines.demo:run",
+        {"finetune": RAY_TRAIN_DEEPSPEED, "augment": RAY_ACTORS},
     ),
     "finetune": Job(
         "fine-tune the U-Net with Ray Train + DeepSpeed and export a diffusers folder",
         "prism_ray.pipelines.finetune:FinetuneConfig",
         "prism_ray.pipelines.finetune:run",
+        RAY_TRAIN_DEEPSPEED,
     ),
     "augment": Job(
         "counterfactual augmentation sets on long-lived Ray actors (an exact quota of accepted edits per subgroup)",
         "prism_ray.pipelines.augment:AugmentConfig",
         "prism_ray.pipelines.augment:run",
+        RAY_ACTORS,
     ),
     "audit": Job(
         "dataset-wide bias audit: every image x every intervention + a control, co-change statistics, HTML report",
         "prism_ray.pipelines.audit:AuditConfig",
         "prism_ray.pipelines.audit:run",
+        RAY_ACTORS,
     ),
     "phantom": Job(
         "write a synthetic phantom chest X-ray dataset with ground-truth attributes",
@@ -62,16 +79,23 @@ JOBS: dict[str, Job] = {
         "train a multi-head attribute classifier with Ray Train (DDP; DeepSpeed optional) and export it",
         "prism_ray.pipelines.classifier:ClassifierConfig",
         "prism_ray.pipelines.classifier:run",
+        RAY_TRAIN_CLASSIFIER,
     ),
     "experiment": Job(
         "does the augmentation help? classifiers on original / + SD samples / + counterfactuals, over seeds",
         "prism_ray.pipelines.experiment:ExperimentConfig",
         "prism_ray.pipelines.experiment:run",
+        RAY_TRAIN_CLASSIFIER,  # the classifier job's, for every arm x seed
     ),
     "tiny-family": Job(
         "write a tiny SD-shaped model family (random weights) to a folder",
         "prism_ray.pipelines.tiny_family:TinyFamilyConfig",
         "prism_ray.pipelines.tiny_family:run",
+    ),
+    "rehearsal-family": Job(
+        "write SD v1.5- and CLIP ViT-L/14-shaped folders (random weights) to rehearse the real path",
+        "prism_ray.pipelines.rehearsal_family:RehearsalFamilyConfig",
+        "prism_ray.pipelines.rehearsal_family:run",
     ),
 }
 
@@ -80,6 +104,15 @@ def _load(ref: str):
     """Import `module:name`; a broken installation shows its real ImportError, not a missing job."""
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def load_runner(job: Job):
+    """The job's runner (`Job.runner` imported: Ray comes in here), or None for an in-process job."""
+    if job.runner is None:
+        return None
+    if isinstance(job.runner, str):
+        return _load(job.runner)
+    return {part: _load(ref) for part, ref in job.runner.items()}
 
 
 # Cluster commands: they take no config of their own, so they are not JOBS.
@@ -160,8 +193,9 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
     except ConfigError as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 2
+    runner = load_runner(job)  # after the config checks: a config error exits without importing Ray
     try:
-        run(config)
+        run(config, runner=runner)
     except ConfigError as err:  # a check that needs the data (e.g. a selector matching no row)
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 2

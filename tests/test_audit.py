@@ -279,7 +279,9 @@ def test_the_audit_runs_the_real_method_on_ray_actors(dataset, tmp_path, ray_loc
         inversion={"num_inference_steps": 5, "num_inner_steps": 2, "learning_rate": 0.05, "batch_size": 2},
         compute={"num_actors": 2, "batch_size": 2, "num_cpus_per_actor": 1},
     )
-    summary = audit.run(config)
+    from prism_ray.distributed.rounds import ray_runner
+
+    summary = audit.run(config, runner=ray_runner)
     n = summary["accounting"]["tasks"]
     assert 0 < n <= 6 and summary["rows"] == n and summary["error_rows"] == 0
     assert summary["actors"]["model_loads_per_actor"] == [1, 1]

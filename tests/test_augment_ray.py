@@ -19,6 +19,7 @@ from prism_ray.results.layout import Layout
 from prism_ray.results.summary import RunIncomplete
 from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 from prism_ray.data.storage import read_table, write_table
+from prism_ray.distributed.rounds import ray_runner  # the runner of `prism-ray augment`
 
 pytestmark = pytest.mark.slow
 QUOTAS = {"effusion": 2, "devices": 2, "broken": 1}
@@ -54,7 +55,7 @@ SUBGROUPS = [
 ]
 
 
-def augment(config: AugmentConfig, runner=None) -> dict:
+def augment(config: AugmentConfig, runner=ray_runner) -> dict:
     """The job; the `broken` subgroup can never meet its quota, so every run ends incomplete."""
     with pytest.raises(RunIncomplete, match="broken short by 1") as info:
         augment_run(config, runner=runner)
@@ -236,7 +237,7 @@ def test_s3_on_a_loopback_server(ray_local, tiny_family, tmp_path, monkeypatch):
                 "compute": {"num_actors": 1, "env_vars": env},
             }
         )
-        summary = augment_run(config)
+        summary = augment_run(config, runner=ray_runner)
         assert summary["subgroups"]["all"]["accepted"] == 1
         rows = read_table("s3://prism-test/augment/manifest.parquet").to_pylist()
         assert len(rows) == 1 and rows[0]["image_uri"].startswith("s3://prism-test/augment/images/all/")

@@ -15,6 +15,7 @@ def test_two_worker_ray_train_learns_effusion_well_above_chance(ray_local, tmp_p
     from prism_ray.data.storage import read_image
     from prism_ray.models.classifier import load_classifier, predict_proba
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+    from prism_ray.distributed.classifier_loop import fit
     from prism_ray.pipelines.classifier import ClassifierConfig, run
     from prism_ray.scoring.classification import auroc, balanced_accuracy
 
@@ -37,7 +38,7 @@ def test_two_worker_ray_train_learns_effusion_well_above_chance(ray_local, tmp_p
             "run": {"storage_path": str(tmp_path / "runs"), "name": "ray-clf"},
         },
     )
-    result = run(config)  # default runner: Ray Train
+    result = run(config, runner=fit)  # Ray Train, the runner of `prism-ray classifier`
     assert result.final_step == 40
     assert sorted(p.name for p in (tmp_path / "runs" / "ray-clf").glob("checkpoint_0*")) == [
         "checkpoint_00000020",
@@ -56,6 +57,7 @@ def test_two_worker_group_dro_all_reduces_the_group_losses(ray_local, tmp_path):
     all-reduce a step), so the run finishes in lockstep with one q, its 4 training groups off uniform."""
     from prism_ray.config import build_config
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
+    from prism_ray.distributed.classifier_loop import fit
     from prism_ray.pipelines.classifier import ClassifierConfig, run
     from prism_ray.training.callbacks import STATE_FILE
     from prism_ray.training.classifier import read_classifier_checkpoint
@@ -82,7 +84,7 @@ def test_two_worker_group_dro_all_reduces_the_group_losses(ray_local, tmp_path):
             "run": {"storage_path": str(tmp_path / "runs"), "name": "ray-dro"},
         },
     )
-    result = run(config)
+    result = run(config, runner=fit)
     state = read_classifier_checkpoint(result.checkpoint_path, STATE_FILE)
     q = np.array(state["group_dro_q"])
     assert result.final_step == 10 and result.select == "valid_worst_group"

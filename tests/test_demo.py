@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from prism_ray import cli
 from prism_ray.data.storage import read_table
 from prism_ray.engine.settings import InversionConfig
 from prism_ray.pipelines.demo import SUBGROUPS, DemoConfig
@@ -35,7 +36,7 @@ def test_demo_end_to_end(ray_local, tmp_path):
         inversion=InversionConfig(num_inference_steps=8, num_inner_steps=2),
     )
     assert config.filter.off_target.classifier == "tiny"  # the demo's default: off-target edits are rejected
-    report = run_demo(config)
+    report = run_demo(config, runner=cli.load_runner(cli.JOBS["demo"]))  # Ray Train + Ray actors, as the CLI
     stats = {s["subgroup"]: s for s in json.loads((report / "summary.json").read_text())}
     assert set(stats) == {name for name, _, _ in SUBGROUPS}
     for s in stats.values():

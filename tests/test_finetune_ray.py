@@ -12,6 +12,7 @@ import torch
 from prism_ray import faults
 from prism_ray.config import build_config
 from prism_ray.data.storage import read_table, write_png, write_table
+from prism_ray.distributed.trainer import fit as ray_train  # the runner of `prism-ray finetune`
 from prism_ray.pipelines.finetune import FinetuneConfig, run
 from prism_ray.training.callbacks import checkpoint_unet_state
 from prism_ray.training.diffusion import module_digest, state_dict_digest
@@ -66,7 +67,7 @@ def make_config(tiny_family, manifest, storage, *overrides) -> FinetuneConfig:
 def first_run(tiny_family, manifest, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     config = make_config(tiny_family, manifest, storage)
-    return config, storage, run(config)
+    return config, storage, run(config, runner=ray_train)
 
 
 def test_zero2_run_counts_bad_rows_and_writes_metrics(first_run):
@@ -128,7 +129,7 @@ def test_rerun_with_same_name_resumes_from_checkpoint(first_run, tiny_family, ma
         "train.cache_latents=true",
         f"run.export_path={storage / 'model-3'}",
     )
-    result = run(again)
+    result = run(again, runner=ray_train)
     assert (result.start_step, result.final_step) == (2, 3)
     assert result.skipped == first.skipped
     events = sorted((storage / "ft" / "events").glob("resume-*.json"))
@@ -174,14 +175,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_
         "run.export=false",
     )
     with pytest.raises(Exception):
-        run(killed)  # max_failures = 0: the run fails with its worker
+        run(killed, runner=ray_train)  # max_failures = 0: the run fails with its worker
     assert (ray_with_faults / "finetune.step.fired").exists()
     checkpoints = sorted((tmp_path / "ft").glob("checkpoint_*"))
     assert [c.name for c in checkpoints] == ["checkpoint_00000002"], "the step-2 checkpoint, nothing after"
     at_2 = state_dict_digest(checkpoint_unet_state(str(checkpoints[-1])))
 
     # Same name again (the marker keeps the fault from firing twice): resumes at 2, ends at 4.
-    result = run(killed)
+    result = run(killed, runner=ray_train)
     assert (result.start_step, result.final_step) == (2, 4)
     event = json.loads(sorted((tmp_path / "ft" / "events").glob("resume-*.json"))[-1].read_text())
     assert event["step"] == 2 and event["unet_sha256"] == at_2

@@ -340,18 +340,17 @@ def finished_tasks(layout: Layout, results_hash: str) -> tuple[set[str], set[str
 # --- the job ---------------------------------------------------------------------------------
 
 
-def run(config: AuditConfig, runner=None) -> dict:
+def run(config: AuditConfig, runner) -> dict:
     """Audit every selected source once (resuming what an earlier run finished); returns the summary.
 
-    `runner(step_factory, compute, output)` as in `pipelines.augment.run`; default: Ray actors.
+    `runner(step_factory, compute, output)` as in `pipelines.augment.run` (`augment.in_process`, or the Ray
+    actors of `distributed.rounds.ray_runner`: the CLI's choice).
     """
     from prism_ray.data.schemas import rows_to_table
     from prism_ray.models.loading import resolve_model_root, weights_digest
     from prism_ray.results.ledger import write_json_atomic, write_part
     from prism_ray.scoring.audit_stats import audit_statistics
 
-    if runner is None:
-        from prism_ray.distributed.rounds import ray_runner as runner
     started, t0 = _now(), time.perf_counter()
     layout = Layout.of(config.output)
     if layout.root != config.output:

@@ -589,17 +589,16 @@ def model_roots(config) -> list:
     return roots
 
 
-def run(config: AugmentConfig, runner=None) -> dict:
+def run(config: AugmentConfig, runner) -> dict:
     """Run rounds until every subgroup meets its quota (or runs out of sources); returns the run summary.
 
     `runner(step_factory, compute, output)` returns the object that feeds batches to long-lived steps for
-    the whole job (`map`, `stats`, `close`); default: Ray actors (`distributed.rounds.ray_runner`,
-    joins or starts Ray). Raises `RunIncomplete` (after writing outputs and summary) on a shortfall.
+    the whole job (`map`, `stats`, `close`): `in_process` here, or Ray actors (`distributed.rounds.ray_runner`,
+    joins or starts Ray; the CLI's choice, `cli.JOBS`). Raises `RunIncomplete` (after writing outputs and
+    summary) on a shortfall.
     """
     from prism_ray.models.loading import weights_digest
 
-    if runner is None:
-        from prism_ray.distributed.rounds import ray_runner as runner
     started, t0 = _now(), time.perf_counter()
     layout = Layout.of(config.output)  # resolved on the driver; relative paths refused under `ray job submit`
     if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path

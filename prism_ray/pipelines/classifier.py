@@ -559,9 +559,10 @@ def in_process(config: ClassifierConfig, plan: ClassifierPlan) -> str:
     return latest_checkpoint(plan.run_path)
 
 
-def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierResult:
-    """Train (default runner: Ray Train, `distributed.classifier_loop.fit`), resume by `run.name`, and export
-    the best validation weights as a transformers folder (`<run>/model` unless `run.export_path`)."""
+def run(config: ClassifierConfig, runner: Runner) -> ClassifierResult:
+    """Train (`runner`: `in_process`, or the CLI's Ray Train `distributed.classifier_loop.fit`), resume by
+    `run.name`, and export the best validation weights as a transformers folder (`<run>/model` unless
+    `run.export_path`)."""
     from prism_ray.data.storage import join_uri
     from prism_ray.pipelines.finetune import absolute_storage
     from prism_ray.training.callbacks import STATE_FILE
@@ -587,8 +588,6 @@ def run(config: ClassifierConfig, runner: Runner | None = None) -> ClassifierRes
         counts = np.bincount(group_ids(plan.train.targets, config.group_columns()), minlength=len(names))
         per_group = {names[g]: int(n) for g, n in enumerate(counts) if n}
         print(f"classifier: training rows per group {per_group}", flush=True)
-    if runner is None:
-        from prism_ray.distributed.classifier_loop import fit as runner
     checkpoint = runner(config, plan)
     state = read_classifier_checkpoint(checkpoint, STATE_FILE)
     stopping = state["early_stopping"]

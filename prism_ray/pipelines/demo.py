@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -77,8 +78,12 @@ def _say(step: str, message: str) -> None:
     print(f"[demo] {step}: {message}", flush=True)
 
 
-def run(config: DemoConfig, runner=None) -> Path:
-    """Run the whole mission on phantoms and return the report folder (`runner`: the augment job's)."""
+def run(config: DemoConfig, runner: Mapping[str, Callable]) -> Path:
+    """Run the whole mission on phantoms and return the report folder.
+
+    `runner`: {"finetune": the finetune job's runner, "augment": the augment job's} (the CLI's: Ray Train +
+    DeepSpeed and Ray actors, `cli.JOBS["demo"]`).
+    """
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
     from prism_ray.pipelines import augment, finetune
     from prism_ray.report.demo_report import write_demo_report
@@ -114,7 +119,7 @@ def run(config: DemoConfig, runner=None) -> Path:
             "run": {"storage_path": str(out / "runs"), "name": "finetune"},
         }
     )
-    tuned = finetune.run(ft)
+    tuned = finetune.run(ft, runner=runner["finetune"])
     _say("2/4 fine-tune", f"step {tuned.final_step}, model exported to {tuned.model_path}")
 
     _say("3/4 counterfactuals", f"{len(SUBGROUPS)} subgroups x {config.quota} accepted, Ray actors")
@@ -135,7 +140,7 @@ def run(config: DemoConfig, runner=None) -> Path:
         }
     )
     try:
-        summary, incomplete = augment.run(aug, runner=runner), None
+        summary, incomplete = augment.run(aug, runner=runner["augment"]), None
     except RunIncomplete as err:  # still report what was made, then end non-zero
         summary, incomplete = err.summary, err
 

@@ -541,8 +541,9 @@ def _classifier_config(config: ExperimentConfig, manifest: str, root: str, arm: 
     )
 
 
-def run(config: ExperimentConfig, runner=None) -> dict:
-    """Train every arm x seed (`runner` as the classifier job's; default Ray Train), score, compare, write."""
+def run(config: ExperimentConfig, runner) -> dict:
+    """Train every arm x seed (`runner` as the classifier job's: `classifier.in_process` or Ray Train), score,
+    compare, write."""
     import pyarrow as pa
     import pyarrow.compute as pc
 

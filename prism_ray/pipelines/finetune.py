@@ -212,10 +212,10 @@ def plan_run(config: FinetuneConfig) -> FinetunePlan:
     )
 
 
-def run(config: FinetuneConfig, runner: Runner | None = None) -> FinetuneResult:
+def run(config: FinetuneConfig, runner: Runner) -> FinetuneResult:
     """Fine-tune the U-Net on `config.data`, resume by `run.name`, export a diffusers folder.
 
-    `runner` trains (default: Ray Train + DeepSpeed, `prism_ray.distributed.trainer.fit`); the
+    `runner` trains (the CLI's: Ray Train + DeepSpeed, `prism_ray.distributed.trainer.fit`); the
     export and the summary of skipped rows happen here, on the driver.
     """
     from prism_ray.data.storage import join_uri
@@ -230,8 +230,6 @@ def run(config: FinetuneConfig, runner: Runner | None = None) -> FinetuneResult:
         # Nothing left to train: no Ray Train start and no DeepSpeed op build just to say so.
         print(f"finetune: already trained to step {config.train.max_steps} ({checkpoint}); exporting it", flush=True)
     else:
-        if runner is None:
-            from prism_ray.distributed.trainer import fit as runner
         checkpoint = runner(config, plan)
     state = read_checkpoint_state(checkpoint)
     model_path = None

@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     from prism_ray.scoring.clip_score import ClipScorer
     from prism_ray.scoring.metrics import LPIPS, flip_rate
     from prism_ray.models.loading import load_clip, load_sd_components, resolve_model_root
-    from prism_ray.report.contact_sheet import save_contact_sheet
+    from prism_ray.data.contact_sheet import save_contact_sheet
     from prism_ray.phantom.truth import classifier_path
 
     root = resolve_model_root(args.model)

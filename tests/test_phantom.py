@@ -19,7 +19,7 @@ from prism_ray.phantom.render import (
     render_phantom,
     true_counterfactual,
 )
-from prism_ray.report.contact_sheet import save_contact_sheet
+from prism_ray.data.contact_sheet import save_contact_sheet
 
 # (attribute whose mask must contain the change, intervention, source attributes)
 INTERVENTIONS = [

@@ -607,7 +607,7 @@ def _limits(m: dict) -> str:
 
 def train_family(config: PhantomTrainConfig) -> dict:
     from prism_ray.models.loading import resolve_device
-    from prism_ray.report.contact_sheet import save_contact_sheet
+    from prism_ray.data.contact_sheet import save_contact_sheet
     from prism_ray.models.tiny import build_tiny_tokenizer
 
     torch.set_num_threads(config.threads)

@@ -96,7 +96,7 @@ def run(config: EditJobConfig, runner=None) -> Path:
         require_supported_prediction,
     )
     from prism_ray.pipelines.counterfactuals import MethodEngine
-    from prism_ray.report.contact_sheet import save_contact_sheet
+    from prism_ray.data.contact_sheet import save_contact_sheet
 
     captions = config.edit_captions()
     with config_field("model.path"):  # a wrong model is a config error (exit 2), found before `out` exists

@@ -1,1 +1,1 @@
-"""Contact sheets and reports."""
+"""HTML run reports of the jobs: their tables, example grids and plots."""

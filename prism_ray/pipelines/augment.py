@@ -670,6 +670,8 @@ def run(config: AugmentConfig, runner) -> dict:
                        rounds, progress, final, tally, actors, driver_seconds)
     summary["accounting"] = account(sources, final)
     write_summary(layout, summary)
+    from prism_ray.report.augment_report import accounting_line, write_augment_report
+
     if summary["accounting"]:
         log.info("%s", accounting_line(summary["accounting"]))
     short = {n: s["shortfall"] for n, s in summary["subgroups"].items() if s["shortfall"]}
@@ -678,8 +680,6 @@ def run(config: AugmentConfig, runner) -> dict:
                  info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
                  f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
     log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
-    from prism_ray.report.augment_report import write_augment_report
-
     try:
         write_augment_report(config, summary)  # report.html, also for an incomplete run
     except OutputWriteError as err:  # the results are committed: the report is not one, the run ends by them
@@ -704,15 +704,6 @@ def account(sources: Sources, final: dict) -> dict:
     out.update(sources_with_outputs=len(with_rows), sources_failed=len(failed),
                sources_not_needed=len(uris) - len(with_rows) - len(failed))
     return out
-
-
-def accounting_line(a: dict) -> str:
-    return (
-        f"augment: accounted: {a['input_rows']} input rows = {a['not_selected']} not selected + "
-        f"{a['duplicate_rows_collapsed']} duplicates + {a['rows_with_errors']} row errors + {a['sources']} sources "
-        f"({a['sources_with_outputs']} with outputs, {a['sources_failed']} failed, "
-        f"{a['sources_not_needed']} not needed: quotas met first)"
-    )
 
 
 def _summary(config, layout, started, wall, results_hash, model_id, rounds, progress, final, tally, actors,

@@ -69,7 +69,6 @@ def write_augment_report(
     2,500-per-subgroup run gives a report of a few MB.
     """
     from prism_ray.data.storage import exists, read_table
-    from prism_ray.pipelines.augment import accounting_line
 
     layout = Layout(summary["output"])
     rows = read_table(layout.manifest, columns=_COLUMNS).to_pylist() if exists(layout.manifest) else []
@@ -108,7 +107,7 @@ def write_augment_report(
         )
 
     report.add_heading("What was run", id="run-info")
-    report.add_key_values(_run_info(config, summary, accounting_line), id="run-info-table")
+    report.add_key_values(_run_info(config, summary), id="run-info-table")
 
     report.add_heading("Subgroups", id="subgroups")
     table = []
@@ -167,7 +166,17 @@ def write_augment_report(
     return uri
 
 
-def _run_info(config, summary: dict, accounting_line) -> dict:
+def accounting_line(a: dict) -> str:
+    """The run summary's `accounting` in one line (the job's log and the report's run-info table)."""
+    return (
+        f"augment: accounted: {a['input_rows']} input rows = {a['not_selected']} not selected + "
+        f"{a['duplicate_rows_collapsed']} duplicates + {a['rows_with_errors']} row errors + {a['sources']} sources "
+        f"({a['sources_with_outputs']} with outputs, {a['sources_failed']} failed, "
+        f"{a['sources_not_needed']} not needed: quotas met first)"
+    )
+
+
+def _run_info(config, summary: dict) -> dict:
     f = config.filter
     thresholds = [f"S_CLIP ≥ {f.s_clip_min:g}"]
     for label, value, sign in (

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine import inversion as inv
 from prism_ray.engine.images import decode, encode, preprocess
+from prism_ray.engine.settings import InversionConfig
 
 NO_EARLY_STOP = {"early_stop_epsilon": 0.0, "early_stop_slope": 0.0}
 ARMS: dict[str, dict] = {

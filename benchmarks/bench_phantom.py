@@ -51,21 +51,21 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from prism_ray.data.captions import get_adapter
-from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor
-from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask, render_phantom
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.phantom.dataset import MIMIC_AGE_BINS, mimic_adapter_options
 from prism_ray.phantom.demographic import age_heads
-from prism_ray.phantom.truth import blind_counterfactual, phantom_intervention, plausible_counterfactuals
 from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
+from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask, render_phantom
+from prism_ray.phantom.truth import blind_counterfactual, phantom_intervention, plausible_counterfactuals
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def vae_round_trip(sd, images: np.ndarray) -> np.ndarray:
     return decode(sd.vae, encode(sd.vae, preprocess(list(images), sd.resolution)))[..., 0]
 
 
-def decoder_rows(sd, cases: "Cases") -> dict[str, np.ndarray]:
+def decoder_rows(sd, cases: Cases) -> dict[str, np.ndarray]:
     """The two rows that are not edits: the true counterfactual (`true_vae`) and the blind bound
     (`blind_vae`), each through the family's VAE."""
     return {"true_vae": vae_round_trip(sd, cases.true), "blind_vae": vae_round_trip(sd, cases.blind)}
@@ -240,7 +240,7 @@ def judge_accepts(judge, rule, spec: str, src: np.ndarray, edited: np.ndarray, s
     return keep, keep & seen
 
 
-def judge_rows(judge, kind: str, spec: str, cases: "Cases", outputs: dict, clips: dict, classifier) -> dict:
+def judge_rows(judge, kind: str, spec: str, cases: Cases, outputs: dict, clips: dict, classifier) -> dict:
     """{arm: judged scores, arm+target: the same with require_target} for every arm with S_CLIP scores."""
     baselines = {k: outputs[k] for k in BASELINES}
     rule, rows = off_target_rule(kind), {}
@@ -314,7 +314,7 @@ class Cases:
     heads: list[str]
     targets: tuple[str, ...]
 
-    def subset(self, keep: np.ndarray) -> "Cases":
+    def subset(self, keep: np.ndarray) -> Cases:
         rows = np.flatnonzero(keep)
         return Cases(self.src[rows], self.true[rows], self.blind[rows], self.masks[rows], [self.plausible[i] for i in rows],
                      self.target[rows], self.p_src[rows], self.p_true[rows], self.heads, self.targets)
@@ -393,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from prism_ray.data.contact_sheet import save_contact_sheet
     from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
+    from prism_ray.models.loading import load_clip, load_sd_components, resolve_model_root
+    from prism_ray.phantom.truth import classifier_path
     from prism_ray.scoring.clip_score import ClipScorer
     from prism_ray.scoring.metrics import LPIPS, flip_rate
-    from prism_ray.models.loading import load_clip, load_sd_components, resolve_model_root
-    from prism_ray.data.contact_sheet import save_contact_sheet
-    from prism_ray.phantom.truth import classifier_path
 
     root = resolve_model_root(args.model)
     sd = load_sd_components(str(root), device="cpu")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from prism_ray.console import configure_logging
 
-
 # The Ray runners the jobs run on from the command line. The pipelines never pick one (they import
 # nothing of prism_ray.distributed: the import-linter contract in pyproject.toml); library callers and
 # tests pass theirs, e.g. `augment.in_process`.

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from prism_ray.data.storage import read_table, write_table
+from prism_ray.distributed.rounds import ray_runner  # the runner of `prism-ray augment`
+from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
 from prism_ray.pipelines.augment import AugmentConfig, in_process
 from prism_ray.pipelines.augment import run as augment_run
 from prism_ray.results.layout import Layout
 from prism_ray.results.summary import RunIncomplete
-from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
-from prism_ray.data.storage import read_table, write_table
-from prism_ray.distributed.rounds import ray_runner  # the runner of `prism-ray augment`
 
 pytestmark = pytest.mark.slow
 QUOTAS = {"effusion": 2, "devices": 2, "broken": 1}

@@ -13,9 +13,9 @@ def test_two_worker_ray_train_learns_effusion_well_above_chance(ray_local, tmp_p
 
     from prism_ray.config import build_config
     from prism_ray.data.storage import read_image
+    from prism_ray.distributed.classifier_loop import fit
     from prism_ray.models.classifier import load_classifier, predict_proba
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
-    from prism_ray.distributed.classifier_loop import fit
     from prism_ray.pipelines.classifier import ClassifierConfig, run
     from prism_ray.scoring.classification import auroc, balanced_accuracy
 
@@ -56,8 +56,8 @@ def test_two_worker_group_dro_all_reduces_the_group_losses(ray_local, tmp_path):
     """Group DRO under DDP: each worker updates q from the group losses of both workers' batches (one
     all-reduce a step), so the run finishes in lockstep with one q, its 4 training groups off uniform."""
     from prism_ray.config import build_config
-    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
     from prism_ray.distributed.classifier_loop import fit
+    from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
     from prism_ray.pipelines.classifier import ClassifierConfig, run
     from prism_ray.training.callbacks import STATE_FILE
     from prism_ray.training.classifier import read_classifier_checkpoint

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ray.models.classifier import build_classifier, classifier_labels, load_classifier, predict_proba
 from prism_ray.engine.text import encode_prompts
+from prism_ray.models.classifier import build_classifier, classifier_labels, load_classifier, predict_proba
 from prism_ray.models.loading import load_clip, load_sd_components
 from prism_ray.phantom.dataset import PhantomDatasetConfig, sample_subjects, write_phantom_dataset
 from prism_ray.phantom.demographic import (

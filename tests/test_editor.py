@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.editor import Editor, edit_many
+from prism_ray.engine.images import encode, preprocess
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.engine.text import encode_prompts
 from prism_ray.engine.types import InversionResult
-from prism_ray.engine.images import encode, preprocess
 
 T = 4  # denoising steps: enough to exercise windows and blend start, cheap on 2 shared cores
 SOURCES = ["a chest x-ray of a male patient", "a chest x-ray showing cardiomegaly", "a chest x-ray"]

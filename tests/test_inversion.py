@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_nti import ReferenceNTI
 
-from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine import inversion as inv
 from prism_ray.engine.errors import ItemError
 from prism_ray.engine.scheduler import DDIMSteps, make_ddim_scheduler
+from prism_ray.engine.settings import InversionConfig
 from prism_ray.engine.text import encode_prompts, null_embedding
-from reference_nti import ReferenceNTI
 
 PROMPTS = ["chest x-ray showing cardiomegaly", "chest x-ray of a male patient", "chest x-ray showing pleural effusion"]
 

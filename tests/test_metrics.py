@@ -14,7 +14,6 @@ from prism_ray.scoring.metrics import (
     uint8_to_lpips_input,
 )
 
-
 # -- L1 ----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from prism_ray.data.captions import CHEXPERT_LABELS
+from prism_ray.data.contact_sheet import save_contact_sheet
 from prism_ray.phantom.dataset import PhantomDatasetConfig, subject_attributes, write_phantom_dataset
 from prism_ray.phantom.render import (
     PhantomAttributes,
@@ -19,7 +20,6 @@ from prism_ray.phantom.render import (
     render_phantom,
     true_counterfactual,
 )
-from prism_ray.data.contact_sheet import save_contact_sheet
 
 # (attribute whose mask must contain the change, intervention, source attributes)
 INTERVENTIONS = [
@@ -126,7 +126,11 @@ def test_redraw_moves_only_the_hidden_attribute():
 
 
 def test_plausible_counterfactuals():
-    from prism_ray.phantom.truth import phantom_intervention, plausible_counterfactuals, plausible_interventions
+    from prism_ray.phantom.truth import (
+        phantom_intervention,
+        plausible_counterfactuals,
+        plausible_interventions,
+    )
 
     seed = 2**31 + 21
     bare = PhantomAttributes(age=55)

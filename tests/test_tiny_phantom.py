@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from prism_ray.models.classifier import CLASSIFIER_LABELS, classifier_labels, load_classifier, predict_proba
-from prism_ray.phantom.render import PhantomAttributes, render_phantom
 from prism_ray.phantom.family import attribute_vector, chexpert_row
+from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
 SHIPPED = Path(__file__).resolve().parents[1] / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped tiny_phantom family")
@@ -87,8 +87,8 @@ def test_vae_round_trip_psnr_target(phantoms):
 
 def test_clip_ranks_the_right_caption_first(phantoms):
     from prism_ray.data.captions import get_adapter
-    from prism_ray.scoring.clip_score import ClipScorer
     from prism_ray.models.loading import load_clip
+    from prism_ray.scoring.clip_score import ClipScorer
 
     images, _ = phantoms
     adapter = get_adapter("chexpert")
@@ -125,9 +125,9 @@ def test_noise_mask_finds_the_devices():
     (measured ~3x: precision 0.47, share 0.16) and it covers most of them (measured 0.85)."""
     import torch.nn.functional as F
 
-    from prism_ray.engine.settings import InversionConfig
     from prism_ray.engine.inversion import invert_many
     from prism_ray.engine.noise_mask import noise_difference_masks
+    from prism_ray.engine.settings import InversionConfig
     from prism_ray.engine.text import encode_prompts
     from prism_ray.models.loading import load_sd_components
     from prism_ray.phantom.render import attribute_mask

@@ -306,7 +306,7 @@ class Intervention(BaseModel):
     attribute: StrictStr
     # Strict types: pydantic would otherwise coerce 0 -> False or "80" -> 80 before the adapter,
     # which knows the attribute's type, gets to decide.
-    value: Union[StrictBool, StrictInt, StrictStr]
+    value: StrictBool | StrictInt | StrictStr
 
     @field_validator("attribute")
     @classmethod

@@ -62,7 +62,7 @@ class ReplaceControl:
         # src (N, heads, Q, 77), own (N, K, heads, Q, 77) -> (N, K, heads, Q, 77)
         return torch.einsum("nhqw,nkwc->nkhqc", src, self.mapper.to(src.dtype))
 
-    def to(self, device) -> "ReplaceControl":
+    def to(self, device) -> ReplaceControl:
         return ReplaceControl(self.mapper.to(device))
 
 
@@ -80,7 +80,7 @@ class RefineControl:
         alphas = self.alphas[:, :, None, None, :].to(src.dtype)
         return gathered * alphas + own * (1 - alphas)
 
-    def to(self, device) -> "RefineControl":
+    def to(self, device) -> RefineControl:
         return RefineControl(self.mapper.to(device), self.alphas.to(device))
 
 
@@ -95,7 +95,7 @@ class ReweightControl:
         base = self.inner(src, own) if self.inner is not None else src[:, None].expand_as(own)
         return base * self.equalizer[:, :, None, None, :].to(src.dtype)
 
-    def to(self, device) -> "ReweightControl":
+    def to(self, device) -> ReweightControl:
         return ReweightControl(self.equalizer.to(device), None if self.inner is None else self.inner.to(device))
 
 
@@ -143,13 +143,13 @@ class LocalBlend:
         mask = mask.view(n, -1, 1, *size) | ~self.enabled[:, :, None, None, None]
         return mask if self.region is None else mask & self.region
 
-    def current(self, state: "ControlState", size: tuple[int, int]) -> torch.Tensor:
+    def current(self, state: ControlState, size: tuple[int, int]) -> torch.Tensor:
         """The mask for this step from the maps stored so far -> (N, K, 1, h, w) bool."""
         if state.blend_maps is None:
             raise RuntimeError("local blend: no cross-attention maps were stored (layers/resolution mismatch?)")
         return self.masks(state.blend_maps, size)
 
-    def to(self, device) -> "LocalBlend":
+    def to(self, device) -> LocalBlend:
         return dataclasses.replace(
             self,
             source_words=self.source_words.to(device),
@@ -170,12 +170,12 @@ class MaskBlend:
     start_step: int
     layers: frozenset[str] = frozenset()  # no attention maps needed
 
-    def current(self, state: "ControlState", size: tuple[int, int]) -> torch.Tensor:
+    def current(self, state: ControlState, size: tuple[int, int]) -> torch.Tensor:
         if tuple(self.mask.shape[-2:]) != tuple(size):
             raise RuntimeError(f"local blend: mask is {tuple(self.mask.shape[-2:])}, latents are {tuple(size)}")
         return self.mask
 
-    def to(self, device) -> "MaskBlend":
+    def to(self, device) -> MaskBlend:
         return dataclasses.replace(self, mask=self.mask.to(device))
 
 
@@ -254,7 +254,7 @@ class AttentionController:
         edits = src + mask.to(latents.dtype) * (latents[:, 1:] - src)
         return torch.cat([src, edits], 1)
 
-    def to(self, device) -> "AttentionController":
+    def to(self, device) -> AttentionController:
         return dataclasses.replace(
             self,
             cross=None if self.cross is None else self.cross.to(device),

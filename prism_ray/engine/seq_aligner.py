@@ -10,7 +10,7 @@ Token positions are those of the 77-token CLIP context: 0 = BOS, words start at 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -29,7 +29,7 @@ class InversionResult:
     def z_T(self) -> torch.Tensor:
         return self.latents[-1]
 
-    def select(self, index: list[int] | torch.Tensor) -> "InversionResult":
+    def select(self, index: list[int] | torch.Tensor) -> InversionResult:
         """The same result restricted to some images (e.g. drop failed ones)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.latents.device)
         pick = lambda x, dim: None if x is None else x.index_select(dim, idx.to(x.device))  # noqa: E731

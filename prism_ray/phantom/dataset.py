@@ -42,7 +42,7 @@ class SplitFractions(BaseModel):
     test: float = Field(0.2, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitFractions":
+    def _sums_to_one(self) -> SplitFractions:
         total = self.train + self.valid + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must sum to 1, got {total:.6g}")
@@ -59,7 +59,7 @@ class OtherDeviceMix(BaseModel):
     both: float = Field(0.2, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "OtherDeviceMix":
+    def _sums_to_one(self) -> OtherDeviceMix:
         total = self.tube + self.ecg + self.both
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"other_device_mix must sum to 1, got {total:.6g}")

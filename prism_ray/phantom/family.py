@@ -13,9 +13,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,14 @@ from prism_ray.data.captions import CHEXPERT_LABELS
 from prism_ray.engine.images import to_model_pixels, vae_latent_moments
 from prism_ray.engine.scheduler import NUM_TRAIN_TIMESTEPS, make_ddpm_scheduler
 from prism_ray.models.classifier import CLASSIFIER_LABELS, build_classifier, predict_proba
-from prism_ray.models.tiny import TINY_UNET_CHANNELS, TINY_VAE_CHANNELS, tiny_clip, tiny_text_config, tiny_unet, tiny_vae
+from prism_ray.models.tiny import (
+    TINY_UNET_CHANNELS,
+    TINY_VAE_CHANNELS,
+    tiny_clip,
+    tiny_text_config,
+    tiny_unet,
+    tiny_vae,
+)
 from prism_ray.phantom.render import PhantomAttributes, render_phantom
 
 CAPTION_LABELS = ("cardiomegaly", "pleural_effusion", "support_devices")  # what a CheXpert caption states
@@ -454,9 +461,9 @@ def train_classifier(
 
 def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_encoder, vae, unet, clip, classifier) -> tuple[dict, np.ndarray]:
     from prism_ray.data.captions import get_adapter
-    from prism_ray.scoring.clip_score import ClipScorer
     from prism_ray.engine.images import decode, encode, preprocess
     from prism_ray.engine.sampling import text_to_latents
+    from prism_ray.scoring.clip_score import ClipScorer
 
     metrics: dict = {}
     # VAE round trip through the method's own conventions (images.py), PSNR on [0, 1].
@@ -606,8 +613,8 @@ def _limits(m: dict) -> str:
 
 
 def train_family(config: PhantomTrainConfig) -> dict:
-    from prism_ray.models.loading import resolve_device
     from prism_ray.data.contact_sheet import save_contact_sheet
+    from prism_ray.models.loading import resolve_device
     from prism_ray.models.tiny import build_tiny_tokenizer
 
     torch.set_num_threads(config.threads)

@@ -14,8 +14,9 @@ on a PA film), y grows downwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +49,7 @@ class PhantomAttributes(BaseModel):
     # blunting of the costophrenic angle (the fluid's height and its lateral meniscus scale with it).
     effusion_severity: float = Field(1.0, gt=0.0, le=1.0)
 
-    def intervene(self, intervention: dict[str, Any]) -> "PhantomAttributes":
+    def intervene(self, intervention: dict[str, Any]) -> PhantomAttributes:
         """These attributes with `intervention` applied.
 
         Keys are attribute names (`cardiomegaly`, `pleural_effusion`, `devices`, `sex`, `age`)

@@ -20,10 +20,10 @@ from pydantic import Field, model_validator
 
 from prism_ray.config import BaseConfig, config_field, with_unset_defaults
 from prism_ray.console import Progress
-from prism_ray.results.summary import RunIncomplete
 from prism_ray.data.images import DecodeConfig
 from prism_ray.engine.settings import EditConfig, InversionConfig
 from prism_ray.models.config import ModelConfig
+from prism_ray.results.summary import RunIncomplete
 from prism_ray.scoring.filter import FilterConfig, fit_warning
 
 
@@ -87,6 +87,7 @@ def caption_attributes(adapter, prompt: str) -> dict:
 
 def run(config: EditJobConfig, runner=None) -> Path:
     """Edit every image in this process; returns the output folder (`runner` is unused)."""
+    from prism_ray.data.contact_sheet import save_contact_sheet
     from prism_ray.data.images import decode_image, default_min_side, make_square
     from prism_ray.data.storage import ImageReadError, read_image_bytes, write_png
     from prism_ray.models.loading import (
@@ -96,7 +97,6 @@ def run(config: EditJobConfig, runner=None) -> Path:
         require_supported_prediction,
     )
     from prism_ray.pipelines.counterfactuals import MethodEngine
-    from prism_ray.data.contact_sheet import save_contact_sheet
 
     captions = config.edit_captions()
     with config_field("model.path"):  # a wrong model is a config error (exit 2), found before `out` exists

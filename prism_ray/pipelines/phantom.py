@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
-
 from prism_ray.phantom.dataset import PhantomDatasetConfig, PhantomDatasetSummary, write_phantom_dataset
 
 

@@ -7,7 +7,6 @@ with the table, and a crash at any point loses nothing (the next run compacts ag
 
 from __future__ import annotations
 
-
 from prism_ray.results.layout import Layout
 from prism_ray.results.ledger import TMP_MARK, LedgerError, remove_empty_ledger, write_atomic
 

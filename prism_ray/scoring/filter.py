@@ -3,12 +3,15 @@ the model-fit warning (a source reconstructed below `fit_warning_psnr`) that aug
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+
+
 class OffTargetConfig(BaseConfig):
     """Reject edits that change findings they should not, judged by an attribute classifier.
 

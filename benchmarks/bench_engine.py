@@ -87,7 +87,7 @@ def run_arm(sd, images, prompts, k: int, inv: InversionConfig, edit: EditConfig,
     sync()
     t0 = time.perf_counter()
     if per_image:
-        for img, p in zip(images, prompts):
+        for img, p in zip(images, prompts, strict=True):
             for e in EDITS[:k]:
                 items, errors = edit_many(editor, [img], [p], [[e]])
                 assert not errors, errors

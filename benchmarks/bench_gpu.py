@@ -30,15 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
 import torch
 
-from prism_ray.engine.editor import Editor, edit_many
-from prism_ray.engine.precision import PRESETS, resolve_precision, tf32_mode
-from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without an install: prism_ray is imported below it
+
+from prism_ray.engine.editor import Editor, edit_many  # noqa: E402
+from prism_ray.engine.precision import PRESETS, resolve_precision, tf32_mode  # noqa: E402
+from prism_ray.engine.settings import EditConfig, EngineComputeConfig, InversionConfig  # noqa: E402
 
 EDITS = [
     "Chest X-ray showing Cardiomegaly",
@@ -182,7 +182,10 @@ def arm_bound(arm: dict, timings: dict, steps: int, inner: int, k: int, mask_sam
     the noise mask: `mask_samples` calls over K + 1 rows; then the editing pass.
     """
     traj, inner_mode, edit = policy_modes(arm["policy"])
-    fwd = lambda mode: best(timings, mode, "forward_ms")
+
+    def fwd(mode):
+        return best(timings, mode, "forward_ms")
+
     if arm["method"] == "direct":
         return (
             steps * fwd(traj)

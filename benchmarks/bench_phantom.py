@@ -338,7 +338,7 @@ def score(arm: np.ndarray, p_arm: np.ndarray, cases: Cases, lpips=None) -> dict:
 
     a, s, t = (x.astype(np.float64) / 255 for x in (arm, cases.src, cases.true))
     err, masks = np.abs(a - t), cases.masks
-    nearest = [np.abs(x[None] - p.astype(np.float64) / 255).mean(axis=(1, 2)).min() for x, p in zip(a, cases.plausible)]
+    nearest = [np.abs(x[None] - p.astype(np.float64) / 255).mean(axis=(1, 2)).min() for x, p in zip(a, cases.plausible, strict=True)]
     out = {
         "error_to_true": float(err.mean()),
         "error_to_plausible": float(np.mean(nearest)),
@@ -359,7 +359,7 @@ def score(arm: np.ndarray, p_arm: np.ndarray, cases: Cases, lpips=None) -> dict:
     # A head the classifier also reads differently on the true counterfactual moved with the target.
     beyond = flipped & (decided(cases.p_true) == decided(p_src))
     out["non_target_flip_beyond_truth_rate"] = float(beyond.any(axis=1).mean())
-    out["non_target_flips"] = [[int(i), cases.heads[others[j]]] for i, j in zip(*np.nonzero(flipped))]
+    out["non_target_flips"] = [[int(i), cases.heads[others[j]]] for i, j in zip(*np.nonzero(flipped), strict=True)]
     return out
 
 

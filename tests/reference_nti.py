@@ -66,7 +66,7 @@ class ReferenceNTI:
         try:
             return self._null_optimization(latents, cond, uncond)
         finally:
-            for p, flag in zip(self.unet.parameters(), flags):
+            for p, flag in zip(self.unet.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
 
     def _null_optimization(self, latents, cond, uncond):
@@ -81,7 +81,7 @@ class ReferenceNTI:
             with torch.no_grad():
                 eps_cond = self.noise(z_cur, t, cond)
             used = 0
-            for j in range(self.num_inner_steps):
+            for _ in range(self.num_inner_steps):
                 eps_uncond = self.noise(z_cur, t, uncond)
                 eps = eps_uncond + self.guidance * (eps_cond - eps_uncond)
                 z_rec = self.prev_step(eps, t, z_cur)

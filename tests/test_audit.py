@@ -41,7 +41,7 @@ class PlantedEngine:
     def counterfactuals(self, pixels, tasks):
         self.calls += 1
         out, errors = [], []
-        for i, (image, task) in enumerate(zip(pixels, tasks)):
+        for i, (image, task) in enumerate(zip(pixels, tasks, strict=True)):
             name = Path(task["source_uri"]).name
             if name in self.fail:
                 errors.append((i, "invert", "planted inversion failure"))
@@ -206,7 +206,7 @@ def test_bad_images_and_failed_inversions_become_error_rows(dataset, tmp_path):
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     stages = {Path(e["source_uri"]).name: e["stage"] for e in errors}
     assert stages.get(Path(uris[0]).name) == "read" or Path(uris[0]).name not in {
-        Path(u).name for u, t in zip(uris, table.column("Cardiomegaly").to_pylist()) if t == 0
+        Path(u).name for u, t in zip(uris, table.column("Cardiomegaly").to_pylist(), strict=True) if t == 0
     }
     a = summary["accounting"]
     assert a["input_rows"] == 90

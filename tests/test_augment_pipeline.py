@@ -38,7 +38,7 @@ class FakeEngine:
     def counterfactuals(self, pixels, tasks):
         self.calls += 1
         out = []
-        for i, (image, task) in enumerate(zip(pixels, tasks)):
+        for i, (image, task) in enumerate(zip(pixels, tasks, strict=True)):
             err = self.fail.get(Path(task["source_uri"]).name)
             if err is not None:
                 raise err

@@ -33,7 +33,7 @@ def _with_bad_rows(manifest_uri: str, data_root: str) -> None:
     corrupt = f"{data_root}/images/corrupt.png"
     with fsspec.open(corrupt, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not a PNG")
-    for row, (sid, uri) in zip(bad, [("missing", f"{data_root}/images/missing.png"), ("corrupt", corrupt)]):
+    for row, (sid, uri) in zip(bad, [("missing", f"{data_root}/images/missing.png"), ("corrupt", corrupt)], strict=True):
         row.update(subject_id=sid, image_uri=uri, split="train")
         for label in ("Pleural Effusion", "Support Devices", "Cardiomegaly"):
             row[label] = 0.0
@@ -177,8 +177,8 @@ def test_ray_meets_quotas_exactly_despite_a_killed_actor(ray_run, reference):
     for name in ("effusion", "devices"):
         assert summary["subgroups"][name]["accepted"] == reference[0]["subgroups"][name]["accepted"]
     # Same slots got the same scores (deterministic ids; tolerance for thread-count-dependent kernels).
-    ref_scores = dict(zip(ref.column("slot_id").to_pylist(), ref.column("s_clip").to_pylist()))
-    scores = zip(table.column("slot_id").to_pylist(), table.column("s_clip").to_pylist())
+    ref_scores = dict(zip(ref.column("slot_id").to_pylist(), ref.column("s_clip").to_pylist(), strict=True))
+    scores = zip(table.column("slot_id").to_pylist(), table.column("s_clip").to_pylist(), strict=True)
     common = [(s, v) for s, v in scores if s in ref_scores]
     assert common and all(abs(v - ref_scores[s]) < 1e-3 for s, v in common)
     assert summary["throughput"]["attempts_per_second"] > 0

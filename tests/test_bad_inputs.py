@@ -225,7 +225,7 @@ def test_a_mask_that_is_a_decompression_bomb_is_its_rows_error(tmp_path):
         (tmp_path / name).write_bytes(content)
     good = tmp_path / "keep.png"
     Image.fromarray(np.full((16, 16), 255, np.uint8)).save(good)
-    for row, mask in zip(rows, ["bomb.png", "huge.png"] + ["keep.png"] * len(rows)):
+    for row, mask in zip(rows, ["bomb.png", "huge.png"] + ["keep.png"] * len(rows), strict=False):
         row["keep_mask"] = str(tmp_path / mask)
     manifest = str(tmp_path / "m.parquet")
     import pyarrow.parquet as pq
@@ -234,7 +234,7 @@ def test_a_mask_that_is_a_decompression_bomb_is_its_rows_error(tmp_path):
     produced, errors = _outcome(manifest, tmp_path / "out", keep_mask_column="keep_mask")
     assert {r["source_uri"] for r in produced} == {r["image_uri"] for r in rows[2:]}
     reasons = {e["source_uri"]: e["reason"] for e in errors}
-    for row, name in zip(rows, bombs):
+    for row, name in zip(rows, bombs, strict=False):
         reason = reasons[row["image_uri"]]
         assert f"data.keep_mask_column 'keep_mask': image '{tmp_path / name}': mask image too large" in reason, reason
     assert "max_pixels 100000000" in reasons[rows[1]["image_uri"]]  # the images' own limit, one definition

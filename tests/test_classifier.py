@@ -18,7 +18,7 @@ from prism_ray.scoring import classification as cm
 
 def plain_auroc(y, s):
     """P(score of a random positive > score of a random negative), ties counting half, by counting pairs."""
-    pos, neg = [a for a, t in zip(s, y) if t], [a for a, t in zip(s, y) if not t]
+    pos, neg = [a for a, t in zip(s, y, strict=True) if t], [a for a, t in zip(s, y, strict=True) if not t]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
 

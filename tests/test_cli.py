@@ -58,7 +58,7 @@ def test_every_job_has_a_one_line_entrypoint_and_tiny_configs_load():
     from prism_ray.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
-    for name, job in cli.JOBS.items():
+    for name in cli.JOBS:
         script = repo / "jobs" / f"{name.replace('-', '_')}.py"
         assert f'main(["{name}", *sys.argv[1:]])' in script.read_text(), script
     for path in sorted((repo / "configs").glob("*_*.yaml")):

@@ -1,6 +1,7 @@
 """Typed configs: YAML + overrides, one-line errors naming the field, stable hashes."""
 
 import pytest
+from pydantic import ValidationError
 
 from prism_ray.config import BaseConfig, ConfigError, build_config, load_config, parse_overrides
 from prism_ray.data.config import DataConfig
@@ -69,7 +70,7 @@ def test_hash_is_stable_and_sensitive():
 
 def test_configs_are_frozen():
     cfg = build_config(JobConfig, {"data": {"manifest": "m.csv"}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.inversion.num_inner_steps = 3
 
 

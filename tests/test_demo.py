@@ -23,7 +23,7 @@ def _table(page: str, id: str) -> list[dict[str, str]]:
     head = [html.unescape(h) for h in re.findall(r"<th(?: [^>]*)?>(.*?)</th>", table)]
     body = re.search(r"<tbody>(.*?)</tbody>", table, re.DOTALL).group(1)
     rows = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
-    return [dict(zip(head, map(html.unescape, cells))) for cells in rows]
+    return [dict(zip(head, map(html.unescape, cells), strict=True)) for cells in rows]
 
 
 @pytest.mark.slow

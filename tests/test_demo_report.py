@@ -34,7 +34,7 @@ def _case(seed: int):
 
 
 def test_truth_scores_split_the_error_by_region_beside_the_decoder_floor():
-    src, cfs, trues, regions, src_vae, true_vae = map(list, zip(*(_case(s) for s in range(3))))
+    src, cfs, trues, regions, src_vae, true_vae = map(list, zip(*(_case(s) for s in range(3)), strict=True))
     scores = truth_scores(src, cfs, trues, regions, src_vae, true_vae)
     ten = 10 / 255
     # The edit is exact inside the region; outside, it changed only what the round trip changes.
@@ -61,12 +61,12 @@ def _table(page: str, id: str) -> list[dict[str, str]]:
     head = [html.unescape(h) for h in re.findall(r"<th(?: [^>]*)?>(.*?)</th>", table)]
     body = re.search(r"<tbody>(.*?)</tbody>", table, re.DOTALL).group(1)
     rows = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
-    return [dict(zip(head, map(html.unescape, cells))) for cells in rows]
+    return [dict(zip(head, map(html.unescape, cells), strict=True)) for cells in rows]
 
 
 def test_the_report_shows_the_floor_and_says_what_off_target_covers(tmp_path):
     cases = [_case(s) for s in range(2)]
-    src, cfs, trues, regions, src_vae, true_vae = map(list, zip(*cases))
+    src, cfs, trues, regions, src_vae, true_vae = map(list, zip(*cases, strict=True))
     entry = {
         "subgroup": "remove_devices", "intervention": "Support Devices=false", "scored": "accepted",
         "attempted": 2, "accepted": 2, "mean_s_clip": 0.2, "off_target_accepted": 0, "off_target_rejected": 1,

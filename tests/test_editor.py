@@ -179,7 +179,7 @@ def _hand_noise_map(sd, inv: InversionResult, sources, edits, points, quantile) 
     n_steps = len(inv.timesteps)
     maps = []
     with torch.no_grad():
-        for j, (source, edit_prompts) in enumerate(zip(sources, edits)):
+        for j, (source, edit_prompts) in enumerate(zip(sources, edits, strict=True)):
             rows = []
             for edit in edit_prompts:
                 total = torch.zeros(16, 16)
@@ -209,7 +209,7 @@ def test_noise_mask_equals_hand_computation(tiny_sd, inversion):
     from prism_ray.engine.noise_mask import noise_difference_masks
 
     sub, edits = inversion.select([0, 1]), EDITS[:2]
-    text = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [p for s, e in zip(SOURCES, edits) for p in (s, *e)])
+    text = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [p for s, e in zip(SOURCES[:2], edits, strict=True) for p in (s, *e)])
     text = text.view(2, 3, *text.shape[1:])
     for quantile, threshold in ((1.0, 0.5), (0.9, 0.6)):
         masks = noise_difference_masks(tiny_sd.unet, sub.latents, sub.timesteps, text, window=(0.0, 1.0), samples=4,

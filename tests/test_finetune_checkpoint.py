@@ -105,7 +105,7 @@ def test_gpu_config_builds_torch_fused_adamw(process_group, precision):
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     plain.step()
     tolerance = 1e-6 if precision == "fp32" else 1e-2  # bf16: the module's weights are rounded copies
-    for p, q in zip(engine.module.parameters(), reference.parameters()):
+    for p, q in zip(engine.module.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.float(), q, atol=tolerance)
 
 

@@ -174,7 +174,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_
         "train.validation_every=null",
         "run.export=false",
     )
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         run(killed, runner=ray_train)  # max_failures = 0: the run fails with its worker
     assert (ray_with_faults / "finetune.step.fired").exists()
     checkpoints = sorted((tmp_path / "ft").glob("checkpoint_*"))

@@ -319,9 +319,10 @@ def test_decode_config_is_validated_by_field():
 # --- DICOM ----------------------------------------------------------------------------------
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
+# Below the importorskip (E402): without pydicom the module is skipped, not an import error.
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import (  # noqa: E402
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,

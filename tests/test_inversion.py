@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -220,7 +222,7 @@ def test_ddpm_inversion_matches_a_plain_implementation_and_reconstructs(calm_sd)
     # The latents are the encoded image noised independently at every grid timestep.
     torch.testing.assert_close(result.latents[0], z0)
     noises = [(result.latents[j] - alpha(ts[T - j]) ** 0.5 * z0) / (1 - alpha(ts[T - j])) ** 0.5 for j in range(1, T + 1)]
-    for n_prev, n_j in zip(noises, noises[1:]):  # unit noise, each independent of the next
+    for n_prev, n_j in pairwise(noises):  # unit noise, each independent of the next
         assert 0.7 < float(n_j.std()) < 1.3
         assert abs(float(torch.corrcoef(torch.stack([n_j.flatten(), n_prev.flatten()]))[0, 1])) < 0.2
     assert 0.7 < float(noises[0].std()) < 1.3

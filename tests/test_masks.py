@@ -67,7 +67,7 @@ def test_user_masks_intersect_the_derived_mask_and_keep_regions_stay_untouched(t
     # Edit mask: the left 40 of 64 pixels; keep mask: a 16 x 16 pixel block inside it (masks at image size).
     edit = [latent_mask(_block(64, 0, 64, 0, 40), (64, 64), 16)] * 2
     keep = [latent_mask(_block(64, 24, 40, 8, 24), (64, 64), 16)] * 2
-    regions = [edit_region(e, k, 16) for e, k in zip(edit, keep)]
+    regions = [edit_region(e, k, 16) for e, k in zip(edit, keep, strict=True)]
     result = editor.edit(inversion, SOURCES, EDITS, regions=regions)
     final = derived & torch.stack(regions)  # user edit ∩ derived, minus keep
     assert torch.equal(result.blend_masks[:, 0], final)

@@ -47,7 +47,7 @@ def test_on_target_against_hand_made_probabilities():
     rule = OffTargetConfig(classifier="x", require_target=True, heads={"sex": "sex_female"},
                            implied={"Support Devices": ["pacemaker"], "age": ["age_ge_40", "age_ge_60"]})
     src = np.array([0.1, 0.8, 0.9, 0.8, 0.3, 0.9, 0.2])
-    edit = lambda **moved: np.array([moved.get(h, p) for h, p in zip(heads, src)])  # noqa: E731
+    edit = lambda **moved: np.array([moved.get(h, p) for h, p in zip(heads, src, strict=True)])  # noqa: E731
     assert on_target(src, edit(support_devices=0.2), heads, "Support Devices=0", rule)
     assert not on_target(src, edit(support_devices=0.6, pacemaker=0.1), heads, "Support Devices=false", rule)
     assert on_target(src, edit(cardiomegaly=0.7), heads, "Cardiomegaly=1", rule)

@@ -241,7 +241,7 @@ def test_an_underpowered_audit_says_what_it_could_not_flag(tmp_path):
                     "expected": attribute == target,
                 })  # fmt: skip
     q = benjamini_hochberg([r["p_value"] for r in rows])
-    table = pa.Table.from_pylist([{**r, "q_value": float(v), "flagged": False} for r, v in zip(rows, q)])
+    table = pa.Table.from_pylist([{**r, "q_value": float(v), "flagged": False} for r, v in zip(rows, q, strict=True)])
     assert "min_q_value" not in table.column_names  # an older cochange.parquet: the report computes it
     path = render_audit_report(str(tmp_path / "report.html"), run_info={"images": 11}, cochange=table,
                                examples={}, alpha=0.01, min_effect=0.05)  # fmt: skip

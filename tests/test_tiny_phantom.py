@@ -98,7 +98,7 @@ def test_clip_ranks_the_right_caption_first(phantoms):
     assert len(vocab) == 8
     scorer = ClipScorer.from_components(load_clip(str(SHIPPED), device="cpu"))
     best = (scorer.image_embeds(images) @ scorer.text_embeds(vocab).T).argmax(dim=1).tolist()
-    right = sum(vocab[b] == c for b, c in zip(best, captions))
+    right = sum(vocab[b] == c for b, c in zip(best, captions, strict=True))
     assert right >= 7  # >= 90 % of 8, rounded down
 
 

@@ -163,7 +163,7 @@ def test_loss_decreases_and_frozen_parts_stay_bit_identical(tiny_family):
     sd.unet.train()
     optimizer = torch.optim.AdamW(sd.unet.parameters(), lr=2e-3, weight_decay=1e-2)
     losses = []
-    for step in range(8):
+    for _ in range(8):
         # Same noise and timesteps every step: a fixed batch must be fit.
         out = training_loss(sd, scheduler, images, captions, generator=step_generator(0, 0, 0))
         optimizer.zero_grad()

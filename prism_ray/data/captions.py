@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from itertools import pairwise
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -70,7 +71,7 @@ CHEXPERT_LABELS: tuple[str, ...] = (
 )
 NO_FINDING = "No Finding"
 
-AttributeValue = Union[bool, int, str]
+AttributeValue = bool | int | str
 Attributes = dict[str, AttributeValue]
 
 
@@ -467,7 +468,7 @@ class MimicSettings(_FindingSettings):
     def _check_bins(cls, bins: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if bins is None:
             return None
-        if not bins or any(b < 0 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:])):
+        if not bins or any(b < 0 for b in bins) or any(a >= b for a, b in pairwise(bins)):
             raise ValueError(f"age_bins must be non-negative and strictly increasing, got {list(bins)}")
         return bins
 

@@ -145,7 +145,7 @@ class Editor:
                 _edit_words(source, e) if reweight_words is None or reweight_words[i] is None else reweight_words[i]
                 for i, e in enumerate(edits)
             ]
-            eq = torch.stack([seq_aligner.equalizer(e, w, cfg.reweight, tok) for e, w in zip(edits, words)])
+            eq = torch.stack([seq_aligner.equalizer(e, w, cfg.reweight, tok) for e, w in zip(edits, words, strict=True)])
         # The config's word table is job-wide: a word applies to the edits that contain it.
         cross_alpha = seq_aligner.cross_replace_alphas(num_steps, edits, cfg.cross_replace_steps, tok, require_words=False)
         src_w, edit_w = torch.zeros(k, seq_aligner.MAX_TOKENS), torch.zeros(k, seq_aligner.MAX_TOKENS)
@@ -493,7 +493,7 @@ def edit_many(
                       ("keep_masks", keep_masks), ("edit_configs", edit_configs)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name}: {len(seq)} entries for {n} images")
-    if edit_configs is not None and any(len(c) != len(e) for c, e in zip(edit_configs, edit_prompts)):
+    if edit_configs is not None and any(len(c) != len(e) for c, e in zip(edit_configs, edit_prompts, strict=True)):
         raise ValueError("edit_configs: one EditConfig per edit prompt")
     errors: list[tuple[int, str, str]] = []
     regions: dict[int, torch.Tensor | None] = {}
@@ -503,7 +503,8 @@ def edit_many(
             shape = tuple(images[i].shape[-2:]) if isinstance(images[i], torch.Tensor) else tuple(images[i].shape[:2])
             given = []
             try:
-                for what, masks in (("edit mask", edit_masks), ("keep mask", keep_masks)):
+                # `what` is read by the except below: which of the two masks failed
+                for what, masks in (("edit mask", edit_masks), ("keep mask", keep_masks)):  # noqa: B007
                     mask = None if masks is None else masks[i]
                     given.append(None if mask is None else latent_mask(mask, shape, size, offsets))
             except ValueError as err:  # this image's mask only

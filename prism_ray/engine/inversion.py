@@ -464,9 +464,12 @@ def concat_results(results: list[InversionResult]) -> InversionResult:
     """Join results of image batches inverted with the same settings along the image axis."""
     if len(results) == 1:
         return results[0]
-    cat = lambda name, dim: (
-        None if getattr(results[0], name) is None else torch.cat([getattr(r, name) for r in results], dim)
-    )
+
+    def cat(name: str, dim: int) -> torch.Tensor | None:
+        if getattr(results[0], name) is None:
+            return None
+        return torch.cat([getattr(r, name) for r in results], dim)
+
     return InversionResult(
         latents=cat("latents", 1),
         cond_embeddings=cat("cond_embeddings", 0),

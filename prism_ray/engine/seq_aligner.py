@@ -57,7 +57,7 @@ def word_token_indices(prompt: str, word: str, tokenizer, max_tokens: int = MAX_
     if word not in words:
         raise ValueError(f"word {word!r} does not occur in prompt {prompt!r} (exact match of space-separated words)")
     spans = word_spans(prompt, tokenizer, max_tokens)
-    indices = [i for w, span in zip(words, spans) if w == word for i in span]
+    indices = [i for w, span in zip(words, spans, strict=True) if w == word for i in span]
     if not indices:
         raise ValueError(f"word {word!r} of prompt {prompt!r} lies beyond the {max_tokens}-token limit")
     return indices
@@ -89,9 +89,9 @@ def replace_mapper(source: str, edit: str, tokenizer, max_tokens: int = MAX_TOKE
     mapper = torch.zeros(max_tokens, max_tokens)
     mapper[0, 0] = 1.0  # BOS
     i = j = 1
-    for src_span, edit_span in zip(word_spans(source, tokenizer, max_tokens), word_spans(edit, tokenizer, max_tokens)):
+    for src_span, edit_span in zip(word_spans(source, tokenizer, max_tokens), word_spans(edit, tokenizer, max_tokens), strict=True):
         if len(src_span) == len(edit_span):
-            for s, e in zip(src_span, edit_span):
+            for s, e in zip(src_span, edit_span, strict=True):
                 mapper[s, e] = 1.0
         elif edit_span:
             for s in src_span:

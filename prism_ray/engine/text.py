@@ -32,7 +32,7 @@ def encode_prompts(
             return_tensors="pt",
         ).input_ids  # (M, 77)
         hidden = text_encoder(ids.to(text_encoder.device))[0]  # (M, 77, D) last_hidden_state
-        for prompt, row in zip(missing, hidden):
+        for prompt, row in zip(missing, hidden, strict=True):
             cache[prompt] = row
     return torch.stack([cache[p] for p in prompts])  # (N, 77, D)
 

@@ -256,7 +256,7 @@ def write_phantom_dataset(out: str, config: PhantomDatasetConfig) -> PhantomData
 
     s = sample_subjects(config)
     n = config.n_subjects
-    image_uri = np.array([_join(out, "images", sp, sid + ".png") for sp, sid in zip(s["split"], s["subject_id"])])
+    image_uri = np.array([_join(out, "images", sp, sid + ".png") for sp, sid in zip(s["split"], s["subject_id"], strict=True)])
 
     if config.write_images:
         fs, root = fsspec.core.url_to_fs(out)

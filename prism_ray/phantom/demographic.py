@@ -429,7 +429,7 @@ def caption_retrieval(clip, tokenizer, x: torch.Tensor, captions: list[str]) -> 
         "findings": lambda c: c.split(" subject ")[-1],
     }
     return {
-        name: float(np.mean([part(a) == part(b) for a, b in zip(chosen, captions)])) for name, part in parts.items()
+        name: float(np.mean([part(a) == part(b) for a, b in zip(chosen, captions, strict=True)])) for name, part in parts.items()
     }
 
 
@@ -652,7 +652,10 @@ def build_variant(config: DemographicFamilyConfig) -> dict:
 def _planted_rates(s: dict[str, np.ndarray]) -> dict[str, float]:
     """The training set's conditional rates (what the U-Net could learn)."""
     card, pm, eff, age = s["cardiomegaly"], s["pacemaker"], s["pleural_effusion"], s["age"]
-    rate = lambda x: float(x.mean()) if x.size else float("nan")
+
+    def rate(x: np.ndarray) -> float:
+        return float(x.mean()) if x.size else float("nan")
+
     return {
         "p_pacemaker_given_cardiomegaly": rate(pm[card]),
         "p_pacemaker_given_no_cardiomegaly": rate(pm[~card]),

@@ -127,7 +127,7 @@ def attribute_vector(attrs: PhantomAttributes) -> list[float]:
 def attributes_from_draws(d: np.ndarray, age: int, config: PhantomTrainConfig) -> PhantomAttributes:
     """Six uniform draws (cardiomegaly, effusion, pacemaker, tube, ECG, sex) -> attributes at the config's prevalences."""
     kinds = ("pacemaker", "tube", "ecg")
-    devices = {k for k, u, p in zip(kinds, d[2:5], (config.p_pacemaker, config.p_tube, config.p_ecg)) if u < p}
+    devices = {k for k, u, p in zip(kinds, d[2:5], (config.p_pacemaker, config.p_tube, config.p_ecg), strict=True) if u < p}
     return PhantomAttributes(
         cardiomegaly=bool(d[0] < config.p_cardiomegaly),
         pleural_effusion=bool(d[1] < config.p_effusion),
@@ -303,7 +303,7 @@ def fit_clip(
     g = torch.Generator(device="cpu").manual_seed(seed)
     for step in range(steps):
         scale = _lr(step, steps, 1.0)
-        for group, base in zip(opt.param_groups, base_lrs):
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = base * scale
         idx = torch.randint(len(x), (batch,), generator=g).to(device)
         img = F.normalize(_features(clip.get_image_features(pixel_values=_clip_pixels(x[idx]))), dim=-1)  # (B, D)
@@ -397,7 +397,7 @@ def train_unet(
         opt.step()
         decay = min(config.unet_ema, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
         log(step, loss=loss.item())
     return ema
@@ -487,7 +487,7 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
     # Classifier accuracy per attribute.
     proba = predict_proba(classifier, holdout.images)
     acc = ((proba > 0.5) == (holdout.labels > 0.5)).mean(axis=0)
-    metrics["classifier_accuracy"] = {name: float(a) for name, a in zip(CLASSIFIER_LABELS, acc)}
+    metrics["classifier_accuracy"] = {name: float(a) for name, a in zip(CLASSIFIER_LABELS, acc, strict=True)}
     # Samples: each caption's images classified as that caption's attributes.
     adapter = get_adapter("chexpert")
     combos = [(c, e, d) for c in (0, 1) for e in (0, 1) for d in (0, 1)]
@@ -509,12 +509,12 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
     got = predict_proba(classifier, samples)[:, :3] > 0.5
     wanted = np.asarray(wanted, bool)
     match = got == wanted
-    metrics["sample_attribute_accuracy"] = {name: float(m) for name, m in zip(CAPTION_LABELS, match.mean(axis=0))}
+    metrics["sample_attribute_accuracy"] = {name: float(m) for name, m in zip(CAPTION_LABELS, match.mean(axis=0), strict=True)}
     metrics["sample_attribute_accuracy_mean"] = float(match.mean())
     metrics["sample_all_attributes_match"] = float(match.all(axis=1).mean())
     metrics["sample_count"] = len(prompts)
     per_prompt = {}
-    for k, (c, e, d) in enumerate(combos):
+    for k in range(len(combos)):
         sl = slice(k * config.eval_samples_per_caption, (k + 1) * config.eval_samples_per_caption)
         per_prompt[prompts[sl.start]] = float(match[sl].all(axis=1).mean())
     metrics["sample_all_match_per_caption"] = per_prompt

@@ -102,7 +102,7 @@ def plausible_counterfactuals(
             continue
         for _ in range(draws):
             donors = rng.integers(0, 2**31, size=len(hidden))
-            out.append(render_phantom(target, seed, resolution, redraw=dict(zip(hidden, map(int, donors)))))
+            out.append(render_phantom(target, seed, resolution, redraw=dict(zip(hidden, map(int, donors), strict=True))))
     return np.stack(out)
 
 

@@ -327,7 +327,7 @@ def finished_tasks(layout: Layout, results_hash: str) -> tuple[set[str], set[str
     for path in table_files(layout, "errors.parquet", "errors"):
         ids, stages = read_column(fs, path, "task_id"), read_column(fs, path, "stage")
         hashes.update(read_column(fs, path, "config_hash"))
-        failed.update(t for t, s in zip(ids, stages) if t and s in ("read", "invert", "edit"))
+        failed.update(t for t, s in zip(ids, stages, strict=True) if t and s in ("read", "invert", "edit"))
     other = sorted(h for h in hashes - {results_hash} if h)
     if other:
         raise ValueError(

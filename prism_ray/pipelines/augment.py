@@ -11,7 +11,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -41,7 +41,7 @@ from prism_ray.scoring.filter import model_fit as filter_model_fit
 
 log = logging.getLogger("prism_ray.augment")
 
-SelectorValue = Union[bool, int, float, str]
+SelectorValue = bool | int | float | str
 
 # Subgroup names become folder names under the output URI: keep them path- and URI-safe.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -722,7 +722,10 @@ def _summary(config, layout, started, wall, results_hash, model_id, rounds, prog
             "shortfall": max(0, info["quota"] - info["accepted"]),
             "this_run": dict(tally.counts[name]),
         }
-    per_second = lambda n: n / work_seconds if work_seconds else None
+
+    def per_second(n: int) -> float | None:
+        return n / work_seconds if work_seconds else None
+
     return {
         "job": "augment",
         "mode": config.mode,

@@ -185,14 +185,14 @@ class MethodEngine:
         seen = {}
         if rule.require_target:
             seen["on_target"] = np.array([on_target(p[0], q, self.heads, slot["intervention"], rule)
-                                          for q, slot in zip(p[1:], slots)], dtype=np.int64)
+                                          for q, slot in zip(p[1:], slots, strict=True)], dtype=np.int64)
         return {
             **seen,
             "off_target": np.array([len(w) for w in wrong]),
             "off_target_heads": np.array([",".join(w) for w in wrong], dtype=object),
-            "classifier_source": np.array([json.dumps(dict(zip(self.heads, np.round(p[0], 4).tolist())))] * len(slots),
+            "classifier_source": np.array([json.dumps(dict(zip(self.heads, np.round(p[0], 4).tolist(), strict=True)))] * len(slots),
                                           dtype=object),
-            "classifier_edit": np.array([json.dumps(dict(zip(self.heads, np.round(q, 4).tolist()))) for q in p[1:]],
+            "classifier_edit": np.array([json.dumps(dict(zip(self.heads, np.round(q, 4).tolist(), strict=True))) for q in p[1:]],
                                         dtype=object),
         }
 
@@ -248,7 +248,8 @@ def read_batch(tasks: list[dict], decode, vae_scale_factor: int) -> tuple[list[t
         task["square"] = "none" if h == w else decode.square
         try:
             task["mask_pixels"] = {}
-            for kind, (field_name, uri) in (task.get("masks") or {}).items():
+            # `field_name` is read by the except below: the config field of the mask that failed
+            for kind, (field_name, uri) in (task.get("masks") or {}).items():  # noqa: B007
                 task["mask_pixels"][kind] = read_mask(uri, (w, h), decode)
         except ValueError as err:  # ImageReadError: this source only
             failed.append((task, f"{row_label(task.get('row'), task['source_uri'])}: {field_name}: {err}"))
@@ -368,7 +369,7 @@ class CounterfactualStep:
             start = time.perf_counter()
             images = self.engine.samples(chunk)  # (B, R, R, 3) uint8
             seconds["edit"] += time.perf_counter() - start
-            for e, image in zip(chunk, images):
+            for e, image in zip(chunk, images, strict=True):
                 row = {
                     "cf_id": digest("sample", e["subgroup"], e["prompt"], e["sample_seed"], self.results_hash),
                     "slot_id": e["slot_id"],

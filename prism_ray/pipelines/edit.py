@@ -120,7 +120,7 @@ def run(config: EditJobConfig, runner=None) -> Path:
         pixels.append(make_square(image, config.decode.square, config.decode.alpha_background))
         specs = list(config.do) + [""] * len(config.edit_prompts)  # an explicit edit prompt names no attribute
         edits = [{"edit_prompt": c, "subgroup": "edit", "intervention": spec, "slot_id": str(k), "rank": k}
-                 for k, (c, spec) in enumerate(zip(captions, specs))]
+                 for k, (c, spec) in enumerate(zip(captions, specs, strict=True))]
         tasks.append({"source_uri": uri, "source_prompt": config.prompt, "edits": edits})
     edited, errors = [], []
     # Engine calls of inversion.batch_size images (batched inversion is ~6x faster per image than one

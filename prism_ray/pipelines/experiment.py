@@ -383,7 +383,7 @@ def build_arms(config: ExperimentConfig, root: str) -> tuple[dict[str, str], dic
         )
     if config.counterfactuals is not None:
         c = augment_rows(config.counterfactuals, config.counterfactuals_limit).to_pylist()
-        sources = {u: r for u, r in zip(uris, rows)}
+        sources = {u: r for u, r in zip(uris, rows, strict=True)}
         extra["counterfactuals"] = table(
             [r["image_uri"] for r in c],
             "train",
@@ -486,7 +486,7 @@ def compare(arms: list[dict], level: float) -> list[dict]:
             mean, sd, low, high = mean_ci(np.array(list(by_seed.values())), level)
             if k[4] in _BOUNDED:  # a t-interval can leave [0, 1]; the metric cannot
                 low, high = max(low, 0.0), min(high, 1.0)
-            row = dict(zip(("head", "attribute", "group", "label", "metric"), k))
+            row = dict(zip(("head", "attribute", "group", "label", "metric"), k, strict=True))
             row.update(arm=arm, n_seeds=len(by_seed), mean=mean, sd=sd, ci_low=low, ci_high=high)
             seeds = sorted(
                 s for s in by_seed if s in base and np.isfinite(by_seed[s]) and np.isfinite(base[s])

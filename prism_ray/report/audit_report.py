@@ -79,7 +79,7 @@ def with_min_q(rows: list[dict]) -> list[dict]:
     if rows and all("min_q_value" in r for r in rows):
         return rows
     floor = min_q_values([r["n"] for r in rows], [_nan(r["p_value"]) for r in rows])
-    return [{**r, "min_q_value": float(q)} for r, q in zip(rows, floor)]
+    return [{**r, "min_q_value": float(q)} for r, q in zip(rows, floor, strict=True)]
 
 
 def strongest_unflagged(rows: list[dict], limit: int = 10) -> list[dict]:

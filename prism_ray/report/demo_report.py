@@ -255,7 +255,7 @@ def write_demo_report(
         through = vae_round_trip(vae, [cases[i][0] for i in ids] + [cases[i][2] for i in ids], resolution)
         for k, i in enumerate(ids):
             cases[i] += [through[k], through[len(ids) + k]]
-        scored = zip(*(cases[r["cf_id"]] for r in rows))
+        scored = zip(*(cases[r["cf_id"]] for r in rows), strict=True)
         src, cfs, trues, regions, src_vae, true_vae = (list(x) for x in scored)
         entry = {
             "subgroup": subgroup,
@@ -278,7 +278,7 @@ def write_demo_report(
                 p_cf = predict_proba(clf, np.stack(cfs))[:, k]
                 entry["target_cpg"] = float(np.abs(p_cf - p_src).mean())
                 entry["target_flip_rate"] = float(((p_cf >= 0.5) != (p_src >= 0.5)).mean())
-                target = {r["cf_id"]: (head, a, b) for r, a, b in zip(rows, p_src, p_cf)}
+                target = {r["cf_id"]: (head, a, b) for r, a, b in zip(rows, p_src, p_cf, strict=True)}
         stats.append(entry)
         grid = []
         for r in shown:

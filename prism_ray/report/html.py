@@ -278,7 +278,7 @@ class HtmlReport:
                 )
             cells = "".join(
                 f"<td>{self._img(im, f'{label}: {title}', display_width)}</td>"
-                for im, title in zip(images, column_titles)
+                for im, title in zip(images, column_titles, strict=True)
             )
             body.append(f'<tr><td class="label">{html.escape(label)}</td>{cells}</tr>')
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""

@@ -264,7 +264,7 @@ class LPIPS(nn.Module):
         # One trunk pass over both batches.
         feats = self.features(torch.cat([x0, x1]).to(self.device, self.shift.dtype))
         total = torch.zeros(n, device=self.device, dtype=self.shift.dtype)
-        for f, lin in zip(feats, self.lins):
+        for f, lin in zip(feats, self.lins, strict=True):
             f0, f1 = _unit_normalize(f[:n]), _unit_normalize(f[n:])
             d = lin((f0 - f1) ** 2)  # (N, 1, H_k, W_k)
             total += d.mean(dim=(1, 2, 3))

@@ -106,7 +106,7 @@ def write_validation_images(unet, sd, train, run_path: str, step: int) -> list[s
         join_uri(run_path, "validation", f"step_{step:08d}", f"prompt_{i:02d}.png")
         for i in range(len(images))
     ]
-    for image, uri in zip(images, uris):
+    for image, uri in zip(images, uris, strict=True):
         write_png(image, uri)
     return uris
 
@@ -128,7 +128,7 @@ class EMA:
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         names = [name for name, _ in module.named_parameters()]
         return {
-            n: p.detach().to("cpu", torch.float32, copy=True) for n, p in zip(names, self._ema.shadow_params)
+            n: p.detach().to("cpu", torch.float32, copy=True) for n, p in zip(names, self._ema.shadow_params, strict=True)
         }
 
     def load_state_dict(self, saved: Mapping[str, torch.Tensor], module: torch.nn.Module) -> None:

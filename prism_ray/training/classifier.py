@@ -106,7 +106,7 @@ def group_names(heads: Sequence[str]) -> list[str]:
     names = []
     for g in range(3 ** len(heads)):
         values = [(g // 3**k) % 3 for k in range(len(heads))]
-        names.append(",".join(f"{h}={'?' if v == UNKNOWN else v}" for h, v in zip(heads, values)))
+        names.append(",".join(f"{h}={'?' if v == UNKNOWN else v}" for h, v in zip(heads, values, strict=True)))
     return names
 
 

@@ -51,6 +51,21 @@ def test_config_files_merge_in_order_and_set_wins(tmp_path):
     assert "seed: 2" in out.stdout and "resolution: 48" in out.stdout and "out: a" in out.stdout
 
 
+def test_the_registry_names_the_runner_of_every_job_that_needs_one():
+    """Pipelines never pick their runner (no import of prism_ray.distributed: `lint-imports`): a job whose
+    run(config, runner) has no default gets it from JOBS, and every reference there loads a callable."""
+    import inspect
+
+    from prism_ray import cli
+
+    for name, job in cli.JOBS.items():
+        runner_param = inspect.signature(cli._load(job.run)).parameters["runner"]
+        assert (runner_param.default is inspect.Parameter.empty) == (job.runner is not None), name
+        runner = cli.load_runner(job)
+        loaded = list(runner.values()) if isinstance(runner, dict) else [runner] if runner else []
+        assert all(callable(r) and r.__module__.startswith("prism_ray.distributed.") for r in loaded), name
+
+
 def test_every_job_has_a_one_line_entrypoint_and_tiny_configs_load():
     from pathlib import Path
 

@@ -91,6 +91,11 @@ JOBS: dict[str, Job] = {
         "prism_ray.pipelines.tiny_family:TinyFamilyConfig",
         "prism_ray.pipelines.tiny_family:run",
     ),
+    "rehearsal-family": Job(
+        "write SD v1.5- and CLIP ViT-L/14-shaped folders (random weights) to rehearse the real path",
+        "prism_ray.pipelines.rehearsal_family:RehearsalFamilyConfig",
+        "prism_ray.pipelines.rehearsal_family:run",
+    ),
 }
 
 

@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--subjects", type=int, default=24, help="phantoms")
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (default: all)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    p.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more finetune overrides, e.g. train.precision=fp32 train.zero_stage=0 (the full-shape "
+                        "ZeRO-2 bf16 state, ~17 bytes per U-Net parameter, does not fit a 24 GB CPU node)")
     p.add_argument("--classifier", default=None,
                    help="the audit's classifier folder; default: trained here by the classifier stage "
                         "(CI passes 'tiny', the shipped family's, and skips that stage)")
@@ -302,7 +305,8 @@ def main(argv=None) -> dict:
     runs = out / "runs"
     ft = stage("finetune", ["finetune", "--config", str(CONFIGS / "finetune_sd15.yaml"),
                             "--config", str(CONFIGS / "compute/finetune_cpu.yaml"),
-                            *sets(f"model.path={sd}", *data_sets, f"run.storage_path={runs}", *CPU_KNOBS["finetune"])])
+                            *sets(f"model.path={sd}", *data_sets, f"run.storage_path={runs}", *CPU_KNOBS["finetune"],
+                                 *args.finetune_set)])
     export = runs / "finetune-sd15-chexpert" / "model"
     if ft is not None:
         assert (export / "unet" / "diffusion_pytorch_model.safetensors").exists(), f"no export at {export}"
@@ -350,7 +354,7 @@ def main(argv=None) -> dict:
         finally:
             stop_head(head)
 
-    result = {"scale": args.scale, "resolution": res, "subjects": args.subjects,
+    result = {"scale": args.scale, "resolution": res, "subjects": args.subjects, "finetune_set": args.finetune_set,
               "total_seconds": round(time.perf_counter() - t0, 1),
               "stages": {k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in stages.items()}}
     out.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_job(name: str, config_paths: list[str], overrides: list[str], print_config: bool = False) -> int:
     from prism_ray.config import ConfigError, describe_config, load_config
-    from prism_ray.distributed import RayStartError  # the package holds no Ray import itself
+    from prism_ray.distributed import (  # the package holds no Ray import itself
+        RayStartError,
+        WorkerOutOfMemory,
+    )
     from prism_ray.results.ledger import LedgerError
     from prism_ray.results.summary import RunIncomplete
 
@@ -201,7 +204,7 @@ def run_job(name: str, config_paths: list[str], overrides: list[str], print_conf
     except RunIncomplete as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, LedgerError, RayStartError) as err:
+    except (ValueError, FileNotFoundError, LedgerError, RayStartError, WorkerOutOfMemory) as err:
         print(f"prism-ray {name}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -26,6 +26,27 @@ class RayStartError(RuntimeError):
     """Ray could not be started here or the cluster of RAY_ADDRESS could not be joined (one line: why)."""
 
 
+class WorkerOutOfMemory(RuntimeError):
+    """Ray killed a job's worker because its node ran out of memory (one line: where, how much, what to change)."""
+
+
+_NODE_MEMORY = re.compile(r"Memory on the node \(IP: ([\d.]+)[^)]*\) was ([\d.]+GB) used / ([\d.]+GB) limit")
+
+
+def out_of_memory(job: str, err: BaseException, advice: str) -> WorkerOutOfMemory | None:
+    """A `WorkerOutOfMemory` for `err` if Ray's memory monitor caused it (anywhere in its chain), else None."""
+    seen, e = [], err
+    while e is not None and len(seen) < 8:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in seen)
+    if "OutOfMemoryError" not in text and "running low on memory" not in text:
+        return None
+    match = _NODE_MEMORY.search(text)
+    where = f" (node {match[1]}: {match[2]} used of {match[3]})" if match else ""
+    return WorkerOutOfMemory(f"{job}: Ray killed a worker for lack of memory{where}; {advice}")
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Raise RayStartError at once when nothing listens at RAY_ADDRESS's host:port (ray.init would retry the
     connection for minutes); 'auto', 'local' and addresses without a port are left to ray.init."""

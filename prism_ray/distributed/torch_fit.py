@@ -7,7 +7,7 @@ from collections.abc import Callable
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from prism_ray.distributed import verbose
+from prism_ray.distributed import out_of_memory, verbose
 
 
 def fit_torch(job: str, loop: Callable, loop_config: dict, config, plan, datasets: dict | None = None) -> str:
@@ -32,7 +32,14 @@ def fit_torch(job: str, loop: Callable, loop_config: dict, config, plan, dataset
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        oom = out_of_memory(job, err, "lower train.micro_batch_size or raise train.zero_stage, or give each "
+                                      "worker more memory (compute.cpus_per_worker places fewer per node)")
+        if oom is None:
+            raise
+        raise oom from err
     if result.checkpoint is None:
         raise RuntimeError(f"{job}: run '{plan.run_path}' ended without a checkpoint")
     path = result.checkpoint.path  # relative to the storage filesystem: no scheme for s3://, gs://, ...

@@ -80,6 +80,7 @@ def test_zero2_run_counts_bad_rows_and_writes_metrics(first_run):
     metrics = read_table(f"{result.run_path}/metrics/part-00000001-00000002.parquet").to_pylist()
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["loss"]) and m["images_per_second"] > 0 for m in metrics)
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)  # ZeRO-2's own norm
     assert metrics[0]["lr"] == pytest.approx(1e-3)
     assert (storage / "ft" / "validation" / "step_00000002" / "prompt_00.png").exists()
 
@@ -173,6 +174,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_
         "train.max_steps=4",
         "train.validation_every=null",
         "run.export=false",
+        "train.zero_stage=0",  # the other DeepSpeed path (the first run is ZeRO-2): no ZeRO optimizer wrapper
+        "train.precision=fp32",
     )
     from ray.train import TrainingFailedError
 
@@ -190,3 +193,5 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, manifest, tmp_
     assert event["step"] == 2 and event["unet_sha256"] == at_2
     metrics = read_table(f"{result.run_path}/metrics/part-00000003-00000004.parquet").to_pylist()
     assert [m["step"] for m in metrics] == [3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
+    # DeepSpeed keeps no gradient norm without ZeRO or mixed precision; the loop measures it (was NaN).
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)

@@ -61,26 +61,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loss_sum = torch.zeros((), device=device)  # summed on device since the last sync point
     window_start, step = start_step + 1, start_step
 
+    # DeepSpeed records the global gradient norm only where its own optimizer wrapper clips (fp16/bf16,
+    # ZeRO >= 1); plain fp32 without ZeRO clips through torch and keeps no norm: measure it here.
+    own_norm = not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
     for step in range(start_step + 1, t.max_steps + 1):
         lr = float(engine.get_lr()[0])  # the rate this step uses (a host-side float, no device sync)
+        logged = step % t.log_every == 0 or step == t.max_steps
+        save = step % t.checkpoint_every == 0 or step == t.max_steps
+        norm = None
         for micro in range(accumulation):
             # One generator per (seed, rank, micro-step): a resumed run draws the noise a straight run would.
             gen = step_generator(t.seed, rank, (step - 1) * accumulation + micro)
             latents, context = model_inputs(next(batches), sd, t.latents, gen)
             loss = diffusion_loss(engine, noise_scheduler, latents, context, gen).loss
             engine.backward(loss)
+            if own_norm and (logged or save) and micro == accumulation - 1:
+                norm = gradient_norm(engine.module)  # reduced over workers already, before clipping
             engine.step()
             loss_sum += loss.detach()
         if ema is not None:
             ema.step(engine.module)
         fault_point("finetune.step")  # tests: a worker dies here (after the step, before its checkpoint)
 
-        logged = step % t.log_every == 0 or step == t.max_steps
-        save = step % t.checkpoint_every == 0 or step == t.max_steps
         metrics: dict = {"step": step}
         if logged or save:
             loss_value, grad_norm = mean_loss_and_grad_norm(
-                loss_sum, (step - window_start + 1) * accumulation, engine
+                loss_sum, (step - window_start + 1) * accumulation, engine, norm
             )
             check_finite_loss(loss_value, step=step, first_step=window_start)  # same value on every rank
             if log is not None:
@@ -152,15 +158,23 @@ def model_inputs(batch: dict[str, np.ndarray], sd, mode: str, gen: torch.Generat
     )
 
 
-def mean_loss_and_grad_norm(loss_sum: torch.Tensor, micro_steps: int, engine) -> tuple[float, float]:
-    """Mean loss over workers and micro-steps since the last call, and the last global gradient norm."""
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of every parameter's gradient (a 0-d tensor on their device; no host sync)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(float("nan"))
+
+
+def mean_loss_and_grad_norm(loss_sum: torch.Tensor, micro_steps: int, engine,
+                            norm: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean loss over workers and micro-steps since the last call, and the last global gradient norm
+    (`norm` where the caller measured it, else DeepSpeed's)."""
     import torch.distributed as dist
 
     loss = loss_sum / micro_steps
     if dist.is_initialized():
         dist.all_reduce(loss)
         loss = loss / dist.get_world_size()
-    norm = engine.get_global_grad_norm()
+    norm = engine.get_global_grad_norm() if norm is None else norm
     norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=loss.dtype, device=loss.device)
     loss_value, norm_value = torch.stack(
         [loss, norm]

@@ -167,7 +167,10 @@ def require_supported_prediction(root: Path) -> str:
 
 def quiet_progress_bars() -> None:
     """No per-file "Loading weights" bars: every actor and worker loads models, and the bars
-    drown the jobs' own progress lines."""
+    drown the jobs' own progress lines. Without CUDA, DeepSpeed (imported by diffusers' and transformers'
+    integrations) would pick its CPU accelerator and warn that it did: name it, so it does not warn."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import diffusers
     import transformers
 

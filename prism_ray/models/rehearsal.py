@@ -192,7 +192,6 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def _modules(configs: dict[str, dict], *, meta: bool, seed: int):
     """(text_encoder, vae, unet, clip) built from `configs`; on the meta device (no memory) if `meta`."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
@@ -208,6 +207,8 @@ def _modules(configs: dict[str, dict], *, meta: bool, seed: int):
     for i, (name, build) in enumerate(builders.items()):
         torch.manual_seed(seed + i)  # one stream per component: the same weights whatever is built before
         if meta:
+            from accelerate import init_empty_weights  # (it imports DeepSpeed, which warns; only here)
+
             with init_empty_weights():
                 modules[name] = build()
         else:

@@ -202,7 +202,9 @@ def save_family_folder(out: Path, *, tokenizer, text_encoder, vae, unet, clip) -
     from diffusers import DDIMScheduler
 
     from prism_ray.engine.scheduler import REFERENCE_DDIM
+    from prism_ray.models.loading import quiet_progress_bars
 
+    quiet_progress_bars()
     out.mkdir(parents=True, exist_ok=True)
     save_sd_tokenizer(tokenizer, out / "tokenizer")
     for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet), ("clip", clip)):

@@ -123,12 +123,12 @@ def submission_id(job: str, config_hash: str, taken: dict[str, JobStatus]) -> tu
 
 def submit(job: str, config, address: str | None = None, wait: bool = True,
            config_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> int:
-    """Submit (or attach to) the job for a validated `config`; follow it unless `wait` is False.
-    A path the cluster cannot use raises ConfigError before anything is uploaded."""
+    """Submit or attach to the job of a validated `config`, follow it unless not `wait`; bad paths: ConfigError."""
     script = REPO / "jobs" / f"{job.replace('-', '_')}.py"
     if not script.is_file():
         raise SubmitError(f"jobs/{script.name}: not found under {REPO} (submit from a repo checkout)")
-    logging.getLogger("ray").setLevel(logging.INFO if verbose() else logging.ERROR)  # "Ignoring upload ..."
+    for name in ("ray", "ray.dashboard.modules.job.sdk"):  # "Ignoring upload ...", "WebSocket closed ..." (own level)
+        logging.getLogger(name).setLevel(logging.INFO if verbose() else logging.ERROR)
     client = connect(address)
     env_vars = job_env_vars(config)
     check_cluster_paths(config, env_vars)

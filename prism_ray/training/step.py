@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from prism_ray.training.diffusion import diffusion_loss
 
@@ -46,3 +47,25 @@ def core_step(
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of every parameter's gradient (a 0-d tensor on their device; no host sync)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(float("nan"))
+
+
+def mean_loss_and_grad_norm(loss_sum: torch.Tensor, micro_steps: int, engine,
+                            norm: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean loss over workers and micro-steps since the last call, and the last global gradient norm
+    (`norm` where the caller measured it, else DeepSpeed's)."""
+    loss = loss_sum / micro_steps
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+        loss = loss / dist.get_world_size()
+    norm = engine.get_global_grad_norm() if norm is None else norm
+    norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=loss.dtype, device=loss.device)
+    loss_value, norm_value = torch.stack(
+        [loss, norm]
+    ).tolist()  # sync point: the one host copy per logged step
+    return loss_value, norm_value

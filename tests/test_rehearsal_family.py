@@ -101,3 +101,25 @@ def test_a_reduced_family_loads_through_the_loaders_and_is_seeded(tmp_path):
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     digest = hashlib.sha256((a["model"] / "unet" / "config.json").read_bytes()).hexdigest()
     assert digest == hashlib.sha256((b["model"] / "unet" / "config.json").read_bytes()).hexdigest()
+
+
+def test_sd15s_16_cross_attention_layers_and_the_reference_blend_layers():
+    """On SD v1.5's U-Net (meta device): 16 controlled cross-attention layers at the reference's map sizes,
+    and local blend averaging the reference's five 16 x 16 layers (down_cross[2:4] + up_cross[:3])."""
+    from collections import Counter
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from prism_ray.engine.attention import blend_layers, controlled_layer_names, cross_attention_resolutions
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**rehearsal.component_configs("full")["unet"])
+    names = controlled_layer_names(unet)
+    assert sum(".attn2." in n for n in names) == 16 and sum(".attn1." in n for n in names) == 16
+    sizes = cross_attention_resolutions(unet, 64)
+    assert Counter(sizes.values()) == {64: 5, 32: 5, 16: 5, 8: 1}
+    layers, side = blend_layers(unet, 64)
+    assert side == 16 and sorted(layers) == sorted(
+        [f"down_blocks.2.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(2)]
+        + [f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(3)])

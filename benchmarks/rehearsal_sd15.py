@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--subjects", type=int, default=24, help="phantoms")
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (default: all)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    p.add_argument("--compute", choices=["cpu", "gpu"], default="cpu",
+                   help="the shipped compute files: configs/compute/*_cpu.yaml or *_gpu.yaml (one GPU: 1 worker/actor)")
     p.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more finetune overrides, e.g. train.precision=fp32 train.zero_stage=0 (the full-shape "
                         "ZeRO-2 bf16 state, ~17 bytes per U-Net parameter, does not fit a 24 GB CPU node)")
@@ -304,7 +306,7 @@ def main(argv=None) -> dict:
 
     runs = out / "runs"
     ft = stage("finetune", ["finetune", "--config", str(CONFIGS / "finetune_sd15.yaml"),
-                            "--config", str(CONFIGS / "compute/finetune_cpu.yaml"),
+                            "--config", str(CONFIGS / f"compute/finetune_{args.compute}.yaml"),
                             *sets(f"model.path={sd}", *data_sets, f"run.storage_path={runs}", *CPU_KNOBS["finetune"],
                                  *args.finetune_set)])
     export = runs / "finetune-sd15-chexpert" / "model"
@@ -316,19 +318,19 @@ def main(argv=None) -> dict:
     if args.classifier:
         wanted.discard("classifier")
     stage("classifier", ["classifier", "--config", str(CONFIGS / "classifier_sd15.yaml"),
-                         "--config", str(CONFIGS / "compute/classifier_cpu.yaml"),
+                         "--config", str(CONFIGS / f"compute/classifier_{args.compute}.yaml"),
                          *sets(*data_sets, f"run.storage_path={classifiers}", *CPU_KNOBS["classifier"])])
     classifier = args.classifier or classifiers / "chexpert-attributes" / "model"
 
     method = [f"model.path={export}", f"model.clip_path={scorer}", *CPU_KNOBS["method"]]
     aug = stage("augment", ["augment", "--config", str(CONFIGS / "augment_sd15.yaml"),
-                            "--config", str(CONFIGS / "compute/augment_cpu.yaml"),
+                            "--config", str(CONFIGS / f"compute/augment_{args.compute}.yaml"),
                             *sets(*method, *data_sets, f"output={out / 'augment'}", *CPU_KNOBS["augment"])])
     if aug is not None:
         aug["checks"] = check_augment(out / "augment", res)
 
     aud = stage("audit", ["audit", "--config", str(CONFIGS / "audit_sd15.yaml"),
-                          "--config", str(CONFIGS / "compute/augment_cpu.yaml"),
+                          "--config", str(CONFIGS / f"compute/augment_{args.compute}.yaml"),
                           *sets(*method, f"data.manifest={mimic}", f"classifiers.0.path={classifier}",
                                 f"output={out / 'audit'}", *CPU_KNOBS["audit"])])
     if aud is not None:
@@ -346,7 +348,7 @@ def main(argv=None) -> dict:
         head, info = start_head()
         try:
             sub = stage("submit", ["submit", "augment", "--config", str(CONFIGS / "augment_sd15.yaml"),
-                                   "--config", str(CONFIGS / "compute/augment_cpu.yaml"),
+                                   "--config", str(CONFIGS / f"compute/augment_{args.compute}.yaml"),
                                    *sets(*method, *data_sets, f"output={out / 'submit_augment'}", *CPU_KNOBS["augment"]),
                                    "--address", info["address"]],
                         env=clean_env(RAY_AUTH_TOKEN=info["token"]), sample_pid=head.pid)

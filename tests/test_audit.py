@@ -310,6 +310,20 @@ def test_a_corrected_copy_of_the_manifest_resumes_the_folder(dataset, tmp_path):
     assert again["this_run"]["sources"] == 1 and engine.calls == 1  # only the corrected row is redone
 
 
+def test_a_changed_filter_is_refused_on_resume_never_mixed(dataset, tmp_path):
+    """Issue 26: every audit row stores `accepted` from the filter, so the filter is in the results hash."""
+    manifest, truth = dataset
+    out = tmp_path / "out"
+    run(make_config(manifest, out, interventions=["Pleural Effusion=0"]), PlantedEngine(truth))
+    changed = make_config(manifest, out, interventions=["Pleural Effusion=0"], filter={"s_clip_min": 0.3})
+    engine = PlantedEngine(truth)
+    with pytest.raises(ValueError, match="config_hash"):
+        run(changed, engine)
+    assert engine.calls == 0  # refused before any compute
+    rows = pq.read_table(out / "rows.parquet").to_pylist()
+    assert len({r["config_hash"] for r in rows}) == 1
+
+
 # --- issues 28.9 and 28.17: an output that cannot be written, a wrong model path --------------------
 
 

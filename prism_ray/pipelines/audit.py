@@ -154,11 +154,11 @@ class AuditConfig(BaseConfig):
         return self
 
     def results_hash(self, weights_digest: str) -> str:
-        """What decides a row's values: model weights, how data is read, method knobs, classifiers (not
-        compute/report). The manifest's name and the row selection are left out: a task id carries its
+        """What decides a row's values: model weights, how data is read, method knobs, the filter (each row's
+        `accepted`), classifiers (not compute/report). The manifest's name and the row selection are left out: a task id carries its
         source row's content (`plan_tasks`), so a corrected copy of the manifest resumes the folder."""
         dump = self.model_dump(mode="json")
-        keep = {k: dump[k] for k in ("classifiers", "seed")}
+        keep = {k: dump[k] for k in ("classifiers", "seed", "filter")}  # every row stores `accepted`
         keep.update(data=data_identity(self.data), inversion=self.inversion.identity(), edit=self.edit.identity())
         keep["model"] = {k: v for k, v in dump["model"].items() if k not in ("device", "cache_dir")}
         keep["weights"] = weights_digest

@@ -212,3 +212,15 @@ def test_the_output_guard_leaves_other_storage_errors_to_the_runners_retries(tmp
     assert guarded.model_loads == 1
     with pytest.raises(ConnectionResetError):  # transient: the runner retries the batch
         guarded([])
+
+
+def test_the_clock_is_timezone_aware_utc_and_fits_the_created_at_column():
+    from datetime import timedelta
+
+    from prism_ray.data.schemas import ERROR_SCHEMA
+    from prism_ray.results.clock import utc_now
+
+    now = utc_now()
+    assert now.utcoffset() == timedelta(0)
+    column = pa.array([now], ERROR_SCHEMA.field("created_at").type)  # timestamp("ms", tz="UTC")
+    assert column.type.tz == "UTC" and column.to_pylist()[0] == now.replace(microsecond=now.microsecond // 1000 * 1000)

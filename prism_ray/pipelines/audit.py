@@ -43,6 +43,7 @@ from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.audit_step import AuditStep, classifier_attributes, error_schema, row_schema
 from prism_ray.pipelines.augment import ActorPoolConfig, batches, data_identity, map_batches, model_roots
 from prism_ray.pipelines.counterfactuals import BatchReport
+from prism_ray.results.clock import utc_now
 from prism_ray.results.compaction import compact_table, read_column, table_files
 from prism_ray.results.layout import Layout, digest
 from prism_ray.results.ledger import OutputGuard, OutputWriteError, check_writable
@@ -351,7 +352,7 @@ def run(config: AuditConfig, runner) -> dict:
     from prism_ray.results.ledger import write_json_atomic, write_part
     from prism_ray.scoring.audit_stats import audit_statistics
 
-    started, t0 = _now(), time.perf_counter()
+    started, t0 = utc_now(), time.perf_counter()
     layout = Layout.of(config.output)
     if layout.root != config.output:
         config = config.model_copy(update={"output": layout.root})
@@ -381,7 +382,7 @@ def run(config: AuditConfig, runner) -> dict:
         len(todo),
     )
     if plan_errors:
-        stamped = [dict(e, config_hash=results_hash, created_at=_now()) for e in plan_errors]
+        stamped = [dict(e, config_hash=results_hash, created_at=utc_now()) for e in plan_errors]
         write_part(
             layout,
             "errors",
@@ -513,9 +514,3 @@ def run(config: AuditConfig, runner) -> dict:
         layout.uri("report.html"),
     )
     return summary
-
-
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)

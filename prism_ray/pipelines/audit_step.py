@@ -17,6 +17,7 @@ import numpy as np
 from prism_ray.config import ConfigError
 from prism_ray.faults import fault_point
 from prism_ray.pipelines.counterfactuals import BatchReport
+from prism_ray.results.clock import utc_now
 from prism_ray.results.layout import Layout, digest
 from prism_ray.scoring.audit_stats import CONTROL, GROUP, P_CF, P_CTRL, P_ORIG
 
@@ -127,11 +128,6 @@ def error_schema():
         ]
     )
 
-
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
 
 
 def _image_key(intervention: str, item_id: str) -> str:
@@ -258,7 +254,7 @@ class AuditStep:
                 "inversion_seconds": item.inversion_seconds,
                 "edit_seconds": item.edit_seconds / k,
                 "config_hash": self.results_hash,
-                "created_at": _now(),
+                "created_at": utc_now(),
             }
             rows.append(row)
         seconds["write"] += time.perf_counter() - start
@@ -272,5 +268,5 @@ class AuditStep:
             "stage": stage,
             "reason": reason,
             "config_hash": self.results_hash,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }

@@ -25,6 +25,7 @@ from prism_ray.faults import fault_point
 from prism_ray.models.config import ModelConfig
 from prism_ray.pipelines.counterfactuals import BatchReport, CounterfactualStep, is_transient
 from prism_ray.pipelines.quota import PlannerPolicy, Slot, SlotPool, SubgroupProgress, kept_prefix, plan_round
+from prism_ray.results.clock import utc_now
 from prism_ray.results.layout import Layout, digest
 from prism_ray.results.ledger import (
     OutputGuard,
@@ -232,11 +233,6 @@ def data_identity(data: DataConfig) -> dict:
 #   _ledger/rows|errors/*.parquet    finished work not yet committed (one part per batch)
 
 
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
-
 
 def _selector_mask(table, subgroup: SubgroupConfig):
     import numpy as np
@@ -356,7 +352,7 @@ def build_tasks(
                     raise ValueError(f"intervention {slot.edit!r} leaves the caption unchanged")
             except ValueError as err:
                 errors.append(dict(source_uri=uri, slot_id=slot.slot_id, stage="caption", reason=str(err),
-                                   subgroup=slot.subgroup, config_hash=results_hash, created_at=_now()))
+                                   subgroup=slot.subgroup, config_hash=results_hash, created_at=utc_now()))
                 continue
             edits.append(dict(slot_id=slot.slot_id, subgroup=slot.subgroup, intervention=slot.edit,
                               edit_prompt=edit_prompt, rank=slot.rank))
@@ -599,7 +595,7 @@ def run(config: AugmentConfig, runner) -> dict:
     """
     from prism_ray.models.loading import weights_digest
 
-    started, t0 = _now(), time.perf_counter()
+    started, t0 = utc_now(), time.perf_counter()
     layout = Layout.of(config.output)  # resolved on the driver; relative paths refused under `ray job submit`
     if layout.root != config.output:  # actors may run elsewhere: give them an absolute output path
         config = config.model_copy(update={"output": layout.root})
@@ -614,7 +610,7 @@ def run(config: AugmentConfig, runner) -> dict:
     quotas = {g.name: g.quota for g in config.subgroups}
     policy = PlannerPolicy.from_config(config.planner)
     driver_seconds = Counter(load_sources=time.perf_counter() - t)
-    extra_errors = [dict(e, config_hash=results_hash, created_at=_now()) for e in sources.errors]
+    extra_errors = [dict(e, config_hash=results_hash, created_at=utc_now()) for e in sources.errors]
     tally = Tally(list(quotas))
     rounds: list[dict] = []
     progress: dict[str, SubgroupProgress] = {}

@@ -20,7 +20,6 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from prism_ray.data.schemas import COUNTERFACTUAL_SCHEMA, ERROR_SCHEMA, rows_to_table
 from prism_ray.data.storage import is_transient_storage_error
 from prism_ray.faults import fault_point
+from prism_ray.results.clock import utc_now
 from prism_ray.results.layout import Layout, digest
 from prism_ray.results.ledger import write_part
 
@@ -50,9 +50,6 @@ def is_transient(err: BaseException) -> bool:
         return True
     return is_transient_storage_error(err)
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass
@@ -395,7 +392,7 @@ class CounterfactualStep:
         write_png(image, self.layout.uri(key))  # a storage error is transient: the batch is retried
         seconds["write"] += time.perf_counter() - start
         row.update(image_uri=self.layout.uri(key), model_id=self.model_id, config_hash=self.results_hash,
-                   created_at=_now())
+                   created_at=utc_now())
         rows.append(row)
 
     def _error(self, task: dict, stage: str, reason: str, edit: dict | None = None) -> dict:
@@ -408,7 +405,7 @@ class CounterfactualStep:
             "reason": reason,
             "subgroup": every if edit is None else edit["subgroup"],
             "config_hash": self.results_hash,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }
 
     def _slot_errors(self, task: dict, stage: str, reason: str) -> list[dict]:

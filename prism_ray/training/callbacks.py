@@ -7,13 +7,13 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from prism_ray.data.schemas import TRAIN_METRICS_SCHEMA, rows_to_table
 from prism_ray.data.storage import join_uri, write_png, write_table
+from prism_ray.results.clock import utc_now
 
 STATE_FILE = (
     "trainer_state.json"  # {"step", "start_step", "config_hash"}: written last, marks a complete folder
@@ -207,7 +207,7 @@ def record_resume(run_path: str, *, step: int, checkpoint: str, unet_sha256: str
         "step": step,
         "checkpoint": checkpoint,
         "unet_sha256": unet_sha256,
-        "time": datetime.now(timezone.utc).isoformat(),
+        "time": utc_now().isoformat(),
     }
     uri = join_uri(run_path, "events", f"resume-{step:08d}-{time.time_ns()}.json")
     fs, path = fsspec.core.url_to_fs(uri)

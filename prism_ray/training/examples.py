@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from prism_ray.data.images import DecodeConfig, make_square
 from prism_ray.data.schemas import ERROR_SCHEMA, rows_to_table
 from prism_ray.data.storage import ImageReadError, join_uri, read_image, read_table, resolve_uri, write_table
 from prism_ray.engine.images import from_model_pixels, preprocess
+from prism_ray.results.clock import utc_now
 
 CAPTION_COLUMN = "caption"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -106,7 +106,7 @@ def prepare_batch(
 
 def write_error_rows(bad: list[dict], errors_uri: str, config_hash: str) -> None:
     """One Parquet part under `errors_uri`, named by its content: the same rows in a later epoch overwrite it."""
-    now = datetime.now(timezone.utc)
+    now = utc_now()
     rows = []
     for e in bad:
         stage, reason = e["error"].split(":", 1)  # stage: image | caption

@@ -66,6 +66,7 @@ from prism_ray.phantom.demographic import age_heads
 from prism_ray.phantom.family import PhantomTrainConfig, attributes_from_draws, chexpert_row
 from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask, render_phantom
 from prism_ray.phantom.truth import blind_counterfactual, phantom_intervention, plausible_counterfactuals
+from prism_ray.scoring.classification import decision, flipped
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,8 @@ def judge_agreement(judge, cases: Cases) -> float:
     family classifier: how alike the two classifiers see the phantoms."""
     from prism_ray.models.classifier import predict_proba
 
-    mine = np.concatenate([cases.p_src, cases.p_true]) >= 0.5
-    theirs = predict_proba(judge, np.concatenate([cases.src, cases.true])) >= 0.5
+    mine = decision(np.concatenate([cases.p_src, cases.p_true]))
+    theirs = decision(predict_proba(judge, np.concatenate([cases.src, cases.true])))
     return float((mine == theirs).mean())
 
 
@@ -352,14 +353,13 @@ def score(arm: np.ndarray, p_arm: np.ndarray, cases: Cases, lpips=None) -> dict:
     out["target_cpg"] = cpg(p_arm[rows, target], p_src[rows, target])
     out["target_flip_rate"] = flip_rate(p_arm[rows, target], p_src[rows, target])
     others = [k for k, h in enumerate(cases.heads) if h not in cases.targets]
-    decided = lambda p: p[:, others] >= 0.5  # noqa: E731
-    flipped = decided(p_arm) != decided(p_src)
-    out["non_target_flip_rate"] = float(flipped.any(axis=1).mean())
-    out["non_target_flips_per_head"] = {cases.heads[k]: float(flipped[:, j].mean()) for j, k in enumerate(others)}
+    changed = flipped(p_src[:, others], p_arm[:, others])
+    out["non_target_flip_rate"] = float(changed.any(axis=1).mean())
+    out["non_target_flips_per_head"] = {cases.heads[k]: float(changed[:, j].mean()) for j, k in enumerate(others)}
     # A head the classifier also reads differently on the true counterfactual moved with the target.
-    beyond = flipped & (decided(cases.p_true) == decided(p_src))
+    beyond = changed & ~flipped(p_src[:, others], cases.p_true[:, others])
     out["non_target_flip_beyond_truth_rate"] = float(beyond.any(axis=1).mean())
-    out["non_target_flips"] = [[int(i), cases.heads[others[j]]] for i, j in zip(*np.nonzero(flipped), strict=True)]
+    out["non_target_flips"] = [[int(i), cases.heads[others[j]]] for i, j in zip(*np.nonzero(changed), strict=True)]
     return out
 
 
@@ -654,7 +654,7 @@ def decision_agreement(fp_images, bf_images, fp_clip, bf_clip, fp_probs, bf_prob
     """How often a bfloat16 editing pass decides as the fp32 one: the S_CLIP filter, the classifier's
     target head and all heads (each image's label vector at 0.5); plus the pixel and S_CLIP differences."""
     accept_fp, accept_bf = fp_clip >= S_CLIP_MIN, bf_clip >= S_CLIP_MIN
-    labels_fp, labels_bf = fp_probs >= 0.5, bf_probs >= 0.5
+    labels_fp, labels_bf = decision(fp_probs), decision(bf_probs)
     rows = np.arange(len(target))
     return {
         "s_clip_filter_agrees": float((accept_fp == accept_bf).mean()),
@@ -774,7 +774,7 @@ def precision_parity(args, sd, scorer, classifier, heads, out: Path, argv) -> in
                 "reconstruction": relative_squared_error(z0, inverted.latents[0]).numpy(),
                 "s_clip": s_clip,
                 "accept": s_clip >= S_CLIP_MIN,
-                "flip": (p_edit >= 0.5) != (p_src >= 0.5),
+                "flip": flipped(p_src, p_edit),
                 "edited": edited.astype(np.float64) / 255,
                 "seconds": (time.perf_counter() - start) / len(subjects),
             }

@@ -59,6 +59,26 @@ def test_ece_accuracy_and_balanced_accuracy_match_loops():
     assert cm.balanced_accuracy([1, 1, 0, 0], [0.9, 0.1, 0.2, 0.3]) == 0.75
 
 
+def test_the_decision_is_positive_at_exactly_half_and_a_flip_is_a_changed_decision():
+    from prism_ray.scoring.filter import off_target_heads
+    from prism_ray.scoring.metrics import flip_rate
+
+    assert cm.decision(0.5) and not cm.decision(np.nextafter(0.5, 0.0)) and not cm.decision(float("nan"))
+    np.testing.assert_array_equal(cm.decision(np.array([0.49, 0.5, 0.51])), [False, True, True])
+    assert bool(cm.logit_decision(torch.tensor(0.0))) and not bool(cm.logit_decision(torch.tensor(-1e-6)))
+    assert bool(cm.logit_decision(torch.tensor(0.0))) == cm.decision(float(torch.sigmoid(torch.tensor(0.0))))
+    assert cm.flipped(0.49, 0.5) and not cm.flipped(0.5, 0.9) and cm.flipped(0.5, 0.49)
+    assert cm.accuracy(np.array([1]), np.array([0.5])) == 1.0
+    assert flip_rate(np.array([0.5, 0.5]), np.array([0.4, 0.6])) == 0.5
+    # the off-target filter reads the same rule: 0.4 -> 0.5 flips the head, 0.5 -> 0.6 does not
+    heads = off_target_heads(np.array([0.4, 0.5]), np.array([[0.5, 0.6]]), ["a", "b"], [set()], max_shift=1.0)
+    assert heads == [["a"]]
+    # the phantom's age bin reads its thermometer heads by the same rule (it used p > 0.5 before)
+    from prism_ray.phantom.demographic import age_bin_from_heads
+
+    assert age_bin_from_heads(np.array([[0.5, 0.49]]), ["age_ge_40", "age_ge_60"]).tolist() == [40]
+
+
 def test_worst_group_accuracy_is_the_lowest_label_by_group_cell():
     y = np.array([1, 1, 1, 0, 0, 0, 1, 0])
     p = np.array([0.9, 0.8, 0.1, 0.2, 0.9, 0.9, 0.7, 0.1])

@@ -50,6 +50,7 @@ from prism_ray.phantom.dataset import (
 )
 from prism_ray.phantom.family import text_encoder_from_clip
 from prism_ray.phantom.render import render_phantom
+from prism_ray.scoring.classification import decision
 
 # The components a family folder copies from the base (text tower, CLIP, U-Net and classifier are its own).
 _COPIED = ("vae", "scheduler", "model_index.json")
@@ -111,7 +112,7 @@ def age_bin_from_heads(proba: np.ndarray, labels: list[str] | tuple[str, ...]) -
         edges[0][1] - 20 if len(edges) == 1 else 2 * edges[0][1] - edges[1][1]
     )  # the bin below the first edge
     lower = np.array([first] + [edge for _, edge in edges])
-    on = np.stack([proba[:, i] > 0.5 for i, _ in edges], axis=1).sum(axis=1)  # thermometer code -> bin index
+    on = np.stack([decision(proba[:, i]) for i, _ in edges], axis=1).sum(axis=1)  # thermometer code -> bin index
     return lower[on]
 
 
@@ -511,7 +512,7 @@ def train_demographic_classifier(config: DemographicFamilyConfig, device: torch.
     model = train_classifier(trainer, train, device, labels=labels)
     images = render_subjects(hold_subjects, resolution)
     truth = head_targets(hold_subjects, labels) > 0.5
-    right = (predict_proba(model, images) > 0.5) == truth  # (N, A)
+    right = decision(predict_proba(model, images)) == truth  # (N, A)
     metrics: dict = {"n_holdout": len(images), "accuracy": {}, "accuracy_away_from_edge": {}}
     for j, name in enumerate(labels):
         metrics["accuracy"][name] = float(right[:, j].mean())
@@ -758,7 +759,7 @@ def probe_family(
 
 def _changes(before: np.ndarray, after: np.ndarray, labels: list[str]) -> dict:
     """Decision changes per head (counts) and how often the age bin read from the heads went up."""
-    on0, on1 = before > 0.5, after > 0.5
+    on0, on1 = decision(before), decision(after)
     out = {
         "turned_off": {name: int((on0[:, j] & ~on1[:, j]).sum()) for j, name in enumerate(labels)},
         "turned_on": {name: int((~on0[:, j] & on1[:, j]).sum()) for j, name in enumerate(labels)},

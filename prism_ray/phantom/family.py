@@ -36,6 +36,7 @@ from prism_ray.models.tiny import (
     tiny_vae,
 )
 from prism_ray.phantom.render import PhantomAttributes, render_phantom
+from prism_ray.scoring.classification import decision, logit_decision
 
 CAPTION_LABELS = ("cardiomegaly", "pleural_effusion", "support_devices")  # what a CheXpert caption states
 
@@ -451,7 +452,7 @@ def train_classifier(
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        log(step, loss=out.loss.item(), acc=((out.logits > 0).float() == y[idx]).float().mean().item())
+        log(step, loss=out.loss.item(), acc=(logit_decision(out.logits).float() == y[idx]).float().mean().item())
     return model.eval().requires_grad_(False)
 
 
@@ -486,7 +487,7 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
     metrics["clip_num_captions"] = len(vocab)
     # Classifier accuracy per attribute.
     proba = predict_proba(classifier, holdout.images)
-    acc = ((proba > 0.5) == (holdout.labels > 0.5)).mean(axis=0)
+    acc = (decision(proba) == (holdout.labels > 0.5)).mean(axis=0)
     metrics["classifier_accuracy"] = {name: float(a) for name, a in zip(CLASSIFIER_LABELS, acc, strict=True)}
     # Samples: each caption's images classified as that caption's attributes.
     adapter = get_adapter("chexpert")
@@ -506,7 +507,7 @@ def evaluate(config: PhantomTrainConfig, holdout: PhantomSplit, tokenizer, text_
         for i in range(0, len(prompts), 64)
     ])
     samples = decode(vae, z)  # (N, R, R, 3) uint8
-    got = predict_proba(classifier, samples)[:, :3] > 0.5
+    got = decision(predict_proba(classifier, samples)[:, :3])
     wanted = np.asarray(wanted, bool)
     match = got == wanted
     metrics["sample_attribute_accuracy"] = {name: float(m) for name, m in zip(CAPTION_LABELS, match.mean(axis=0), strict=True)}

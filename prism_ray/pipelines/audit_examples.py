@@ -9,6 +9,7 @@ import numpy as np
 
 from prism_ray.results.layout import Layout, digest
 from prism_ray.scoring.audit_stats import P_CF, P_ORIG
+from prism_ray.scoring.classification import flipped
 
 log = logging.getLogger("prism_ray.audit")
 
@@ -49,7 +50,7 @@ def pick_examples(
                     if cell not in heaps or strongest == 0:
                         continue
                     before, after = row[P_ORIG + a], row[P_CF + a]
-                    if before is None or after is None or (before >= threshold) == (after >= threshold):
+                    if before is None or after is None or not flipped(before, after, threshold):
                         continue
                     _push(heaps[cell], (abs(after - before), row["row_id"], row), strongest)
     del heapq

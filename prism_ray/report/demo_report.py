@@ -26,6 +26,7 @@ from prism_ray.phantom.truth import (
     true_cf_for,
     vae_round_trip,
 )
+from prism_ray.scoring.classification import flipped
 
 # summary.json key -> (table header, what the column means in a sentence).
 COLUMNS = {
@@ -277,7 +278,7 @@ def write_demo_report(
                 p_src = predict_proba(clf, np.stack(src))[:, k]
                 p_cf = predict_proba(clf, np.stack(cfs))[:, k]
                 entry["target_cpg"] = float(np.abs(p_cf - p_src).mean())
-                entry["target_flip_rate"] = float(((p_cf >= 0.5) != (p_src >= 0.5)).mean())
+                entry["target_flip_rate"] = float(flipped(p_src, p_cf).mean())
                 target = {r["cf_id"]: (head, a, b) for r, a, b in zip(rows, p_src, p_cf, strict=True)}
         stats.append(entry)
         grid = []

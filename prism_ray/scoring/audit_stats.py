@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+from prism_ray.scoring.classification import flipped
 
 # --- the column contract --------------------------------------------------------------------
 
@@ -414,9 +415,8 @@ class CoChangeAccumulator:
         if self.config.accepted_only:
             valid &= scores[ACCEPTED] == 1.0
         t = self.config.threshold
-        decision = p_orig >= t
-        edit = ((p_cf >= t) != decision) & valid[:, None]
-        control = ((p_ctrl >= t) != decision) & valid[:, None]
+        edit = flipped(p_orig, p_cf, t) & valid[:, None]
+        control = flipped(p_orig, p_ctrl, t) & valid[:, None]
         delta_p, control_delta_p = np.abs(p_cf - p_orig), np.abs(p_ctrl - p_orig)
 
         target = self._targets_of(batch)

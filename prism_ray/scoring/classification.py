@@ -8,20 +8,40 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "ece")
+THRESHOLD = 0.5  # a sigmoid head's decision threshold on its probability
+
+
+# --- a head's decision, and whether an edit flipped it -------------------------------------------
+
+
+def decision(p, threshold: float = THRESHOLD):
+    """A sigmoid head's decision from its probability: positive at `p >= threshold`, so a tie (p exactly 0.5)
+    is positive and NaN is negative. Elementwise on numpy arrays and torch tensors, a bool on a float."""
+    return p >= threshold
+
+
+def logit_decision(logits):
+    """The same decision from a logit: sigmoid(z) >= 0.5 exactly when z >= 0, so a tie (z = 0) is positive."""
+    return logits >= 0
+
+
+def flipped(before, after, threshold: float = THRESHOLD):
+    """Whether the decision changed between the source's probability (`before`) and the edit's (`after`)."""
+    return decision(after, threshold) != decision(before, threshold)
 
 
 # --- one metric on one set of predictions ------------------------------------------------------
 
 
-def accuracy(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
-    """Share of rows whose thresholded probability equals the 0/1 label; NaN for no rows."""
+def accuracy(y: np.ndarray, p: np.ndarray, threshold: float = THRESHOLD) -> float:
+    """Share of rows whose decision equals the 0/1 label; NaN for no rows."""
     y, p = np.asarray(y, bool), np.asarray(p, float)
-    return float(np.mean((p >= threshold) == y)) if y.size else math.nan
+    return float(np.mean(decision(p, threshold) == y)) if y.size else math.nan
 
 
-def balanced_accuracy(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
+def balanced_accuracy(y: np.ndarray, p: np.ndarray, threshold: float = THRESHOLD) -> float:
     """Mean of the true-positive and true-negative rates; NaN unless both classes are present."""
-    y, pred = np.asarray(y, bool), np.asarray(p, float) >= threshold
+    y, pred = np.asarray(y, bool), decision(np.asarray(p, float), threshold)
     if y.all() or not y.any():
         return math.nan
     return float(0.5 * (pred[y].mean() + (~pred[~y]).mean()))

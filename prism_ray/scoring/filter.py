@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from prism_ray.config import BaseConfig
+from prism_ray.scoring.classification import decision, flipped
 
 
 class OffTargetConfig(BaseConfig):
@@ -62,7 +63,7 @@ def off_target_heads(
     `allowed[k]` the heads edit k may change. A head is off-target when its decision flips (0.5) or
     its probability moves more than `max_shift`.
     """
-    flips = (p_edits >= 0.5) != (p_source[None] >= 0.5)  # (K, H)
+    flips = flipped(p_source[None], p_edits)  # (K, H)
     moved = np.abs(p_edits - p_source[None]) > max_shift  # (K, H)
     return [[h for j, h in enumerate(labels) if (flips[k, j] or moved[k, j]) and h not in allowed[k]]
             for k in range(len(p_edits))]
@@ -103,9 +104,9 @@ def on_target(p_source: np.ndarray, p_edit: np.ndarray, labels: list[str], inter
     the attribute's head or of a head it implies. p_source and p_edit are (H,) probabilities over `labels`."""
     for check in target_checks(intervention, labels, rule):
         if check.head is not None:
-            if (p_edit[check.head] >= 0.5) != check.value:
+            if decision(p_edit[check.head]) != check.value:
                 return False
-        elif not any((p_edit[k] >= 0.5) != (p_source[k] >= 0.5) for k in check.heads):
+        elif not any(flipped(p_source[k], p_edit[k]) for k in check.heads):
             return False
     return True
 

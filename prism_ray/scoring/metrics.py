@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from prism_ray.scoring.classification import flipped
+
 # ---------------------------------------------------------------------------------------
 # L1
 # ---------------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def cpg(p_cf: np.ndarray, p_orig: np.ndarray) -> float:
 def flip_rate(p_cf: np.ndarray, p_orig: np.ndarray, threshold: float = 0.5) -> float:
     """Fraction of edits whose decision (p >= threshold) differs between I_cf and I_orig."""
     p_cf, p_orig = _probabilities(p_cf, p_orig)
-    return float(np.mean((p_cf >= threshold) != (p_orig >= threshold)))
+    return float(np.mean(flipped(p_orig, p_cf, threshold)))
 
 
 class NonTargetFlips(NamedTuple):
@@ -343,9 +345,9 @@ def non_target_flip_rate(
     if not 0 <= target_index < n_attr:
         raise ValueError(f"target_index {target_index} out of range for {n_attr} attributes")
     thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n_attr,))
-    flipped = (p_cf >= thr) != (p_orig >= thr)  # (N, A)
-    per_attribute = flipped.mean(axis=0)
+    changed = flipped(p_orig, p_cf, thr)  # (N, A)
+    per_attribute = changed.mean(axis=0)
     per_attribute[target_index] = np.nan
-    others = np.delete(flipped, target_index, axis=1)  # (N, A-1)
+    others = np.delete(changed, target_index, axis=1)  # (N, A-1)
     rate = float(others.any(axis=1).mean()) if others.shape[1] else 0.0
     return NonTargetFlips(rate=rate, per_attribute=per_attribute)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_ray.models.classifier import build_classifier, to_pixels
+from prism_ray.scoring.classification import logit_decision
 from prism_ray.training.callbacks import STATE_FILE
 
 MODEL_FILE = "classifier.safetensors"  # the weights (and BatchNorm buffers) at the checkpoint's step
@@ -259,7 +260,7 @@ def worst_group_accuracy(
     y = targets[:, head]
     known = torch.isfinite(y)
     positive = y > 0.5
-    correct = ((logits[:, head] >= 0) == positive) & known
+    correct = (logit_decision(logits[:, head]) == positive) & known
     cell = groups * 2 + positive.long()  # (N,) label x group
     zeros = torch.zeros(2 * n_groups, device=logits.device)
     hits = zeros.index_add(0, cell, correct.float())

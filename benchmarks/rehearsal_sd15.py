@@ -164,7 +164,7 @@ def check_images(rows: list[dict], resolution: int) -> int:
 
 def check_augment(folder: Path, resolution: int) -> dict:
     rows = read_table(folder / "manifest.parquet")
-    summary = json.loads((folder / "run_summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
     accepted = [r for r in rows if r.get("accepted", True)]
     assert {r["subgroup"] for r in accepted} == {"remove_devices", "remove_effusion"}, "both subgroups"
     for r in rows:

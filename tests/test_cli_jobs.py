@@ -39,7 +39,8 @@ def test_finetune_then_augment_from_the_entrypoints(tmp_path):
         "--set", "filter.s_clip_min=-1.0", "--set", "compute.num_actors=1",
     )
     assert augmented.returncode == 0, augmented.stderr[-3000:]
-    summary = json.loads((out / "run_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "run_summary.json").read_bytes() == (out / "summary.json").read_bytes()  # the old name, one release
     assert summary["subgroups"]["devices"]["accepted"] == 1 and summary["actors"]["model_loads_per_actor"] == [1]
 
 
@@ -81,7 +82,7 @@ def test_jobs_print_their_progress_and_their_end_after_ray_starts(tmp_path):
     assert [line for line in lines if line.startswith("augment: round 1:")], lines
     assert [line for line in lines if line.startswith("augment:   round 1:") and "attempts" in line], lines
     assert [line for line in lines if line.startswith("augment: devices: met, 2/2 accepted in quota")], lines
-    assert lines[-2:] and any(line == f"augment: outputs in {out} (manifest.parquet, errors.parquet, run_summary.json)"
+    assert lines[-2:] and any(line == f"augment: outputs in {out} (manifest.parquet, errors.parquet, summary.json)"
                               for line in lines), lines
     assert not _quiet(lines), _quiet(lines)
 

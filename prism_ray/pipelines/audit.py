@@ -423,7 +423,7 @@ def run(config: AuditConfig, runner) -> dict:
     if n_rows == 0:
         write_json_atomic(
             {"job": "audit", "rows": 0, "errors": n_errors, "accounting": accounting},
-            layout.uri("summary.json"),
+            layout.summary,
         )
         raise ValueError(f"audit: no source could be audited ({n_errors} error rows, see {layout.errors})")
 
@@ -495,7 +495,7 @@ def run(config: AuditConfig, runner) -> dict:
     except OutputWriteError as err:  # the tables are written: the report is not a result, the run ends by them
         log.warning("audit: no report: %s", err)
     summary["seconds"]["report"] = time.perf_counter() - t
-    write_json_atomic(summary, layout.uri("summary.json"))
+    write_json_atomic(summary, layout.summary)
     for r in summary["flagged"][:10]:
         log.info(
             "audit: FLAGGED %s -> %s (%s): %.0f%% vs %.0f%% control, q=%.1g",

@@ -229,7 +229,8 @@ def data_identity(data: DataConfig) -> dict:
 #   images/<subgroup>/<cf_id>.png   every finished attempt, accepted or rejected by the filter
 #   manifest.parquet                 one row per finished attempt (COUNTERFACTUAL_SCHEMA), with quota_status
 #   errors.parquet                   one row per failure (ERROR_SCHEMA): source, stage, reason
-#   run_summary.json                 counts, acceptance, throughput, stage timings, model loads per actor
+#   summary.json                     counts, acceptance, throughput, stage timings, model loads per actor
+#   run_summary.json                 the same (its name before this release; dropped in the next one)
 #   _ledger/rows|errors/*.parquet    finished work not yet committed (one part per batch)
 
 
@@ -665,7 +666,7 @@ def run(config: AugmentConfig, runner) -> dict:
     summary = _summary(config, layout, started, time.perf_counter() - t0, results_hash, model_id,
                        rounds, progress, final, tally, actors, driver_seconds)
     summary["accounting"] = account(sources, final)
-    write_summary(layout, summary)
+    write_summary(layout, summary, legacy_name=True)
     from prism_ray.report.augment_report import accounting_line, write_augment_report
 
     if summary["accounting"]:
@@ -675,7 +676,7 @@ def run(config: AugmentConfig, runner) -> dict:
         log.info("augment: %s: %s, %d/%d accepted in quota, %d rejected, %d beyond quota%s", name, info["status"],
                  info["accepted"], info["quota"], info["rejected"], info["beyond_quota"],
                  f", SHORTFALL {info['shortfall']}" if info["shortfall"] else "")
-    log.info("augment: outputs in %s (manifest.parquet, errors.parquet, run_summary.json)", layout.root)
+    log.info("augment: outputs in %s (manifest.parquet, errors.parquet, summary.json)", layout.root)
     try:
         write_augment_report(config, summary)  # report.html, also for an incomplete run
     except OutputWriteError as err:  # the results are committed: the report is not one, the run ends by them

@@ -49,7 +49,8 @@ class Layout:
 
     <root>/manifest.parquet        committed rows (one per finished attempt)
     <root>/errors.parquet          committed error rows (source, stage, reason)
-    <root>/run_summary.json        the last run's summary
+    <root>/summary.json            the last run's summary (every job; augment also writes it as
+                                   run_summary.json, its old name, for one release)
     <root>/images/<group>/<id>.png outputs, written before their ledger rows
     <root>/_ledger/<kind>/*.parquet work done since the last commit (one part per batch)
     """
@@ -77,6 +78,11 @@ class Layout:
 
     @property
     def summary(self) -> str:
+        return self.uri("summary.json")
+
+    @property
+    def legacy_summary(self) -> str:
+        """augment's summary name before this release (still written, to be dropped in the next one)."""
         return self.uri("run_summary.json")
 
     def ledger(self, kind: str, name: str = "") -> str:

@@ -10,7 +10,7 @@ class RunIncomplete(RuntimeError):
     """The job finished its work but not its goal (a shortfall, or no output at all).
 
     Its message is the one-line summary the CLI prints before exiting non-zero; the outputs and
-    `run_summary.json` are written and valid, and a re-run continues from them.
+    `summary.json` are written and valid, and a re-run continues from them.
     """
 
     def __init__(self, line: str, summary: dict):
@@ -18,5 +18,8 @@ class RunIncomplete(RuntimeError):
         self.summary = summary
 
 
-def write_summary(layout: Layout, summary: dict) -> None:
+def write_summary(layout: Layout, summary: dict, *, legacy_name: bool = False) -> None:
+    """`summary.json` (and the same bytes as `run_summary.json` where `legacy_name`: augment's old name)."""
     write_json_atomic(summary, layout.summary)
+    if legacy_name:
+        write_json_atomic(summary, layout.legacy_summary)

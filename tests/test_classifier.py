@@ -128,7 +128,7 @@ def test_t_test_sign_flip_and_mean_ci():
 
 
 def test_head_targets_from_findings_and_text_columns():
-    from prism_ray.pipelines.classifier import head_targets
+    from prism_ray.data.targets import head_targets
 
     table = pa.table({"Effusion": [1.0, 0.0, -1.0, None], "Sex": ["Female", "Male", None, "Female"]})
     heads = {"effusion": "Effusion", "female": "Sex=Female"}

@@ -20,8 +20,8 @@ from prism_ray.phantom.demographic import (
     build_variant,
     captions_of,
     fisher_greater,
-    head_targets,
     probe_subjects,
+    truth_targets,
 )
 from prism_ray.training.diffusion import module_digest
 
@@ -119,10 +119,10 @@ def test_mimic_captions_of_phantom_subjects():
     ]
 
 
-def test_head_targets_and_age_bins_from_heads():
+def test_truth_targets_and_age_bins_from_heads():
     s = probe_subjects("young_no_effusion", 4, seed=3)
     s["age"] = np.array([25, 45, 65, 85])
-    y = head_targets(s)
+    y = truth_targets(s)
     ages = y[:, [DEMOGRAPHIC_LABELS.index(f"age_ge_{e}") for e in (40, 60, 80)]]
     np.testing.assert_array_equal(ages, [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
     np.testing.assert_array_equal(y[:, DEMOGRAPHIC_LABELS.index("pleural_effusion")], 0)

@@ -38,6 +38,7 @@ import torch
 from pydantic import Field, field_validator
 
 from prism_ray.config import BaseConfig, build_config
+from prism_ray.data.targets import head_targets
 from prism_ray.phantom.dataset import (
     MIMIC_AGE_BINS,
     OtherDeviceMix,
@@ -78,8 +79,11 @@ def demographic_labels(age_bins: tuple[int, ...] = MIMIC_AGE_BINS) -> tuple[str,
 DEMOGRAPHIC_LABELS = demographic_labels()
 
 
-def head_targets(subjects: dict[str, np.ndarray], labels: tuple[str, ...] = DEMOGRAPHIC_LABELS) -> np.ndarray:
-    """Ground truth of every head for sampled subjects: (N, len(labels)) float32 in {0, 1}."""
+def truth_targets(subjects: dict[str, np.ndarray], labels: tuple[str, ...] = DEMOGRAPHIC_LABELS) -> np.ndarray:
+    """Ground truth of every head for sampled subjects: (N, len(labels)) float32 in {0, 1}: the classifier
+    job's `head_targets` over one true 0/1 column per head (the truth, not the manifest's reported labels)."""
+    import pyarrow as pa
+
     devices = subjects["pacemaker"] | subjects["tube"] | subjects["ecg"]
     known = {
         "cardiomegaly": subjects["cardiomegaly"],
@@ -90,15 +94,16 @@ def head_targets(subjects: dict[str, np.ndarray], labels: tuple[str, ...] = DEMO
         "ecg": subjects["ecg"],
         "sex_female": subjects["sex"] == "female",
     }
-    columns = []
+    columns = {}
     for name in labels:
         if name.startswith("age_ge_"):
-            columns.append(subjects["age"] >= int(name.removeprefix("age_ge_")))
+            columns[name] = subjects["age"] >= int(name.removeprefix("age_ge_"))
         elif name in known:
-            columns.append(known[name])
+            columns[name] = known[name]
         else:
             raise ValueError(f"labels: no ground truth for head {name!r}")
-    return np.stack(columns, axis=1).astype(np.float32)
+    table = pa.table({name: np.asarray(column, np.float64) for name, column in columns.items()})
+    return head_targets(table, {name: name for name in labels})
 
 
 def age_bin_from_heads(proba: np.ndarray, labels: list[str] | tuple[str, ...]) -> np.ndarray:
@@ -496,7 +501,7 @@ def train_demographic_classifier(config: DemographicFamilyConfig, device: torch.
     hold_subjects["seed"] = hold_subjects["seed"] + 2**31  # render seeds disjoint from every training seed
     train = PhantomSplit(
         render_subjects(train_subjects, resolution),
-        head_targets(train_subjects, labels),
+        truth_targets(train_subjects, labels),
         [],
         train_subjects["seed"],
     )
@@ -511,7 +516,7 @@ def train_demographic_classifier(config: DemographicFamilyConfig, device: torch.
     )
     model = train_classifier(trainer, train, device, labels=labels)
     images = render_subjects(hold_subjects, resolution)
-    truth = head_targets(hold_subjects, labels) > 0.5
+    truth = truth_targets(hold_subjects, labels) > 0.5
     right = decision(predict_proba(model, images)) == truth  # (N, A)
     metrics: dict = {"n_holdout": len(images), "accuracy": {}, "accuracy_away_from_edge": {}}
     for j, name in enumerate(labels):

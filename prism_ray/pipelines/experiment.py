@@ -274,7 +274,7 @@ def counterfactual_targets(
     import pyarrow as pa
 
     from prism_ray.data.captions import get_adapter, parse_interventions
-    from prism_ray.pipelines.classifier import head_targets
+    from prism_ray.data.targets import head_targets
 
     adapter = get_adapter(config.data.adapter, **config.data.adapter_options)
     out = np.full((len(cf_rows), len(config.heads)), np.nan, np.float32)
@@ -301,7 +301,7 @@ def sample_targets(config: ExperimentConfig, train_table, rows: list[dict]) -> n
     import pyarrow as pa
 
     from prism_ray.data.captions import get_adapter
-    from prism_ray.pipelines.classifier import head_targets
+    from prism_ray.data.targets import head_targets
 
     adapter = get_adapter(config.data.adapter, **config.data.adapter_options)
     targets = head_targets(train_table, config.heads, config.train.uncertain)
@@ -335,7 +335,7 @@ def build_arms(config: ExperimentConfig, root: str) -> tuple[dict[str, str], dic
     from prism_ray.data.captions import get_adapter
     from prism_ray.data.manifest import ROW_COLUMN, prepare_manifest
     from prism_ray.data.storage import join_uri, resolve_uri, write_table
-    from prism_ray.pipelines.classifier import head_targets
+    from prism_ray.data.targets import head_targets
 
     manifest = prepare_manifest(config.data).table.drop_columns([ROW_COLUMN])
     split = manifest.column("split") if "split" in manifest.column_names else None
@@ -549,6 +549,7 @@ def run(config: ExperimentConfig, runner) -> dict:
 
     from prism_ray.data.manifest import prepare_manifest
     from prism_ray.data.storage import resolve_uri, write_table
+    from prism_ray.data.targets import head_targets
     from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
     from prism_ray.pipelines import classifier as clf
     from prism_ray.results.layout import Layout
@@ -566,7 +567,7 @@ def run(config: ExperimentConfig, runner) -> dict:
     uris = [
         resolve_uri(str(u), config.data.image_root) for u in test.column(config.data.image_column).to_pylist()
     ]
-    targets = clf.head_targets(test, config.heads, config.train.uncertain)
+    targets = head_targets(test, config.heads, config.train.uncertain)
     pixels, targets, errors = clf.load_pixels(
         clf.Rows(uris, targets), config.model.resolution, config.data.decode
     )

@@ -52,6 +52,7 @@ def main() -> None:
     from prism_ray.config import build_config
     from prism_ray.phantom.dataset import PhantomDatasetConfig, write_phantom_dataset
     from prism_ray.pipelines import augment, classifier, experiment
+    from prism_ray.results.augmentation import augment_rows
 
     out = Path(args.out).resolve()
     t0, seconds = time.perf_counter(), {}
@@ -96,7 +97,7 @@ def main() -> None:
         allow_shortfall(augment.run, cf) if not args.reuse_augment else _summary(out / "counterfactuals")
     )
     seconds["augment_counterfactuals"] = time.perf_counter() - t
-    accepted = experiment.augment_rows(str(out / "counterfactuals")).column("edit_prompt").to_pylist()
+    accepted = augment_rows(str(out / "counterfactuals")).column("edit_prompt").to_pylist()
     prompts = Counter(accepted)
     samples = build_config(
         augment.AugmentConfig,

@@ -208,6 +208,24 @@ def _augment_manifest(folder, rows):
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
 
 
+def test_the_augmentation_set_is_the_reports_quota_set_accepted(tmp_path):
+    """One reader for the experiment and the reports: a row without quota_status is its own quota set
+    (the reports always counted it; the experiment's own filter used to drop it), beyond-quota, set-aside
+    and rejected rows are not in the augmentation set."""
+    from prism_ray.pipelines.experiment import augment_rows as reexported
+    from prism_ray.results.augmentation import augment_rows, finished_attempt, in_quota_set
+
+    statuses = [("in_quota", True), (None, True), ("beyond_quota", True), ("set_aside", True), ("in_quota", False)]
+    rows = [{"image_uri": f"cf/{i}.png", "subgroup": "g", "attempt_rank": i, "accepted": accepted,
+             "quota_status": status} for i, (status, accepted) in enumerate(statuses)]  # fmt: skip
+    _augment_manifest(tmp_path / "cf", rows)
+    assert reexported is augment_rows
+    assert augment_rows(str(tmp_path / "cf")).column("image_uri").to_pylist() == ["cf/0.png", "cf/1.png"]
+    assert [in_quota_set(r) for r in rows] == [True, True, False, False, True]
+    assert [finished_attempt(r) for r in rows] == [True, True, True, False, True]
+    assert in_quota_set({}) and finished_attempt({})  # a manifest without the column
+
+
 def test_augment_limits_take_each_subgroups_first_accepted_rows_in_attempt_order(tmp_path):
     """counterfactuals_limit: per subgroup, the accepted in-quota rows of the lowest attempt_rank, whatever the
     manifest's row order; the rejected and beyond-quota rows never count."""

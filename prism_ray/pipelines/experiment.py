@@ -38,6 +38,7 @@ from prism_ray.pipelines.classifier import (
     ClassifierModelConfig,
     ClassifierTrainConfig,
 )
+from prism_ray.results.augmentation import augment_rows  # the one reader; benchmarks import it from here
 
 ARMS = ("original", "sd_samples", "counterfactuals", "group_balanced", "group_dro")
 # The fixes' arms: the rows of (a), trained with these train settings instead of the experiment's.
@@ -238,32 +239,6 @@ class ExperimentConfig(BaseConfig):
 
 
 # --- the arms' training rows -----------------------------------------------------------------
-
-
-def augment_rows(folder: str, limit: int | None = None):
-    """The augmentation set of an augment output: rows `quota_status == "in_quota"` and `accepted`, in the
-    manifest's order; with `limit`, at most that many per subgroup: the first by `attempt_rank` (the subgroup's
-    deterministic attempt order, the quota's prefix), so a smaller limit takes a prefix of a larger one's."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from prism_ray.data.storage import join_uri, read_table
-
-    table = read_table(join_uri(folder, "manifest.parquet"))
-    keep = pc.and_(pc.equal(table.column("quota_status"), "in_quota"), table.column("accepted"))
-    table = table.filter(keep)
-    if limit is None:
-        return table
-    subgroups = table.column("subgroup").to_pylist()
-    ranks = table.column("attempt_rank").to_pylist()
-    order = sorted(range(table.num_rows), key=lambda i: (ranks[i] is None, ranks[i] or 0, i))  # stable
-    taken: dict = {}
-    chosen = np.zeros(table.num_rows, bool)
-    for i in order:
-        if taken.get(subgroups[i], 0) < limit:
-            taken[subgroups[i]] = taken.get(subgroups[i], 0) + 1
-            chosen[i] = True
-    return table.filter(pa.array(chosen))
 
 
 def counterfactual_targets(

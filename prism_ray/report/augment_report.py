@@ -10,6 +10,7 @@ import numpy as np
 
 from prism_ray.report.grids import Example, add_counterfactual_grid
 from prism_ray.report.html import HtmlReport
+from prism_ray.results.augmentation import finished_attempt, in_quota_set
 from prism_ray.results.layout import Layout, digest
 
 log = logging.getLogger("prism_ray.augment")
@@ -75,7 +76,7 @@ def write_augment_report(
     errors = (
         read_table(layout.errors, columns=["stage", "reason"]).to_pylist() if exists(layout.errors) else []
     )
-    quota_set = [r for r in rows if r.get("quota_status") in (None, "in_quota")]
+    quota_set = [r for r in rows if in_quota_set(r)]
     by_group: dict[str, list[dict]] = {g.name: [] for g in config.subgroups}
     for r in quota_set:
         by_group.setdefault(r["subgroup"], []).append(r)
@@ -126,7 +127,7 @@ def write_augment_report(
         if config.filter.off_target.classifier:
             finished = {name: [] for name in by_group}
             for r in rows:
-                if r.get("quota_status") in (None, "in_quota", "beyond_quota"):
+                if finished_attempt(r):
                     finished.setdefault(r["subgroup"], []).append(r)
             _add_off_target(report, config.filter.off_target, finished)
     _add_errors(report, errors)

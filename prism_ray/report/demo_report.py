@@ -26,6 +26,7 @@ from prism_ray.phantom.truth import (
     true_cf_for,
     vae_round_trip,
 )
+from prism_ray.results.augmentation import finished_attempt, in_quota_set
 from prism_ray.scoring.classification import flipped
 
 # summary.json key -> (table header, what the column means in a sentence).
@@ -221,11 +222,11 @@ def write_demo_report(
     finished = [
         r
         for r in read_table(join_uri(counterfactuals, "manifest.parquet")).to_pylist()
-        if r.get("quota_status") in (None, "in_quota", "beyond_quota") and r.get("image_uri")
+        if finished_attempt(r) and r.get("image_uri")
     ]
     # The quota sets are scored and counted (attempted, accepted, off-target flips: one scope); rejected
     # examples may come from any finished attempt.
-    manifest = [r for r in finished if r.get("quota_status") in (None, "in_quota")]
+    manifest = [r for r in finished if in_quota_set(r)]
     truth = {r["image_uri"]: r for r in read_table(ground_truth_uri).to_pylist()}
     classifier = classifier_path(resolve_model_root(model_root))
     clf = heads = None

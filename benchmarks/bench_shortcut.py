@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from bench_experiment import allow_shortfall  # an augment run in this process; a shortfall is reported
 
+from prism_ray.scoring.classification import decision
+
 HEADS = {"pleural_effusion": "Pleural Effusion", "support_devices": "Support Devices"}
 ARM_LABELS = {
     "original": "(a) original",
@@ -246,9 +248,8 @@ def audit_difference(rows: list[dict], arms: tuple[str, str], intervention: str,
     per_image = {}
     for arm in arms:
         col = f"pleural_effusion__{arm}"
-        orig = np.array([r[f"p_orig__{col}"] >= 0.5 for r in rows])
-        cf = np.array([r[f"p_cf__{col}"] >= 0.5 for r in rows])
-        ctrl = np.array([r[f"p_ctrl__{col}"] >= 0.5 for r in rows])
+        orig, cf, ctrl = (decision(np.array([r[f"p_{kind}__{col}"] for r in rows], dtype=float))
+                          for kind in ("orig", "cf", "ctrl"))
         per_image[arm] = (cf != orig).astype(float) - (ctrl != orig).astype(float)
         out[arm] = {"change_rate": float((cf != orig).mean()) if rows else float("nan"),
                     "control_rate": float((ctrl != orig).mean()) if rows else float("nan")}
@@ -325,7 +326,7 @@ def label_quality(cf_folder: Path, truth_uri: str, judge: str | None) -> dict:
                             np.logical_or.reduce([attribute_mask(attrs, seed, k, size) for k in ("tube", "ecg")])))
         through = vae_round_trip(vae, refs, size).astype(np.float64)  # (3N, R, R)
         effusion_right, device_right = [], []
-        for k, (cf, (fluid, devices)) in enumerate(zip(cfs, regions)):
+        for k, (cf, (fluid, devices)) in enumerate(zip(cfs, regions, strict=True)):
             cf = cf.astype(np.float64)
             src, true_cf, flipped = through[3 * k], through[3 * k + 1], through[3 * k + 2]
             if fluid.any():
@@ -340,9 +341,9 @@ def label_quality(cf_folder: Path, truth_uri: str, judge: str | None) -> dict:
             p = predict_proba(model, _rgb(cfs))
             p_src = predict_proba(model, _rgb(list(through[0::3].astype(np.uint8))))
             e, d = names.index("pleural_effusion"), names.index("support_devices")
-            entry["judge_effusion_as_labelled"] = float(np.mean((p[:, e] >= 0.5) == bool(labels[0])))
-            entry["judge_device_as_labelled"] = float(np.mean((p[:, d] >= 0.5) == bool(labels[1])))
-            entry["judge_effusion_right_on_source_round_trip"] = float(np.mean((p_src[:, e] >= 0.5) == bool(labels[0])))
+            entry["judge_effusion_as_labelled"] = float(np.mean(decision(p[:, e]) == bool(labels[0])))
+            entry["judge_device_as_labelled"] = float(np.mean(decision(p[:, d]) == bool(labels[1])))
+            entry["judge_effusion_right_on_source_round_trip"] = float(np.mean(decision(p_src[:, e]) == bool(labels[0])))
         out[name] = entry
     return out
 

@@ -39,6 +39,10 @@ def test_the_reduced_rehearsal_runs_every_sd15_job_end_to_end(tmp_path):
     export = Path(stages["finetune"]["export"])
     unet = json.loads((export / "unet" / "config.json").read_text())
     assert unet["down_block_types"][-1] == "DownBlock2D" and unet["cross_attention_dim"] == 768
-    for name in ("finetune", "augment", "audit", "edit"):
-        assert "Traceback" not in Path(stages[name]["log"]).read_text(), name
+    # No traceback through the project's code. (Ray's own threads may print one under load or beside another
+    # Ray instance on the machine, e.g. Ray Train's PlacementGroupCleanerMonitor: "Found multiple active Ray
+    # instances"; the job is unaffected.)
+    ours = f'File "{ROOT / "prism_ray"}'
+    for name in ("finetune", "augment", "audit", "edit", "submit"):
+        assert ours not in Path(stages[name]["log"]).read_text(), name
     assert json.loads((tmp_path / "result.json").read_text())["scale"] == "reduced"

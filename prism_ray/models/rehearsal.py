@@ -166,24 +166,65 @@ def component_configs(scale: Scale = "full", resolution: int = 512) -> dict[str,
     return configs
 
 
+def _bpe_merges(words: list[str], pieces) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tokens and merges, in an order fixed by `words` alone, that make every pre-tokenized piece one token.
+
+    Each piece (CLIP style: the last symbol carries `</w>`) is run through the merges so far; while it is
+    more than one token, the merge of its first two tokens is appended. A merge appended later has a
+    higher rank than every earlier one, so it never changes a piece that already was one token.
+    """
+    rank: dict[tuple[str, str], int] = {}
+    tokens: list[str] = []
+
+    def encode(symbols: list[str]) -> list[str]:
+        while len(symbols) > 1:
+            pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
+            best, i = min(pairs)
+            if best == len(rank):
+                break
+            symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+        return symbols
+
+    for piece in sorted({p for w in words for p in pieces(w)}):
+        symbols = encode(list(piece[:-1]) + [piece[-1] + "</w>"])
+        while len(symbols) > 1:
+            rank[(symbols[0], symbols[1])] = len(rank)
+            tokens.append(symbols[0] + symbols[1])
+            symbols = encode(symbols)
+    return tokens, sorted(rank, key=rank.get)
+
+
 def build_tokenizer():
     """A CLIP BPE tokenizer with SD v1.5's vocabulary size, special-token ids and 77-token limit.
 
-    Its content is the tiny family's (caption words whole, every byte), padded with unreachable
-    filler tokens to 49,408 entries, <|startoftext|> = 49406 and <|endoftext|> = 49407 as in SD.
+    Its content: every byte (alone and word-final), the caption words of the tiny family as whole
+    tokens, and unreachable filler tokens up to 49,408 entries, <|startoftext|> = 49406 and
+    <|endoftext|> = 49407 as in SD. Built without a trainer, so the files are the same in every build.
     """
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    from prism_ray.models.tiny import build_tiny_tokenizer
+    from prism_ray.models.tiny import CAPTION_WORDS
 
-    tiny = build_tiny_tokenizer()
-    model = json.loads(tiny.backend_tokenizer.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    words = sorted(t for t in model["vocab"] if t not in SPECIAL_IDS)
+    reference = CLIPTokenizer()  # empty vocab: CLIP's normaliser and pre-tokeniser only
+    backend = reference.backend_tokenizer
+
+    def pieces(text: str) -> list[str]:
+        return [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merged, merges = _bpe_merges(sorted(set(CAPTION_WORDS)), pieces)
+    words = list(dict.fromkeys([*alphabet, *(c + "</w>" for c in alphabet), *merged]))
     filler = [f"<|unused{i}|>" for i in range(VOCAB_SIZE - len(SPECIAL_IDS) - len(words))]
     vocab = {token: i for i, token in enumerate(words + filler)}
     vocab.update(SPECIAL_IDS)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>",
+                              unk_token="<|endoftext|>")
+    for word in CAPTION_WORDS:
+        for piece in pieces(word):
+            if len(tokenizer(piece, add_special_tokens=False).input_ids) != 1:
+                raise AssertionError(f"rehearsal tokenizer: {piece!r} is not one token")
+    return tokenizer
 
 
 def count_parameters(module: torch.nn.Module) -> int:

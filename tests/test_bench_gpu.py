@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "unet").exists(), reason="no shipped tiny_phantom family")
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_gpu_smoke(tmp_path):
-    bench = _load_bench()
+    bench = load_benchmark("bench_gpu")
     assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["unet"]) == {"fp32", "tf32", "bf16"}

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "prism_ray" / "phantom" / "assets" / "tiny_phantom"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "classifier").exists(), reason="no shipped tiny_phantom family")
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_phantom", ROOT / "benchmarks" / "bench_phantom.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_phantom_smoke(tmp_path):
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     out = tmp_path / "bench"
     argv = ["--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "remove_devices", "change_sex",
             "--fast-inversions", "direct", "--out", str(out)]
@@ -43,7 +34,7 @@ def test_bench_phantom_smoke(tmp_path):
 
 
 def test_sources_satisfy_the_intervention():
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     for iv in bench.INTERVENTIONS:
         subjects = bench.draw_sources(iv.applies, 5, seed=3)
         assert len(subjects) == 5 and all(iv.applies(a) for a, _ in subjects)
@@ -55,7 +46,7 @@ def test_sources_satisfy_the_intervention():
 def test_bench_phantom_precision_parity_smoke(tmp_path):
     """--precision fastest: reference and fastest each invert and edit the same sources; the table counts
     agreeing decisions and compares the reconstruction errors (tiny settings: a run, not a verdict)."""
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     out = tmp_path / "precision"
     argv = ["--precision", "fastest", "--per-intervention", "2", "--steps", "2", "--threads", "1",
             "--only", "remove_devices", "--out", str(out)]
@@ -72,7 +63,7 @@ def test_age_edits_target_the_next_bin_edge():
     from prism_ray.phantom.demographic import DEMOGRAPHIC_LABELS
     from prism_ray.phantom.render import PhantomAttributes
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     heads = list(DEMOGRAPHIC_LABELS)
     age_up = next(iv for iv in bench.DEMOGRAPHIC_INTERVENTIONS if iv.name == "age_up")
     subjects = [(PhantomAttributes(age=age), 0) for age in (20, 39, 40, 65, 79)]
@@ -97,7 +88,7 @@ def test_bench_phantom_on_a_demographic_family(tmp_path):
         classifier_n_holdout=16, classifier_steps=2, classifier_batch=8, text_steps=2, text_n_train=32,
         text_n_holdout=16,
     ))
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     out = tmp_path / "bench"
     argv = ["--model", str(family), "--per-intervention", "2", "--steps", "2", "--threads", "1",
             "--only", "age_up", "flip_sex", "--out", str(out)]
@@ -114,7 +105,7 @@ def test_bench_phantom_sweep_smoke(tmp_path):
     """--sweep: arms with the lung fields and the oracle region as the user's edit mask run beside the
     baselines, and every arm reports the error to the nearest plausible counterfactual (an addition has
     several, so it is at most the error to the seed's own)."""
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     out = tmp_path / "sweep"
     argv = ["--sweep", "--per-intervention", "2", "--steps", "2", "--threads", "1", "--only", "add_effusion",
             "--sweep-arms", "lungs_g3", "oracle_noise_g3", "--out", str(out)]
@@ -135,7 +126,7 @@ def test_judged_rows_with_the_family_classifier_as_judge_keep_no_off_target_flip
     with `require_target` every accepted edit flips its target."""
     import shutil
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     out = tmp_path / "bench"
     shutil.copytree(SHIPPED / "classifier", out / "judge_seed7")
     argv = ["--sweep", "--sweep-arms", "noise_g3", "--per-intervention", "3", "--steps", "3", "--threads", "1",
@@ -161,7 +152,7 @@ def test_judged_rows_with_the_family_classifier_as_judge_keep_no_off_target_flip
 def test_independent_classifier_trains_the_family_heads_from_another_seed(tmp_path):
     from prism_ray.models.classifier import classifier_labels, load_classifier, predict_proba
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     family = load_classifier(SHIPPED / "classifier")
     heads = classifier_labels(family)
     judge = bench.independent_classifier("base", heads, 3, 64, tmp_path / "judge")
@@ -177,7 +168,7 @@ def test_independent_classifier_trains_the_family_heads_from_another_seed(tmp_pa
 def test_lower_lung_zones_hold_every_effusion_and_nothing_outside_the_lungs():
     from prism_ray.phantom.render import PhantomAttributes, attribute_mask, lung_mask
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_phantom")
     for seed in range(2**31 + 100, 2**31 + 130):
         lower, lungs = bench.lower_lung_zones(seed, 64), lung_mask(seed, 64)
         fluid = attribute_mask(PhantomAttributes(pleural_effusion=True), seed, "pleural_effusion", 64)

@@ -8,27 +8,18 @@ each a fresh `prism-ray` process, and checks each stage's outputs against its jo
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("rehearsal_sd15", ROOT / "benchmarks" / "rehearsal_sd15.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_reduced_rehearsal_runs_every_sd15_job_end_to_end(tmp_path):
-    result = _load().main(["--out", str(tmp_path), "--scale", "reduced", "--resolution", "64",
+    result = load_benchmark("rehearsal_sd15").main(["--out", str(tmp_path), "--scale", "reduced", "--resolution", "64",
                            "--subjects", "12", "--classifier", "tiny", "--timeout", "900"])
     stages = result["stages"]
     assert list(stages) == ["family", "phantoms", "finetune", "augment", "audit", "edit", "submit"]
